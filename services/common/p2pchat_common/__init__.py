@@ -1,0 +1,1 @@
+"""Code shared by the p2pchat services: input rules, the error taxonomy and its gRPC mapping."""

@@ -1,0 +1,180 @@
+"""The domain errors of p2pchat and the one place that maps them to gRPC status codes.
+
+Layers below the servicers raise these; `ErrorMappingInterceptor` turns them into statuses at the
+edge, so servicers stay free of try/except boilerplate. Anything else becomes INTERNAL with the
+traceback logged and a generic message sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+from google.protobuf.message import DecodeError
+
+log = logging.getLogger(__name__)
+
+
+class DomainError(Exception):
+    """Base of every error a client may see; the message is shown to the client as it is."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(DomainError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(DomainError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(DomainError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unauthenticated(DomainError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(DomainError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class FailedPrecondition(DomainError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RateLimited(DomainError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(DomainError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class _Undecodable:
+    """Stands in for a request that could not be parsed (e.g. a string field with bad UTF-8)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _safe_deserializer(
+    deserialize: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return parse
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(exc, DomainError):
+        await context.abort(exc.code, str(exc))
+    log.error("unhandled error in %s", type(exc).__name__, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+_BAD_REQUEST = "malformed request: strings must be valid UTF-8 and fields well-formed"
+
+
+def _wrap_unary_request(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _BAD_REQUEST)
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context)
+
+    return unary
+
+
+def _wrap_streaming_response(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _BAD_REQUEST)
+        try:
+            async for response in behavior(_checked(request), context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context)
+
+    return streaming
+
+
+def _checked(requests: Any) -> Any:
+    """A request stream that raises InvalidArgument on a malformed message; a message as it is."""
+    if not hasattr(requests, "__aiter__"):
+        return requests
+    return _iterate_checked(requests)
+
+
+async def _iterate_checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(_BAD_REQUEST)
+        yield request
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps DomainError (and malformed requests) to status codes for every RPC of a server."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        # The typeshed stubs describe sync handlers; on an aio server they are coroutines.
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        deserializer = _safe_deserializer(handler.request_deserializer)
+        serializer = handler.response_serializer
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary_request(handler.unary_unary), deserializer, serializer
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_streaming_response(handler.unary_stream), deserializer, serializer
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary_request(_with_checked_stream(handler.stream_unary)),
+                deserializer,
+                serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_streaming_response(handler.stream_stream), deserializer, serializer
+            )
+        return cast(grpc.RpcMethodHandler[Any, Any], handler)
+
+
+def _with_checked_stream(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def run(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return await behavior(_checked(requests), context)
+
+    return run

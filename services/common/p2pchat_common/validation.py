@@ -1,0 +1,101 @@
+"""Input rules shared by every p2pchat service, enforced at the edge before anything is stored.
+
+Usernames become file names (`<username>.db`) and certificate names, so their alphabet is strict:
+3 to 32 characters, a lower-case ASCII letter first, then lower-case letters, digits, '_' or '-'.
+Input is case-insensitive and normalised to lower case.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from p2pchat_common.errors import InvalidArgument
+
+USERNAME_MIN = 3
+USERNAME_MAX = 32
+PASSWORD_MIN = 8
+PASSWORD_MAX = 1024
+ADDRESS_MAX = 261  # 253-character DNS name, ':' and a 5-digit port, with room for brackets
+USERNAME_RULE = (
+    f"{USERNAME_MIN}-{USERNAME_MAX} characters: a letter first, then letters, digits, '_' or '-'"
+)
+
+_USERNAME = re.compile(r"[a-z][a-z0-9_-]*")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A value quoted for an error message, cut so a huge input cannot flood a log or a screen."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def normalize_username(raw: str) -> str:
+    """The canonical form of a username, or InvalidArgument saying which rule it breaks."""
+    if not raw:
+        raise InvalidArgument("username is required")
+    if len(raw) > USERNAME_MAX:
+        raise InvalidArgument(f"username is too long (at most {USERNAME_MAX} characters)")
+    name = raw.lower()
+    if len(name) < USERNAME_MIN or not _USERNAME.fullmatch(name) or not name.isascii():
+        raise InvalidArgument(f"invalid username {_shown(raw)}: {USERNAME_RULE}")
+    return name
+
+
+def validate_password(password: str) -> str:
+    if not password:
+        raise InvalidArgument("password is required")
+    if len(password) < PASSWORD_MIN:
+        raise InvalidArgument(f"password is too short (at least {PASSWORD_MIN} characters)")
+    if len(password) > PASSWORD_MAX:
+        raise InvalidArgument(f"password is too long (at most {PASSWORD_MAX} characters)")
+    if "\x00" in password:
+        raise InvalidArgument("password must not contain NUL characters")
+    return password
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(raw: str, *, what: str = "address", allow_port_zero: bool = False) -> HostPort:
+    """Parses "host:port" (DNS name, IPv4, or [IPv6]); InvalidArgument when malformed.
+
+    Port 0 ("any free port") is accepted only for listen addresses (`allow_port_zero`).
+    """
+    if not raw:
+        raise InvalidArgument(f"{what} is required (host:port)")
+    if len(raw) > ADDRESS_MAX:
+        raise InvalidArgument(f"{what} is too long (at most {ADDRESS_MAX} characters)")
+    host, sep, port_text = raw.rpartition(":")
+    if not sep or not host:
+        raise InvalidArgument(f"invalid {what} {_shown(raw)}: expected host:port")
+    lowest = 0 if allow_port_zero else 1
+    if not (port_text.isascii() and port_text.isdigit()) or not lowest <= int(port_text) <= 65535:
+        raise InvalidArgument(f"invalid {what} {_shown(raw)}: port must be {lowest}-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return HostPort(str(ipaddress.IPv6Address(host[1:-1])), int(port_text))
+        except ValueError:
+            raise InvalidArgument(f"invalid {what} {_shown(raw)}: bad IPv6 address") from None
+    if ":" in host:
+        raise InvalidArgument(f"invalid {what} {_shown(raw)}: put an IPv6 address in [brackets]")
+    try:
+        return HostPort(str(ipaddress.IPv4Address(host)), int(port_text))
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise InvalidArgument(f"invalid {what} {_shown(raw)}: bad host name")
+    return HostPort(host.lower(), int(port_text))
+
+
+def normalize_address(raw: str, *, what: str = "address") -> str:
+    """The canonical "host:port" text of an address; empty input stays empty (no address)."""
+    return str(parse_address(raw, what=what)) if raw else ""

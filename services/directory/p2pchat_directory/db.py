@@ -1,0 +1,76 @@
+"""Engines and session factories for the users and contacts databases; schema creation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from p2pchat_directory.models import ContactsBase, UsersBase
+
+log = logging.getLogger(__name__)
+
+# Any constant works; it only has to be the same for every replica creating the schema.
+_SCHEMA_LOCK_ID = 0x70327063
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def create_schema(engine: Engine, base: type[DeclarativeBase]) -> None:
+    """Creates missing tables; on PostgreSQL under an advisory lock so replicas may race."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
+        base.metadata.create_all(conn)
+
+
+@dataclass
+class Databases:
+    users_engine: Engine
+    contacts_engine: Engine
+    users: sessionmaker[Session]
+    contacts: sessionmaker[Session]
+
+    @classmethod
+    def open(cls, users_url: str, contacts_url: str) -> Databases:
+        users_engine = make_engine(users_url)
+        contacts_engine = make_engine(contacts_url)
+        create_schema(users_engine, UsersBase)
+        create_schema(contacts_engine, ContactsBase)
+        log.info(
+            "databases ready: users=%s contacts=%s",
+            users_engine.url.render_as_string(hide_password=True),
+            contacts_engine.url.render_as_string(hide_password=True),
+        )
+        return cls(
+            users_engine,
+            contacts_engine,
+            sessionmaker(users_engine, expire_on_commit=False),
+            sessionmaker(contacts_engine, expire_on_commit=False),
+        )
+
+    def dispose(self) -> None:
+        self.users_engine.dispose()
+        self.contacts_engine.dispose()

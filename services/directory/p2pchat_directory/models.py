@@ -1,0 +1,83 @@
+"""SQLAlchemy models of the two directory databases: users (with sessions and login failures)
+and contacts. They are separate metadata so that each may live at its own URL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import DateTime, Index, Integer, LargeBinary, String
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC: the same on SQLite (no time zones) and PostgreSQL."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class UsersBase(DeclarativeBase):
+    pass
+
+
+class ContactsBase(DeclarativeBase):
+    pass
+
+
+class User(UsersBase):
+    __tablename__ = "users"
+
+    # Canonical lower-case username: case-insensitive uniqueness by construction.
+    username: Mapped[str] = mapped_column(String(32), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    address: Mapped[str] = mapped_column(String(261), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Online while now < online_until (set by login and heartbeats, cleared by the last logout).
+    online_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The user's current agent certificate and the SHA-256 of its public key.
+    certificate_pem: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    public_key_sha256: Mapped[str] = mapped_column(String(64), default="")
+
+
+class UserSession(UsersBase):
+    __tablename__ = "sessions"
+
+    # SHA-256 hex of the bearer token: the token itself is never stored.
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LoginFailure(UsersBase):
+    """One failed login; counted per username over a sliding window (shared by all replicas)."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_failures_username_at", "username", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Canonical form of whatever name was tried, existing or not (no user enumeration).
+    username: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Contact(ContactsBase):
+    __tablename__ = "contacts"
+
+    owner: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact: Mapped[str] = mapped_column(String(32), primary_key=True)
+    pinned_address: Mapped[str] = mapped_column(String(261), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,0 +1,117 @@
+"""Wiring of the directory: databases, CA, TLS, gRPC server with health and reflection.
+
+`create_server(settings)` builds and starts a server (tests use it with port 0);
+`serve(settings)` runs one until SIGTERM/SIGINT and shuts it down gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from p2pchat.v1 import directory_pb2, directory_pb2_grpc
+from p2pchat_common.errors import ErrorMappingInterceptor
+from p2pchat_directory.ca import CertificateAuthority
+from p2pchat_directory.config import Settings
+from p2pchat_directory.db import Databases
+from p2pchat_directory.service import DirectoryService
+from p2pchat_directory.servicer import DirectoryServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+@dataclass
+class DirectoryServer:
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    databases: Databases
+    executor: ThreadPoolExecutor
+    ca: CertificateAuthority
+
+    async def stop(self, grace: float | None) -> None:
+        """Health NOT_SERVING, stop accepting, let calls finish in `grace` s, release resources."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.databases.dispose()
+
+
+def _server_credentials(settings: Settings, ca: CertificateAuthority) -> grpc.ServerCredentials:
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        cert_pem, key_pem = settings.tls_cert.read_bytes(), settings.tls_key.read_bytes()
+    else:
+        host = settings.listen.rpartition(":")[0].strip("[]")
+        names = [*settings.tls_names, *([host] if host not in ("0.0.0.0", "::") else [])]
+        cert_pem, key_pem = ca.issue_server_certificate(names)
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)])
+
+
+async def create_server(settings: Settings) -> DirectoryServer:
+    """Opens the databases and the CA, then starts serving on `settings.listen`."""
+    databases = await asyncio.to_thread(Databases.open, settings.users_url, settings.contacts_url)
+    ca = await asyncio.to_thread(CertificateAuthority.load_or_create, settings.data_dir)
+    executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="directory")
+    service = DirectoryService(settings, databases, ca)
+
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    directory_pb2_grpc.add_DirectoryServiceServicer_to_server(
+        DirectoryServicer(service, executor), server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    if settings.insecure:
+        log.warning(
+            "INSECURE MODE: serving without TLS on %s; passwords and tokens travel in clear. "
+            "Use only for debugging.",
+            settings.listen,
+        )
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, _server_credentials(settings, ca))
+    if port == 0:
+        executor.shutdown()
+        databases.dispose()
+        raise OSError(f"cannot listen on {settings.listen}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("directory serving on port %d (%s)", port, "insecure" if settings.insecure else "TLS")
+    return DirectoryServer(server, port, health, databases, executor, ca)
+
+
+async def serve(settings: Settings) -> None:
+    running = await create_server(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down (grace %.1f s)", settings.grace_period)
+    await running.stop(settings.grace_period)
+    log.info("directory stopped")

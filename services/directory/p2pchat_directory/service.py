@@ -1,0 +1,272 @@
+"""The directory's use cases. Blocking (database, scrypt): the servicer runs them in threads.
+
+Every method opens its own short transactions (`with db() as s, s.begin():`) and raises the domain
+errors of p2pchat_common.errors; nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from p2pchat_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RateLimited,
+    Unauthenticated,
+)
+from p2pchat_common.validation import normalize_address, normalize_username, validate_password
+from p2pchat_directory import repository as repo
+from p2pchat_directory.ca import CertificateAuthority, IssuedCertificate
+from p2pchat_directory.config import Settings
+from p2pchat_directory.db import Databases
+from p2pchat_directory.models import Contact, User, UserSession
+from p2pchat_directory.passwords import DUMMY_HASH, hash_password, verify_password
+
+log = logging.getLogger(__name__)
+
+TOKEN_MAX = 256
+_BAD_LOGIN = "wrong username or password"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ContactView:
+    username: str
+    address: str
+    pinned_address: str
+    online: bool
+    last_seen: datetime | None
+
+
+@dataclass(frozen=True)
+class LookupView:
+    contact: ContactView
+    public_key_sha256: str
+    certificate_pem: bytes
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    username: str
+    token: str
+    session_expires_at: datetime
+    certificate: IssuedCertificate | None
+    ca_certificate_pem: bytes
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    session_expires_at: datetime
+    online_until: datetime
+
+
+class DirectoryService:
+    def __init__(
+        self,
+        settings: Settings,
+        dbs: Databases,
+        ca: CertificateAuthority,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._settings = settings
+        self._dbs = dbs
+        self._ca = ca
+        self._now = clock
+
+    # -- accounts and sessions ---------------------------------------------------------------
+
+    def register(self, username: str, password: str, address: str) -> str:
+        name = normalize_username(username)
+        validate_password(password)
+        addr = normalize_address(address)
+        row = User(
+            username=name,
+            password_hash=hash_password(password),
+            address=addr,
+            created_at=self._now(),
+            public_key_sha256="",
+        )
+        with self._dbs.users() as s, s.begin():
+            repo.add_user(s, row)
+        log.info("registered user %s", name)
+        return name
+
+    def login(self, username: str, password: str, address: str, csr_pem: bytes) -> LoginResult:
+        name = normalize_username(username)
+        if not password:
+            raise InvalidArgument("password is required")
+        addr = normalize_address(address)
+        settings = self._settings
+        now = self._now()
+        with self._dbs.users() as s, s.begin():
+            count, oldest = repo.recent_failures(s, name, now - settings.login_failure_window)
+            user = repo.get_user(s, name)
+            stored = user.password_hash if user is not None else DUMMY_HASH
+        if count >= settings.login_max_failures and oldest is not None:
+            wait = math.ceil((oldest + settings.login_failure_window - now).total_seconds())
+            log.warning("login for %s refused: %d recent failures", name, count)
+            raise RateLimited(f"too many failed logins for {name!r}; try again in {max(wait, 1)} s")
+        if not verify_password(password, stored) or user is None:
+            with self._dbs.users() as s, s.begin():
+                repo.record_failure(s, name, now)
+            log.info("failed login for %s", name)
+            raise Unauthenticated(_BAD_LOGIN)
+        issued = (
+            self._ca.sign_agent_csr(csr_pem, name, settings.certificate_ttl) if csr_pem else None
+        )
+        token = secrets.token_urlsafe(32)
+        expires = now + settings.session_ttl
+        with self._dbs.users() as s, s.begin():
+            repo.clear_failures(s, name)
+            repo.delete_expired_sessions(s, name, now)
+            repo.add_session(
+                s,
+                UserSession(
+                    token_hash=_token_hash(token), username=name, created_at=now, expires_at=expires
+                ),
+            )
+            user = repo.get_user(s, name)
+            if user is None:  # deleted between the two transactions
+                raise Unauthenticated(_BAD_LOGIN)
+            if addr:
+                user.address = addr
+            user.last_seen = now
+            user.online_until = now + settings.presence_ttl
+            if issued is not None:
+                user.certificate_pem = issued.pem
+                user.public_key_sha256 = issued.public_key_sha256
+        log.info("user %s logged in", name)
+        return LoginResult(name, token, expires, issued, self._ca.cert_pem)
+
+    def authenticate(self, token: str) -> str:
+        """The username a bearer token belongs to; Unauthenticated when missing/expired/revoked."""
+        if not token:
+            raise Unauthenticated("missing session token: log in first")
+        if len(token) > TOKEN_MAX:
+            raise Unauthenticated("malformed session token")
+        with self._dbs.users() as s:
+            session = repo.get_session(s, _token_hash(token))
+            if session is None or session.expires_at <= self._now():
+                raise Unauthenticated("session expired or revoked: log in again")
+            return session.username
+
+    def logout(self, token: str) -> None:
+        name = self.authenticate(token)
+        now = self._now()
+        with self._dbs.users() as s, s.begin():
+            repo.delete_session(s, _token_hash(token))
+            if repo.count_live_sessions(s, name, now) == 0:
+                user = repo.get_user(s, name)
+                if user is not None:
+                    user.online_until = None
+                    user.last_seen = now
+        log.info("user %s logged out", name)
+
+    def heartbeat(self, token: str) -> HeartbeatResult:
+        name = self.authenticate(token)
+        now = self._now()
+        expires, online_until = now + self._settings.session_ttl, now + self._settings.presence_ttl
+        with self._dbs.users() as s, s.begin():
+            session = repo.get_session(s, _token_hash(token))
+            if session is None:  # logged out meanwhile
+                raise Unauthenticated("session expired or revoked: log in again")
+            session.expires_at = expires
+            user = repo.get_user(s, name)
+            if user is not None:
+                user.last_seen = now
+                user.online_until = online_until
+        return HeartbeatResult(expires, online_until)
+
+    def renew_certificate(self, token: str, csr_pem: bytes) -> IssuedCertificate:
+        name = self.authenticate(token)
+        if not csr_pem:
+            raise InvalidArgument("csr_pem is required")
+        issued = self._ca.sign_agent_csr(csr_pem, name, self._settings.certificate_ttl)
+        with self._dbs.users() as s, s.begin():
+            user = repo.get_user(s, name)
+            if user is None:
+                raise Unauthenticated("user no longer exists")
+            user.certificate_pem = issued.pem
+            user.public_key_sha256 = issued.public_key_sha256
+        return issued
+
+    @property
+    def ca_certificate_pem(self) -> bytes:
+        return self._ca.cert_pem
+
+    # -- contacts ------------------------------------------------------------------------------
+
+    def _view(self, row: Contact, user: User | None) -> ContactView:
+        now = self._now()
+        registered = user.address if user is not None else ""
+        return ContactView(
+            username=row.contact,
+            address=row.pinned_address or registered,
+            pinned_address=row.pinned_address,
+            online=bool(user and user.online_until and user.online_until > now),
+            last_seen=user.last_seen if user is not None else None,
+        )
+
+    def _existing_user(self, username: str) -> User:
+        with self._dbs.users() as s:
+            user = repo.get_user(s, username)
+        if user is None:
+            raise NotFound(f"no such user: {username!r}")
+        return user
+
+    def add_contact(self, token: str, username: str, address: str) -> ContactView:
+        owner = self.authenticate(token)
+        name = normalize_username(username)
+        pinned = normalize_address(address)
+        if name == owner:
+            raise InvalidArgument("you cannot add yourself as a contact")
+        user = self._existing_user(name)
+        row = Contact(owner=owner, contact=name, pinned_address=pinned, created_at=self._now())
+        with self._dbs.contacts() as s, s.begin():
+            repo.add_contact(s, row)
+        log.info("%s added contact %s", owner, name)
+        return self._view(row, user)
+
+    def remove_contact(self, token: str, username: str) -> None:
+        owner = self.authenticate(token)
+        name = normalize_username(username)
+        with self._dbs.contacts() as s, s.begin():
+            if not repo.delete_contact(s, owner, name):
+                raise NotFound(f"{name!r} is not in your contacts")
+        log.info("%s removed contact %s", owner, name)
+
+    def list_contacts(self, token: str) -> list[ContactView]:
+        owner = self.authenticate(token)
+        with self._dbs.contacts() as s:
+            rows = repo.list_contacts(s, owner)
+        with self._dbs.users() as s:
+            users = repo.users_by_name(s, (r.contact for r in rows))
+        return [self._view(r, users.get(r.contact)) for r in rows]
+
+    def lookup(self, token: str, username: str) -> LookupView:
+        owner = self.authenticate(token)
+        name = normalize_username(username)
+        user = self._existing_user(name)
+        with self._dbs.contacts() as s:
+            row = repo.get_contact(s, owner, name)
+        if row is None:
+            raise FailedPrecondition(f"{name!r} is not in your contacts: add them first")
+        return LookupView(
+            contact=self._view(row, user),
+            public_key_sha256=user.public_key_sha256,
+            certificate_pem=user.certificate_pem or b"",
+        )

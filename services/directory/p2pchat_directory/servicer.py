@@ -1,0 +1,136 @@
+"""DirectoryService over gRPC: translates protobuf <-> the use cases, nothing else.
+
+The use cases block (database, scrypt), so each call runs in the server's worker threads; domain
+errors are mapped to status codes by p2pchat_common.errors.ErrorMappingInterceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from p2pchat.v1 import common_pb2, directory_pb2, directory_pb2_grpc
+from p2pchat_common.timestamps import to_timestamp
+from p2pchat_directory.service import ContactView, DirectoryService
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def bearer_token(context: Context) -> str:
+    """The token of `authorization: Bearer <token>`, or "" when absent or malformed."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
+    return ""
+
+
+def contact_pb(view: ContactView) -> common_pb2.Contact:
+    pb = common_pb2.Contact(
+        username=view.username,
+        address=view.address,
+        pinned_address=view.pinned_address,
+        online=view.online,
+    )
+    if view.last_seen is not None:
+        pb.last_seen.CopyFrom(to_timestamp(view.last_seen))
+    return pb
+
+
+class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
+    def __init__(self, service: DirectoryService, executor: ThreadPoolExecutor) -> None:
+        self._svc = service
+        self._executor = executor
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def Register(
+        self, request: directory_pb2.RegisterRequest, context: Context
+    ) -> directory_pb2.RegisterResponse:
+        name = await self._run(
+            self._svc.register, request.username, request.password, request.address
+        )
+        return directory_pb2.RegisterResponse(username=name)
+
+    async def Login(
+        self, request: directory_pb2.LoginRequest, context: Context
+    ) -> directory_pb2.LoginResponse:
+        result = await self._run(
+            self._svc.login, request.username, request.password, request.address, request.csr_pem
+        )
+        response = directory_pb2.LoginResponse(
+            username=result.username,
+            session_token=result.token,
+            session_expires_at=to_timestamp(result.session_expires_at),
+            ca_certificate_pem=result.ca_certificate_pem,
+        )
+        if result.certificate is not None:
+            response.certificate_pem = result.certificate.pem
+            response.certificate_expires_at.CopyFrom(to_timestamp(result.certificate.expires_at))
+        return response
+
+    async def Logout(
+        self, request: directory_pb2.LogoutRequest, context: Context
+    ) -> directory_pb2.LogoutResponse:
+        await self._run(self._svc.logout, bearer_token(context))
+        return directory_pb2.LogoutResponse()
+
+    async def Heartbeat(
+        self, request: directory_pb2.HeartbeatRequest, context: Context
+    ) -> directory_pb2.HeartbeatResponse:
+        result = await self._run(self._svc.heartbeat, bearer_token(context))
+        return directory_pb2.HeartbeatResponse(
+            session_expires_at=to_timestamp(result.session_expires_at),
+            online_until=to_timestamp(result.online_until),
+        )
+
+    async def RenewCertificate(
+        self, request: directory_pb2.RenewCertificateRequest, context: Context
+    ) -> directory_pb2.RenewCertificateResponse:
+        issued = await self._run(
+            self._svc.renew_certificate, bearer_token(context), request.csr_pem
+        )
+        return directory_pb2.RenewCertificateResponse(
+            certificate_pem=issued.pem,
+            certificate_expires_at=to_timestamp(issued.expires_at),
+            ca_certificate_pem=self._svc.ca_certificate_pem,
+        )
+
+    async def AddContact(
+        self, request: directory_pb2.AddContactRequest, context: Context
+    ) -> directory_pb2.AddContactResponse:
+        view = await self._run(
+            self._svc.add_contact, bearer_token(context), request.username, request.address
+        )
+        return directory_pb2.AddContactResponse(contact=contact_pb(view))
+
+    async def RemoveContact(
+        self, request: directory_pb2.RemoveContactRequest, context: Context
+    ) -> directory_pb2.RemoveContactResponse:
+        await self._run(self._svc.remove_contact, bearer_token(context), request.username)
+        return directory_pb2.RemoveContactResponse()
+
+    async def ListContacts(
+        self, request: directory_pb2.ListContactsRequest, context: Context
+    ) -> directory_pb2.ListContactsResponse:
+        views = await self._run(self._svc.list_contacts, bearer_token(context))
+        return directory_pb2.ListContactsResponse(contacts=[contact_pb(v) for v in views])
+
+    async def Lookup(
+        self, request: directory_pb2.LookupRequest, context: Context
+    ) -> directory_pb2.LookupResponse:
+        view = await self._run(self._svc.lookup, bearer_token(context), request.username)
+        return directory_pb2.LookupResponse(
+            contact=contact_pb(view.contact),
+            public_key_sha256=view.public_key_sha256,
+            certificate_pem=view.certificate_pem,
+        )

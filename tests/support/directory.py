@@ -1,0 +1,135 @@
+"""Test handles for a directory: in-process (fast) or as a real `p2pchat-directory` process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from p2pchat.v1 import directory_pb2_grpc
+from p2pchat_directory.config import Settings
+from p2pchat_directory.server import DirectoryServer, create_server
+from tests.support.loop_thread import LoopThread
+
+PASSWORD = "correct horse battery"
+
+
+def channel_to(port: int, ca_pem: bytes, host: str = "localhost") -> grpc.Channel:
+    return grpc.secure_channel(f"{host}:{port}", grpc.ssl_channel_credentials(ca_pem))
+
+
+def auth(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+class InProcessDirectory:
+    """A directory served from this test process on a private loop; stop/start keeps its data."""
+
+    def __init__(self, loop: LoopThread, settings: Settings) -> None:
+        self.loop = loop
+        self.settings = settings
+        self._running: DirectoryServer | None = None
+        self._channels: list[grpc.Channel] = []
+        self.start()
+
+    def start(self) -> None:
+        self._running = self.loop.run(create_server(self.settings))
+        self.settings = dataclasses.replace(self.settings, listen=f"127.0.0.1:{self.port}")
+
+    def stop(self) -> None:
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+        if self._running is not None:
+            self.loop.run(self._running.stop(0.5))
+            self._running = None
+
+    @property
+    def port(self) -> int:
+        assert self._running is not None
+        return self._running.port
+
+    @property
+    def ca_pem(self) -> bytes:
+        return (self.settings.data_dir / "ca.pem").read_bytes()
+
+    def channel(self) -> grpc.Channel:
+        ch = channel_to(self.port, self.ca_pem)
+        self._channels.append(ch)
+        return ch
+
+    def stub(self) -> directory_pb2_grpc.DirectoryServiceStub:
+        return directory_pb2_grpc.DirectoryServiceStub(self.channel())
+
+
+class DirectoryProcess:
+    """`p2pchat-directory` as a child process; its port is read from its log."""
+
+    _PORT = re.compile(r"directory serving on port (\d+)")
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pchat_directory", "--listen", "127.0.0.1:0", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.log: list[str] = []
+        self.port = self._wait_for_port()
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _wait_for_port(self) -> int:
+        assert self.proc.stderr is not None
+        timer = threading.Timer(30, self.proc.kill)
+        timer.start()
+        try:
+            for line in self.proc.stderr:
+                self.log.append(line)
+                found = self._PORT.search(line)
+                if found:
+                    return int(found.group(1))
+        finally:
+            timer.cancel()
+        raise RuntimeError("directory exited before serving:\n" + "".join(self.log))
+
+    def _read_rest(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def terminate(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._drain.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def expect_error(code: grpc.StatusCode, call: Callable[..., Any], *args: Any, **kw: Any) -> str:
+    """Calls and asserts the RPC fails with `code`; returns the status message."""
+    try:
+        call(*args, **kw)
+    except grpc.RpcError as err:
+        assert err.code() == code, f"expected {code}, got {err.code()}: {err.details()}"
+        return str(err.details())
+    raise AssertionError(f"expected {code}, but the call succeeded")
+
+
+def data_dir_files(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()}
