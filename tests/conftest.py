@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from p2pchat_directory.config import Settings
+from tests.support.agent import InProcessAgent, agent_settings
 from tests.support.directory import InProcessDirectory
 from tests.support.loop_thread import LoopThread
 from tests.support.postgres import PostgresServer, postgres_server
@@ -91,3 +92,25 @@ def make_directory(
 @pytest.fixture
 def directory(make_directory: Callable[..., InProcessDirectory]) -> InProcessDirectory:
     return make_directory()
+
+
+@pytest.fixture
+def make_agent(
+    loop_thread: LoopThread, directory: InProcessDirectory, tmp_path: Path
+) -> Iterator[Callable[[str], InProcessAgent]]:
+    """Starts in-process agents that use the test's directory: `make_agent("alice")`."""
+    started: list[InProcessAgent] = []
+
+    def make(name: str, **overrides: Any) -> InProcessAgent:
+        settings = agent_settings(
+            tmp_path / f"agent-{name}", directory.port, directory.settings.data_dir / "ca.pem"
+        )
+        handle = InProcessAgent(loop_thread, replace(settings, **overrides))
+        started.append(handle)
+        return handle
+
+    try:
+        yield make
+    finally:
+        for handle in started:
+            handle.stop()

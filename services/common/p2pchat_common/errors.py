@@ -55,6 +55,25 @@ class Unavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class RemoteError(DomainError):
+    """An error another service answered with, passed on with its own status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def from_rpc_error(err: grpc.RpcError, service: str) -> DomainError:
+    """The domain error for a failed call to another service (`service` names it in messages)."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or str(code)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"{service} unreachable: {details}")
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        return RemoteError(grpc.StatusCode.INTERNAL, f"{service} failed: {details}")
+    return RemoteError(code, details)
+
+
 class _Undecodable:
     """Stands in for a request that could not be parsed (e.g. a string field with bad UTF-8)."""
 

@@ -521,6 +521,33 @@ class PeerKeyChanged(_message.Message):
 Global___PeerKeyChanged: _TypeAlias = PeerKeyChanged  # noqa: Y015
 
 @_typing.final
+class Notice(_message.Message):
+    """Something the CLI should show that is not a message, e.g. why a text typed in a chat was
+    refused (the stream goes on).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The gRPC status code name, e.g. "INVALID_ARGUMENT"."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notice: _TypeAlias = Notice  # noqa: Y015
+
+@_typing.final
 class ServeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -543,6 +570,7 @@ class ChatEvent(_message.Message):
     DELIVERY_FIELD_NUMBER: _builtins.int
     HISTORY_END_FIELD_NUMBER: _builtins.int
     KEY_CHANGED_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def message(self) -> Global___ChatMessage: ...
     @_builtins.property
@@ -551,6 +579,8 @@ class ChatEvent(_message.Message):
     def history_end(self) -> Global___HistoryEnd: ...
     @_builtins.property
     def key_changed(self) -> Global___PeerKeyChanged: ...
+    @_builtins.property
+    def notice(self) -> Global___Notice: ...
     def __init__(
         self,
         *,
@@ -558,12 +588,13 @@ class ChatEvent(_message.Message):
         delivery: Global___DeliveryUpdate | None = ...,
         history_end: Global___HistoryEnd | None = ...,
         key_changed: Global___PeerKeyChanged | None = ...,
+        notice: Global___Notice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "history_end", b"history_end", "key_changed", b"key_changed", "kind", b"kind", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "history_end", b"history_end", "key_changed", b"key_changed", "kind", b"kind", "message", b"message", "notice", b"notice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "history_end", b"history_end", "key_changed", b"key_changed", "kind", b"kind", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "history_end", b"history_end", "key_changed", b"key_changed", "kind", b"kind", "message", b"message", "notice", b"notice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["message", "delivery", "history_end", "key_changed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["message", "delivery", "history_end", "key_changed", "notice"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

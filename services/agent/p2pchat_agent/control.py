@@ -1,0 +1,217 @@
+"""AgentService (the CLI's API) over gRPC: translates protobuf <-> Agent, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from p2pchat.v1 import agent_pb2 as pb
+from p2pchat.v1 import agent_pb2_grpc, directory_pb2
+from p2pchat_agent.agent import Agent
+from p2pchat_agent.events import DeliveryEvent, Event, KeyChangedEvent, MessageEvent
+from p2pchat_agent.store import StoredMessage
+from p2pchat_common.errors import DomainError, InvalidArgument
+from p2pchat_common.timestamps import to_timestamp
+from p2pchat_common.validation import normalize_username
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_STATUS = {
+    "pending": pb.MESSAGE_STATUS_PENDING,
+    "delivered": pb.MESSAGE_STATUS_DELIVERED,
+    "received": pb.MESSAGE_STATUS_RECEIVED,
+}
+_DIRECTION = {"out": pb.DIRECTION_OUTGOING, "in": pb.DIRECTION_INCOMING}
+
+
+def chat_message(m: StoredMessage) -> pb.ChatMessage:
+    msg = pb.ChatMessage(
+        id=m.id,
+        peer=m.peer,
+        direction=_DIRECTION[m.direction],
+        sender=m.sender,
+        recipient=m.recipient,
+        body=m.body,
+        sent_at=to_timestamp(m.sent_at),
+        status=_STATUS[m.status],
+    )
+    if m.received_at is not None:
+        msg.received_at.CopyFrom(to_timestamp(m.received_at))
+    if m.delivered_at is not None:
+        msg.delivered_at.CopyFrom(to_timestamp(m.delivered_at))
+    return msg
+
+
+def chat_event(event: Event) -> pb.ChatEvent:
+    if isinstance(event, MessageEvent):
+        return pb.ChatEvent(message=chat_message(event.message))
+    if isinstance(event, DeliveryEvent):
+        m = event.message
+        update = pb.DeliveryUpdate(id=m.id, peer=m.peer, status=_STATUS[m.status])
+        if m.delivered_at is not None:
+            update.delivered_at.CopyFrom(to_timestamp(m.delivered_at))
+        return pb.ChatEvent(delivery=update)
+    return pb.ChatEvent(
+        key_changed=pb.PeerKeyChanged(
+            peer=event.peer,
+            pinned_sha256=event.pinned_sha256,
+            presented_sha256=event.presented_sha256,
+        )
+    )
+
+
+def event_peer(event: Event) -> str:
+    return event.peer if isinstance(event, KeyChangedEvent) else event.message.peer
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    async def Register(
+        self, request: directory_pb2.RegisterRequest, context: Context
+    ) -> directory_pb2.RegisterResponse:
+        address = self._agent.advertised_for_register(request.address)
+        name = await self._agent.register(request.username, request.password, address)
+        return directory_pb2.RegisterResponse(username=name)
+
+    async def Login(self, request: pb.AgentLoginRequest, context: Context) -> pb.AgentLoginResponse:
+        active = await self._agent.login(request.username, request.password)
+        return pb.AgentLoginResponse(
+            username=active.username,
+            session_expires_at=to_timestamp(active.session.expires_at),
+            certificate_expires_at=to_timestamp(active.identity.cert_expires_at),
+            address=self._agent.address,
+        )
+
+    async def Logout(
+        self, request: directory_pb2.LogoutRequest, context: Context
+    ) -> directory_pb2.LogoutResponse:
+        await self._agent.logout()
+        return directory_pb2.LogoutResponse()
+
+    async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
+        agent = self._agent
+        response = pb.StatusResponse(
+            directory=agent.directory.address,
+            directory_reachable=agent.directory.reachable,
+            address=agent.address,
+        )
+        active = agent.active
+        if active is not None:
+            response.logged_in = True
+            response.username = active.username
+            response.session_expires_at.CopyFrom(to_timestamp(active.session.expires_at))
+            response.pending_messages = await agent.blocking(active.store.count_pending)
+            response.linked_peers.extend(sorted(active.links.links))
+        return response
+
+    async def ListContacts(
+        self, request: directory_pb2.ListContactsRequest, context: Context
+    ) -> directory_pb2.ListContactsResponse:
+        return directory_pb2.ListContactsResponse(contacts=await self._agent.list_contacts())
+
+    async def AddContact(
+        self, request: directory_pb2.AddContactRequest, context: Context
+    ) -> directory_pb2.AddContactResponse:
+        contact = await self._agent.add_contact(request.username, request.address)
+        return directory_pb2.AddContactResponse(contact=contact)
+
+    async def RemoveContact(
+        self, request: directory_pb2.RemoveContactRequest, context: Context
+    ) -> directory_pb2.RemoveContactResponse:
+        await self._agent.remove_contact(request.username)
+        return directory_pb2.RemoveContactResponse()
+
+    async def TrustPeerKey(
+        self, request: pb.TrustPeerKeyRequest, context: Context
+    ) -> pb.TrustPeerKeyResponse:
+        sha = await self._agent.trust_peer_key(request.username)
+        return pb.TrustPeerKeyResponse(public_key_sha256=sha)
+
+    async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
+        wait = request.wait.ToTimedelta().total_seconds() if request.HasField("wait") else None
+        if wait is not None and not 0 <= wait <= 3600:
+            raise InvalidArgument("wait must be 0-3600 seconds")
+        message = await self._agent.send(request.peer, request.body, wait)
+        return pb.SendResponse(message=chat_message(message))
+
+    async def History(self, request: pb.HistoryRequest, context: Context) -> pb.HistoryResponse:
+        messages, has_more = await self._agent.history(
+            request.peer, request.limit, request.before_id, request.query
+        )
+        return pb.HistoryResponse(messages=map(chat_message, messages), has_more=has_more)
+
+    async def Chat(
+        self, request_iterator: AsyncIterator[pb.ChatInput], context: Context
+    ) -> AsyncIterator[pb.ChatEvent]:
+        agent = self._agent
+        try:
+            first = await anext(request_iterator)
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "open":
+            raise InvalidArgument("a chat starts with ChatOpen(peer)")
+        peer = normalize_username(first.open.peer)
+        await agent.require_contact(peer)
+        limit = first.open.history_limit or 50
+        notices: asyncio.Queue[pb.ChatEvent] = asyncio.Queue()
+
+        async def read_inputs() -> None:
+            async for item in request_iterator:
+                if item.WhichOneof("kind") != "text":
+                    continue
+                try:
+                    await agent.send(peer, item.text.body)
+                except DomainError as exc:
+                    await notices.put(
+                        pb.ChatEvent(notice=pb.Notice(code=exc.code.name, message=str(exc)))
+                    )
+
+        with agent.events.subscribe(lambda e: event_peer(e) == peer) as sub:
+            history, _ = await agent.history(peer, limit)
+            shown = {m.id for m in history}
+            for m in history:
+                yield pb.ChatEvent(message=chat_message(m))
+            yield pb.ChatEvent(history_end=pb.HistoryEnd())
+            reader = asyncio.create_task(read_inputs())
+            try:
+                while True:
+                    next_event = asyncio.ensure_future(sub.get())
+                    next_notice = asyncio.ensure_future(notices.get())
+                    done, pending = await asyncio.wait(
+                        {next_event, next_notice, reader}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for fut in (next_event, next_notice):
+                        if fut not in done:
+                            fut.cancel()
+                    if next_notice in done:
+                        yield next_notice.result()
+                    if next_event in done:
+                        event = next_event.result()
+                        if isinstance(event, MessageEvent) and event.message.id in shown:
+                            continue
+                        yield chat_event(event)
+                    if reader in done and not (next_event in done or next_notice in done):
+                        reader.result()  # the CLI closed its side: end the chat
+                        return
+            finally:
+                reader.cancel()
+
+    async def Serve(
+        self, request: pb.ServeRequest, context: Context
+    ) -> AsyncIterator[pb.ChatEvent]:
+        agent = self._agent
+        agent.identity()  # FAILED_PRECONDITION when logged out
+
+        def wanted(event: Event) -> bool:
+            if isinstance(event, MessageEvent):
+                return event.message.direction == "in"
+            return True
+
+        with agent.events.subscribe(wanted) as sub:
+            while True:
+                yield chat_event(await sub.get())

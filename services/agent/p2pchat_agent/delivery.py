@@ -1,0 +1,148 @@
+"""Delivery over a link: nothing lost, nothing shown twice (DESIGN.md "Delivery").
+
+- Outgoing: messages are already committed as pending; whatever is pending for the peer goes out
+  in order, as many as are waiting in one frame (one when only one is: never wait to fill).
+- Incoming: batches that arrived together are committed in one transaction (group commit),
+  then acknowledged together; ids already stored are acknowledged again but stored once.
+- Acks mark messages delivered. A link that ends leaves the rest pending for the next link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from p2pchat.v1 import peer_pb2 as pb
+from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
+from p2pchat_agent.ids import valid_message_id
+from p2pchat_agent.link import PeerLink
+from p2pchat_agent.store import IncomingMessage, MessageStore, StoredMessage
+from p2pchat_common.errors import InvalidArgument, PermissionDenied
+from p2pchat_common.timestamps import from_timestamp, to_timestamp
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Blocking = Callable[..., Awaitable[Any]]
+BATCH = 500
+
+
+def peer_message(m: StoredMessage) -> pb.PeerMessage:
+    return pb.PeerMessage(
+        id=m.id,
+        sender=m.sender,
+        recipient=m.recipient,
+        body=m.body,
+        sent_at=to_timestamp(m.sent_at),
+    )
+
+
+class Delivery:
+    def __init__(
+        self,
+        store: MessageStore,
+        events: EventHub,
+        body_limit: int,
+        blocking: Callable[..., Awaitable[Any]],
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._body_limit = body_limit
+        self._blocking = blocking
+
+    async def run(self, link: PeerLink, incoming: AsyncIterator[pb.Frame]) -> None:
+        """Runs the link until the stream ends or fails; raises the error that ended it."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._send_pending(link))
+                tasks.create_task(self._commit_received(link))
+                await self._read(link, incoming)
+                raise _StreamEnded()
+        except BaseExceptionGroup as group:
+            errors = [e for e in group.exceptions if not isinstance(e, _StreamEnded)]
+            if errors:
+                raise errors[0] from None
+        finally:
+            link.close()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _read(self, link: PeerLink, incoming: AsyncIterator[pb.Frame]) -> None:
+        async for frame in incoming:
+            kind = frame.WhichOneof("kind")
+            if kind == "messages":
+                messages = list(frame.messages.messages)
+                for m in messages:
+                    self._check(link, m)
+                if messages:
+                    await link.received.put(messages)
+            elif kind == "acks":
+                await self._acknowledged(link, list(frame.acks.ids))
+            elif kind == "hello":
+                raise InvalidArgument("unexpected second Hello on the link")
+
+    def _check(self, link: PeerLink, m: pb.PeerMessage) -> None:
+        if m.sender != link.peer:
+            raise PermissionDenied(
+                f"message claims sender {m.sender[:40]!r} but the link belongs to {link.peer!r}"
+            )
+        if m.recipient != link.me:
+            raise PermissionDenied(f"message is for {m.recipient[:40]!r}, not {link.me!r}")
+        if not valid_message_id(m.id):
+            raise InvalidArgument("message id must be 1-64 characters of [0-9A-Za-z_-]")
+        size = len(m.body.encode("utf-8"))
+        if size == 0 or size > self._body_limit:
+            raise InvalidArgument(f"message body must be 1-{self._body_limit} bytes of UTF-8")
+
+    async def _commit_received(self, link: PeerLink) -> None:
+        while True:
+            batch = await link.received.get()
+            while not link.received.empty():  # group commit: everything that has arrived
+                batch.extend(link.received.get_nowait())
+            incoming = [
+                IncomingMessage(
+                    id=m.id,
+                    sender=m.sender,
+                    recipient=m.recipient,
+                    body=m.body,
+                    sent_at=from_timestamp(m.sent_at),
+                )
+                for m in batch
+            ]
+            stored: list[StoredMessage] = await self._blocking(
+                self._store.store_incoming, incoming, datetime.now(UTC)
+            )
+            for message in stored:
+                self._events.publish(MessageEvent(message))
+            await link.send(pb.Frame(acks=pb.AckBatch(ids=[m.id for m in batch])))
+
+    async def _acknowledged(self, link: PeerLink, ids: list[str]) -> None:
+        await link.release(len(ids))
+        changed: list[StoredMessage] = await self._blocking(
+            self._store.mark_delivered, ids, datetime.now(UTC)
+        )
+        for message in changed:
+            self._events.publish(DeliveryEvent(message))
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def _send_pending(self, link: PeerLink) -> None:
+        after = 0
+        while True:
+            link.wakeup.clear()
+            pending: list[StoredMessage] = await self._blocking(
+                self._store.pending_for, link.peer, after, BATCH
+            )
+            if not pending:
+                await link.wakeup.wait()
+                continue
+            await link.reserve(len(pending))
+            await link.send(pb.Frame(messages=pb.MessageBatch(messages=map(peer_message, pending))))
+            after = pending[-1].seq
+
+
+class _StreamEnded(Exception):
+    """The peer closed its side of the stream: a normal end of the link."""

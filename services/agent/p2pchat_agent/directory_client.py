@@ -1,0 +1,122 @@
+"""The agent's client of the DirectoryService: one TLS channel, the session token in metadata,
+failures translated into domain errors (so the control API passes on the directory's reason)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from p2pchat.v1 import directory_pb2 as pb
+from p2pchat.v1 import directory_pb2_grpc
+from p2pchat_agent.config import Settings
+from p2pchat_common.errors import FailedPrecondition, from_rpc_error
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CALL_TIMEOUT = 10.0
+DIRECTORY_CA_FILE = "directory-ca.pem"
+
+
+def directory_ca(settings: Settings) -> bytes | None:
+    """The CA certificate that the directory's TLS certificate must chain to."""
+    if settings.directory_insecure:
+        return None
+    path = settings.directory_ca or settings.data_dir / DIRECTORY_CA_FILE
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"cannot read the directory CA certificate {path}: {exc.strerror}; pass "
+            "--directory-ca (the directory's <data-dir>/ca.pem)"
+        ) from None
+
+
+class DirectoryClient:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.address = settings.directory
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: directory_pb2_grpc.DirectoryServiceAsyncStub | None = None
+        self.token = ""
+        self.reachable = False
+
+    def _get_stub(self) -> directory_pb2_grpc.DirectoryServiceAsyncStub:
+        if self._stub is None:
+            ca = directory_ca(self._settings)
+            if ca is None:
+                log.warning("talking to the directory WITHOUT TLS (--directory-insecure)")
+                self._channel = grpc.aio.insecure_channel(self.address)
+            else:
+                creds = grpc.ssl_channel_credentials(root_certificates=ca)
+                self._channel = grpc.aio.secure_channel(self.address, creds)
+            self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
+        assert self._stub is not None
+        return self._stub
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    async def _call(
+        self,
+        method: Callable[
+            [directory_pb2_grpc.DirectoryServiceAsyncStub], Callable[..., Awaitable[T]]
+        ],
+        request: Any,
+    ) -> T:
+        rpc = method(self._get_stub())
+        try:
+            result = await rpc(request, metadata=self._metadata(), timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            self.reachable = err.code() not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            raise from_rpc_error(err, f"directory at {self.address}") from None
+        self.reachable = True
+        return result
+
+    async def register(self, username: str, password: str, address: str) -> pb.RegisterResponse:
+        req = pb.RegisterRequest(username=username, password=password, address=address)
+        return await self._call(lambda s: s.Register, req)
+
+    async def login(
+        self, username: str, password: str, address: str, csr_pem: bytes
+    ) -> pb.LoginResponse:
+        req = pb.LoginRequest(
+            username=username, password=password, address=address, csr_pem=csr_pem
+        )
+        return await self._call(lambda s: s.Login, req)
+
+    async def logout(self) -> None:
+        await self._call(lambda s: s.Logout, pb.LogoutRequest())
+
+    async def heartbeat(self) -> pb.HeartbeatResponse:
+        return await self._call(lambda s: s.Heartbeat, pb.HeartbeatRequest())
+
+    async def renew_certificate(self, csr_pem: bytes) -> pb.RenewCertificateResponse:
+        return await self._call(
+            lambda s: s.RenewCertificate, pb.RenewCertificateRequest(csr_pem=csr_pem)
+        )
+
+    async def list_contacts(self) -> pb.ListContactsResponse:
+        return await self._call(lambda s: s.ListContacts, pb.ListContactsRequest())
+
+    async def add_contact(self, username: str, address: str) -> pb.AddContactResponse:
+        req = pb.AddContactRequest(username=username, address=address)
+        return await self._call(lambda s: s.AddContact, req)
+
+    async def remove_contact(self, username: str) -> None:
+        await self._call(lambda s: s.RemoveContact, pb.RemoveContactRequest(username=username))
+
+    async def lookup(self, username: str) -> pb.LookupResponse:
+        return await self._call(lambda s: s.Lookup, pb.LookupRequest(username=username))
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+        self._stub = None

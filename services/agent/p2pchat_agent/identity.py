@@ -1,0 +1,147 @@
+"""What the agent keeps on disk between runs: the user's key pair, certificate and session.
+
+Files in the data dir (secrets 0600):
+- ``<username>.key``: the user's private key, made once and reused, so that a pinned key changes
+  only when the user really moves to another agent;
+- ``<username>.crt`` and ``peer-ca.pem``: the certificate from the last login and its CA;
+- ``session.json``: the directory session, so that a restarted agent resumes without a login.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+SESSION_FILE = "session.json"
+PEER_CA_FILE = "peer-ca.pem"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Writes a secret atomically with mode 0600 from the start."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_or_create_key(data_dir: Path, username: str) -> bytes:
+    """The user's private key (PEM), made on first use."""
+    path = data_dir / f"{username}.key"
+    if path.exists():
+        return path.read_bytes()
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_private(path, pem)
+    return pem
+
+
+def make_csr(key_pem: bytes, username: str) -> bytes:
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the agent key must be an EC key")
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def spki_sha256(cert_pem_or_der: bytes) -> str:
+    """Hex SHA-256 of a certificate's DER SubjectPublicKeyInfo (the pinned value)."""
+    if cert_pem_or_der.lstrip().startswith(b"-----BEGIN"):
+        cert = x509.load_pem_x509_certificate(cert_pem_or_der)
+    else:
+        cert = x509.load_der_x509_certificate(cert_pem_or_der)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return digest.finalize().hex()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The user's TLS identity for peer links."""
+
+    username: str
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+
+    @property
+    def cert_expires_at(self) -> datetime:
+        return x509.load_pem_x509_certificate(self.cert_pem).not_valid_after_utc
+
+    @property
+    def cert_issued_at(self) -> datetime:
+        return x509.load_pem_x509_certificate(self.cert_pem).not_valid_before_utc
+
+    def save(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        write_private(data_dir / f"{self.username}.crt", self.cert_pem)
+        write_private(data_dir / PEER_CA_FILE, self.ca_pem)
+
+    @classmethod
+    def load(cls, data_dir: Path, username: str) -> Identity:
+        return cls(
+            username=username,
+            key_pem=(data_dir / f"{username}.key").read_bytes(),
+            cert_pem=(data_dir / f"{username}.crt").read_bytes(),
+            ca_pem=(data_dir / PEER_CA_FILE).read_bytes(),
+        )
+
+
+@dataclass(frozen=True)
+class StoredSession:
+    username: str
+    token: str
+    directory: str
+    expires_at: datetime
+
+    def save(self, data_dir: Path) -> None:
+        payload = {
+            "username": self.username,
+            "token": self.token,
+            "directory": self.directory,
+            "expires_at": self.expires_at.isoformat(),
+        }
+        write_private(data_dir / SESSION_FILE, json.dumps(payload).encode())
+
+    @classmethod
+    def load(cls, data_dir: Path) -> StoredSession | None:
+        path = data_dir / SESSION_FILE
+        try:
+            payload = json.loads(path.read_bytes())
+            return cls(
+                username=str(payload["username"]),
+                token=str(payload["token"]),
+                directory=str(payload["directory"]),
+                expires_at=datetime.fromisoformat(payload["expires_at"]),
+            )
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)  # unreadable: a fresh login is needed
+            return None
+
+    @staticmethod
+    def clear(data_dir: Path) -> None:
+        (data_dir / SESSION_FILE).unlink(missing_ok=True)

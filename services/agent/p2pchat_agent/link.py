@@ -1,0 +1,69 @@
+"""One open peer link: a symmetric bidirectional stream of Frames with one other agent.
+
+The link knows nothing of databases: it holds the outgoing queue, the bounded queue of received
+message batches (so a flood waits in HTTP/2 flow control, not in memory), and the window of
+messages sent but not yet acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from p2pchat.v1 import peer_pb2 as pb
+
+PROTOCOL_VERSION = 1
+RECEIVE_QUEUE_BATCHES = 16  # message batches read from the stream but not yet committed
+SEND_WINDOW = 4096  # messages sent but not yet acknowledged
+
+
+class PeerLink:
+    def __init__(self, me: str, peer: str, dialed_by: str) -> None:
+        self.me = me
+        self.peer = peer
+        self.dialed_by = dialed_by
+        self._outgoing: asyncio.Queue[pb.Frame | None] = asyncio.Queue(64)
+        self.received: asyncio.Queue[list[pb.PeerMessage]] = asyncio.Queue(RECEIVE_QUEUE_BATCHES)
+        self.wakeup = asyncio.Event()  # set when new messages for `peer` are pending
+        self._window = asyncio.Condition()
+        self.in_flight = 0
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"PeerLink({self.me}<->{self.peer}, dialed by {self.dialed_by})"
+
+    def hello(self) -> pb.Frame:
+        return pb.Frame(hello=pb.Hello(username=self.me, protocol_version=PROTOCOL_VERSION))
+
+    async def send(self, frame: pb.Frame) -> None:
+        await self._outgoing.put(frame)
+
+    async def frames_out(self) -> AsyncIterator[pb.Frame]:
+        """What the stream writes: frames until the link closes."""
+        while True:
+            frame = await self._outgoing.get()
+            if frame is None:
+                return
+            yield frame
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        # Wake the writer even when the queue is full: drop what is queued, it will be resent.
+        while not self._outgoing.empty():
+            self._outgoing.get_nowait()
+        self._outgoing.put_nowait(None)
+
+    async def reserve(self, count: int) -> None:
+        """Waits until `count` more messages fit in the unacknowledged window."""
+        async with self._window:
+            await self._window.wait_for(
+                lambda: self.in_flight == 0 or self.in_flight + count <= SEND_WINDOW
+            )
+            self.in_flight += count
+
+    async def release(self, count: int) -> None:
+        async with self._window:
+            self.in_flight = max(0, self.in_flight - count)
+            self._window.notify_all()

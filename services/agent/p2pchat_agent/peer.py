@@ -1,0 +1,300 @@
+"""The peer side of an agent: at most one link per peer, dialled or accepted, over mutual TLS.
+
+- Dialling: look the peer up in the directory (or use its last known address when the directory
+  is down), check the key it presents against the pinned one, open `PeerService.Link` with TLS
+  that requires the server certificate to name the peer, exchange Hellos, run delivery.
+- Accepting: the peer's username comes from its verified client certificate, never from a field.
+- Two links between the same pair (both dialled at once): the one dialled by the smaller username
+  stays, on both sides alike.
+- While messages are pending for a peer without a link, a dialer retries with backoff
+  (0.5 s doubling up to --retry-max).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from p2pchat.v1 import peer_pb2 as pb
+from p2pchat.v1 import peer_pb2_grpc
+from p2pchat_agent.delivery import Delivery
+from p2pchat_agent.directory_client import DirectoryClient
+from p2pchat_agent.events import EventHub, KeyChangedEvent
+from p2pchat_agent.identity import Identity, spki_sha256
+from p2pchat_agent.link import PROTOCOL_VERSION, PeerLink
+from p2pchat_agent.store import MessageStore
+from p2pchat_common.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from p2pchat_common.validation import parse_address
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+HELLO_TIMEOUT = 10.0
+
+
+def probe_peer_certificate(address: str, peer: str, identity: Identity, timeout: float) -> bytes:
+    """The DER certificate the agent at `address` presents, verified to chain to our CA and to
+    name `peer` (blocking). Used to compare the real key with the pinned one before linking."""
+    target = parse_address(address)
+    ctx = ssl.create_default_context(cadata=identity.ca_pem.decode())
+    ctx.set_alpn_protocols(["h2"])
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        cert.write_bytes(identity.cert_pem)
+        key.write_bytes(identity.key_pem)
+        ctx.load_cert_chain(cert, key)
+    with socket.create_connection((target.host, target.port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw, server_hostname=peer) as tls:
+            der = tls.getpeercert(binary_form=True)
+    if der is None:
+        raise Unavailable(f"{peer} at {address} presented no certificate")
+    return der
+
+
+class LinkManager:
+    def __init__(
+        self,
+        identity: Callable[[], Identity],
+        store: MessageStore,
+        delivery: Delivery,
+        directory: DirectoryClient,
+        events: EventHub,
+        blocking: Callable[..., Awaitable[Any]],
+        retry_max: float,
+    ) -> None:
+        self._identity = identity
+        self._store = store
+        self._delivery = delivery
+        self._directory = directory
+        self._events = events
+        self._blocking = blocking
+        self._retry_max = retry_max
+        self.links: dict[str, PeerLink] = {}
+        self._dialers: dict[str, asyncio.Task[None]] = {}
+        self._addresses: dict[str, str] = {}  # last known address per peer
+        self._closing = False
+
+    @property
+    def me(self) -> str:
+        return self._identity().username
+
+    # -- what callers use ---------------------------------------------------------------------
+
+    def notify(self, peer: str) -> None:
+        """New messages are pending for `peer`: send them on its link, or start dialling."""
+        link = self.links.get(peer)
+        if link is not None:
+            link.wakeup.set()
+        else:
+            self.ensure_dialer(peer)
+
+    def ensure_dialer(self, peer: str) -> None:
+        if self._closing or peer in self._dialers:
+            return
+        task = asyncio.get_running_loop().create_task(self._dial_loop(peer), name=f"dial-{peer}")
+        self._dialers[peer] = task
+        task.add_done_callback(lambda _t: self._dialers.pop(peer, None))
+
+    def remember_address(self, peer: str, address: str) -> None:
+        if address:
+            self._addresses[peer] = address
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._dialers.values()):
+            task.cancel()
+        for link in list(self.links.values()):
+            link.close()
+        await asyncio.gather(*self._dialers.values(), return_exceptions=True)
+
+    # -- pinning ------------------------------------------------------------------------------
+
+    async def check_key(self, peer: str, presented: str) -> None:
+        """Pins the key on first contact; refuses a key that differs until the user trusts it."""
+        pin = await self._blocking(self._store.get_pin, peer)
+        now = datetime.now(UTC)
+        if pin is None:
+            await self._blocking(self._store.pin, peer, presented, now)
+            log.info("pinned %s's key %s on first contact", peer, presented[:16])
+            return
+        if pin.sha256 == presented:
+            return
+        if pin.presented_sha256 != presented:
+            await self._blocking(self._store.record_key_change, peer, presented, now)
+            log.warning(
+                "KEY CHANGE: %s presented key %s but %s is pinned; links refused until the user "
+                "trusts the new key",
+                peer,
+                presented[:16],
+                pin.sha256[:16],
+            )
+            self._events.publish(KeyChangedEvent(peer, pin.sha256, presented))
+        raise PermissionDenied(
+            f"{peer}'s key has changed since it was pinned; if expected, trust it with "
+            f"`p2pchat trust {peer}`"
+        )
+
+    # -- one link per peer ----------------------------------------------------------------------
+
+    def _attach(self, link: PeerLink) -> None:
+        current = self.links.get(link.peer)
+        if current is not None and not current.closed:
+            keeper = min(self.me, link.peer)
+            if link.dialed_by != keeper or current.dialed_by == keeper:
+                raise AlreadyExists(f"a link with {link.peer} is already open")
+            log.info("replacing %r by %r", current, link)
+            current.close()
+        self.links[link.peer] = link
+
+    def _detach(self, link: PeerLink) -> None:
+        if self.links.get(link.peer) is link:
+            del self.links[link.peer]
+
+    async def _run(self, link: PeerLink, incoming: AsyncIterator[pb.Frame]) -> None:
+        try:
+            self._attach(link)
+        except DomainError:
+            link.close()
+            raise
+        log.info("link open: %r", link)
+        try:
+            await self._delivery.run(link, incoming)
+        finally:
+            self._detach(link)
+            log.info("link closed: %r", link)
+            if not self._closing:
+                pending = await self._blocking(self._store.pending_for, link.peer, 0, 1)
+                if pending:
+                    self.ensure_dialer(link.peer)
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    async def accept(
+        self, peer: str, cert_pem: bytes, incoming: AsyncIterator[pb.Frame]
+    ) -> AsyncIterator[pb.Frame]:
+        """Serves an inbound Link from the verified `peer`; yields what to write back."""
+        await self.check_key(peer, spki_sha256(cert_pem))
+        try:
+            first = await asyncio.wait_for(anext(incoming), HELLO_TIMEOUT)
+        except (StopAsyncIteration, TimeoutError):
+            raise FailedPrecondition("a link starts with a Hello frame") from None
+        if first.WhichOneof("kind") != "hello":
+            raise FailedPrecondition("a link starts with a Hello frame")
+        if first.hello.username != peer:
+            raise PermissionDenied(
+                f"Hello claims {first.hello.username[:40]!r} but the certificate names {peer!r}"
+            )
+        link = PeerLink(self.me, peer, dialed_by=peer)
+        await link.send(link.hello())
+        runner = asyncio.create_task(self._run(link, incoming))
+        try:
+            async for frame in link.frames_out():
+                yield frame
+        except BaseException:
+            runner.cancel()
+            raise
+        finally:
+            link.close()
+        await runner  # raises the error that ended the link, for the status code
+
+    # -- dialling -------------------------------------------------------------------------------
+
+    async def _address_of(self, peer: str) -> str:
+        try:
+            found = await self._directory.lookup(peer)
+        except Unavailable:
+            if peer in self._addresses:
+                return self._addresses[peer]
+            raise
+        self.remember_address(peer, found.contact.address)
+        if not found.contact.address:
+            raise FailedPrecondition(f"{peer} has no known address yet")
+        return found.contact.address
+
+    async def _dial_loop(self, peer: str) -> None:
+        delay = 0.5
+        while not self._closing and peer not in self.links:
+            if not await self._blocking(self._store.pending_for, peer, 0, 1):
+                return
+            try:
+                await self._dial_once(peer)
+                delay = 0.5
+                continue
+            except asyncio.CancelledError:
+                raise
+            except (DomainError, grpc.RpcError, OSError, ssl.SSLError) as exc:
+                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+                log.info("cannot reach %s (%s); retrying in %.1f s", peer, reason, delay)
+            except Exception:
+                log.exception("unexpected error while linking with %s", peer)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self._retry_max)
+
+    async def _dial_once(self, peer: str) -> None:
+        identity = self._identity()
+        address = await self._address_of(peer)
+        der = await asyncio.to_thread(probe_peer_certificate, address, peer, identity, 5.0)
+        await self.check_key(peer, spki_sha256(der))
+        creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
+        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", peer)]
+        async with grpc.aio.secure_channel(address, creds, options=options) as channel:
+            link = PeerLink(identity.username, peer, dialed_by=identity.username)
+            await link.send(link.hello())
+            call = peer_pb2_grpc.PeerServiceStub(channel).Link(link.frames_out())
+            responses: AsyncIterator[pb.Frame] = call.__aiter__()
+            try:
+                first = await asyncio.wait_for(anext(responses), HELLO_TIMEOUT)
+            except StopAsyncIteration:
+                raise Unavailable(f"{peer} closed the link before Hello") from None
+            if first.WhichOneof("kind") != "hello" or first.hello.username != peer:
+                raise Unauthenticated(f"{peer} answered without a proper Hello")
+            if first.hello.protocol_version < PROTOCOL_VERSION:
+                log.info("%s speaks protocol %d", peer, first.hello.protocol_version)
+            try:
+                await self._run(link, responses)
+            finally:
+                call.cancel()
+
+
+class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
+    """PeerService.Link: identifies the caller by its client certificate."""
+
+    def __init__(self, links: Callable[[], LinkManager | None]) -> None:
+        self._links = links
+
+    async def Link(
+        self, request_iterator: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.Frame]:
+        auth = context.auth_context()
+        names = list(auth.get("x509_common_name") or [])
+        pems = list(auth.get("x509_pem_cert") or [])
+        if not names or not pems:
+            raise Unauthenticated("a client certificate from the directory CA is required")
+        manager = self._links()
+        if manager is None:
+            raise Unavailable("this agent is not logged in")
+        peer = names[0].decode("ascii", "replace")
+        async for frame in manager.accept(peer, pems[0], request_iterator):
+            yield frame

@@ -1,0 +1,163 @@
+"""Wiring of the agent: the control server (AgentService, loopback) and the peer server
+(PeerService, mutual TLS), each with health and reflection.
+
+`create_agent(settings)` builds and starts both (tests use port 0); `serve(settings)` runs until
+SIGTERM/SIGINT and shuts down gracefully: stop accepting, close links, commit, dispose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from p2pchat.v1 import agent_pb2, agent_pb2_grpc, peer_pb2, peer_pb2_grpc
+from p2pchat_agent.agent import Agent
+from p2pchat_agent.config import Settings
+from p2pchat_agent.control import AgentServicer
+from p2pchat_agent.identity import Identity
+from p2pchat_agent.peer import CHANNEL_OPTIONS, PeerServicer
+from p2pchat_common.errors import ErrorMappingInterceptor
+
+log = logging.getLogger(__name__)
+
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+PEER_SERVICE = peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+MAX_PEER_MESSAGE = 16 * 1024 * 1024  # a frame holds up to 500 messages of at most 16 KiB
+
+
+def _placeholder_config() -> grpc.ServerCertificateConfiguration:
+    """Until the first login the peer port presents a throwaway self-signed certificate that no
+    agent trusts: every handshake fails, which is what a logged-out agent wants."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2pchat agent (logged out)")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], cert_pem)
+
+
+class _PeerCredentials:
+    """Serves the current identity's certificate; grpc asks before each new handshake."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._served: Identity | None = None
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        active = self._agent.active
+        identity = active.identity if active is not None else None
+        if identity is None or identity is self._served:
+            return None
+        self._served = identity
+        return grpc.ssl_server_certificate_configuration(
+            [(identity.key_pem, identity.cert_pem)], identity.ca_pem
+        )
+
+    def credentials(self) -> grpc.ServerCredentials:
+        fetch: Any = self.fetch  # returning None means "unchanged" (the stubs miss that)
+        return grpc.dynamic_ssl_server_credentials(
+            _placeholder_config(), fetch, require_client_authentication=True
+        )
+
+
+async def _health_and_reflection(server: grpc.aio.Server, service: str) -> HealthServicer:
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([service, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+    return health
+
+
+@dataclass
+class AgentServer:
+    agent: Agent
+    control: grpc.aio.Server
+    peer: grpc.aio.Server
+    control_port: int
+    peer_port: int
+    health: list[HealthServicer]
+
+    async def stop(self, grace: float | None) -> None:
+        for health in self.health:
+            await health.enter_graceful_shutdown()
+        await self.agent.close()  # closes links first so that peer streams end
+        await asyncio.gather(self.control.stop(grace), self.peer.stop(grace))
+
+
+async def create_agent(settings: Settings) -> AgentServer:
+    agent = Agent(settings)
+    peer = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=[
+            *CHANNEL_OPTIONS,
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.max_receive_message_length", MAX_PEER_MESSAGE),
+            ("grpc.max_send_message_length", MAX_PEER_MESSAGE),
+        ],
+    )
+    peer_pb2_grpc.add_PeerServiceServicer_to_server(
+        PeerServicer(lambda: agent.active.links if agent.active else None), peer
+    )
+    peer_health = await _health_and_reflection(peer, PEER_SERVICE)
+    peer_port = peer.add_secure_port(settings.peer_listen, _PeerCredentials(agent).credentials())
+    if peer_port == 0:
+        raise OSError(f"cannot listen on {settings.peer_listen} (peer port)")
+    agent.peer_port = peer_port
+
+    control = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent), control)
+    control_health = await _health_and_reflection(control, AGENT_SERVICE)
+    control_port = control.add_insecure_port(settings.control_listen)
+    if control_port == 0:
+        raise OSError(f"cannot listen on {settings.control_listen} (control port)")
+
+    await agent.resume()
+    await peer.start()
+    await control.start()
+    for health, service in ((peer_health, PEER_SERVICE), (control_health, AGENT_SERVICE)):
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "agent serving: control port %d, peer port %d, reachable at %s",
+        control_port,
+        peer_port,
+        agent.address,
+    )
+    return AgentServer(agent, control, peer, control_port, peer_port, [peer_health, control_health])
+
+
+async def serve(settings: Settings) -> None:
+    running = await create_agent(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down (grace %.1f s)", settings.grace_period)
+    await running.stop(settings.grace_period)
+    log.info("agent stopped")

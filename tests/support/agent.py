@@ -1,0 +1,172 @@
+"""Test handles for agents: in-process on the shared test loop, or as `p2pchat-agent` processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from p2pchat.v1 import agent_pb2 as apb
+from p2pchat.v1 import agent_pb2_grpc
+from p2pchat.v1 import directory_pb2 as dpb
+from p2pchat_agent.config import Settings
+from p2pchat_agent.server import AgentServer, create_agent
+from tests.support.directory import PASSWORD
+from tests.support.loop_thread import LoopThread
+
+T = TypeVar("T")
+
+
+def agent_settings(data_dir: Path, directory_port: int, directory_ca: Path) -> Settings:
+    return Settings(
+        directory=f"localhost:{directory_port}",
+        directory_ca=directory_ca,
+        data_dir=data_dir,
+        peer_listen="127.0.0.1:0",
+        control_listen="127.0.0.1:0",
+        heartbeat_interval=1.0,
+        retry_max=1.0,
+        grace_period=1.0,
+    )
+
+
+class AgentClient:
+    """A control-port client: what the CLI does, as plain calls."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
+
+    def register(self, name: str, password: str = PASSWORD) -> str:
+        return self.stub.Register(dpb.RegisterRequest(username=name, password=password)).username
+
+    def login(self, name: str, password: str = PASSWORD) -> apb.AgentLoginResponse:
+        return self.stub.Login(apb.AgentLoginRequest(username=name, password=password))
+
+    def add_contact(self, name: str, address: str = "") -> None:
+        self.stub.AddContact(dpb.AddContactRequest(username=name, address=address))
+
+    def send(self, peer: str, body: str, wait: float | None = None) -> apb.ChatMessage:
+        request = apb.SendRequest(peer=peer, body=body)
+        if wait is not None:
+            request.wait.FromMilliseconds(int(wait * 1000))
+        return self.stub.Send(request).message
+
+    def history(self, peer: str, limit: int = 1000, **kw: str) -> list[apb.ChatMessage]:
+        request = apb.HistoryRequest(peer=peer, limit=limit, **kw)
+        return list(self.stub.History(request).messages)
+
+    def status(self) -> apb.StatusResponse:
+        return self.stub.Status(apb.StatusRequest())
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class InProcessAgent:
+    def __init__(self, loop: LoopThread, settings: Settings) -> None:
+        self.loop = loop
+        self.settings = settings
+        self._running: AgentServer | None = None
+        self._clients: list[AgentClient] = []
+        self.start()
+
+    def start(self) -> None:
+        self._running = self.loop.run(create_agent(self.settings))
+        # Keep the ports across restarts so that addresses stay valid.
+        self.settings = dataclasses.replace(
+            self.settings,
+            peer_listen=f"127.0.0.1:{self._running.peer_port}",
+            control_listen=f"127.0.0.1:{self._running.control_port}",
+        )
+
+    def stop(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+        if self._running is not None:
+            self.loop.run(self._running.stop(0.5))
+            self._running = None
+
+    @property
+    def server(self) -> AgentServer:
+        assert self._running is not None
+        return self._running
+
+    def client(self) -> AgentClient:
+        client = AgentClient(self.server.control_port)
+        self._clients.append(client)
+        return client
+
+
+class AgentProcess:
+    """`p2pchat-agent` as a child process; ports are read from its log."""
+
+    _READY = re.compile(r"agent serving: control port (\d+), peer port (\d+)")
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pchat_agent", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.log: list[str] = []
+        self.control_port, self.peer_port = self._wait_ready()
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _wait_ready(self) -> tuple[int, int]:
+        assert self.proc.stderr is not None
+        timer = threading.Timer(30, self.proc.kill)
+        timer.start()
+        try:
+            for line in self.proc.stderr:
+                self.log.append(line)
+                found = self._READY.search(line)
+                if found:
+                    return int(found.group(1)), int(found.group(2))
+        finally:
+            timer.cancel()
+        raise RuntimeError("agent exited before serving:\n" + "".join(self.log))
+
+    def _read_rest(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def terminate(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._drain.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 20, interval: float = 0.05) -> T:
+    """Polls until `predicate()` is truthy; returns it or fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
