@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +96,26 @@ def directory(make_directory: Callable[..., InProcessDirectory]) -> InProcessDir
 
 
 @pytest.fixture
+def agent_directory(loop_thread: LoopThread, tmp_path: Path) -> Iterator[InProcessDirectory]:
+    """The directory that agent tests use: in-process, on SQLite (the directory's own backends
+    are covered by the directory tests)."""
+    data = tmp_path / "directory"
+    settings = Settings(
+        listen="127.0.0.1:0", data_dir=data, presence_ttl=timedelta(seconds=5), workers=4
+    )
+    handle = InProcessDirectory(loop_thread, settings)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture
 def make_agent(
-    loop_thread: LoopThread, directory: InProcessDirectory, tmp_path: Path
-) -> Iterator[Callable[[str], InProcessAgent]]:
-    """Starts in-process agents that use the test's directory: `make_agent("alice")`."""
+    loop_thread: LoopThread, agent_directory: InProcessDirectory, tmp_path: Path
+) -> Iterator[Callable[..., InProcessAgent]]:
+    """Starts in-process agents that use `agent_directory`: `make_agent("alice")`."""
+    directory = agent_directory
     started: list[InProcessAgent] = []
 
     def make(name: str, **overrides: Any) -> InProcessAgent:

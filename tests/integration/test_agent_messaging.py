@@ -4,38 +4,117 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
-
 from p2pchat.v1 import agent_pb2 as apb
-from tests.support.agent import AgentClient, InProcessAgent, wait_until
-
-pytestmark = pytest.mark.parametrize("db_backend", ["sqlite"])
-
-
-def pair(make_agent: Callable[[str], InProcessAgent]) -> tuple[AgentClient, AgentClient]:
-    alice, bob = make_agent("alice").client(), make_agent("bob").client()
-    for client, name, other in ((alice, "alice", "bob"), (bob, "bob", "alice")):
-        client.register(name)
-    for client, name, other in ((alice, "alice", "bob"), (bob, "bob", "alice")):
-        client.login(name)
-        client.add_contact(other)
-    return alice, bob
+from p2pchat.v1 import directory_pb2 as dpb
+from tests.support.agent import InProcessAgent, logged_in, wait_until
 
 
 def test_alice_and_bob_exchange_messages_both_ways(
     make_agent: Callable[[str], InProcessAgent],
 ) -> None:
-    alice, bob = pair(make_agent)
+    alice, bob = logged_in(make_agent, "alice", "bob")
     sent = alice.send("bob", "hello bob", wait=10)
     assert sent.status == apb.MESSAGE_STATUS_DELIVERED
     reply = bob.send("alice", "hi alice", wait=10)
     assert reply.status == apb.MESSAGE_STATUS_DELIVERED
-    for client in (alice, bob):
-        got = wait_until(
-            lambda c=client: (
-                len(c.history("alice" if c is bob else "bob")) == 2
-                and c.history("alice" if c is bob else "bob")
-            )
-        )
-        assert [m.body for m in got] == ["hello bob", "hi alice"]
+    wait_until(lambda: len(bob.history("alice")) == 2)
+    for client, peer in ((alice, "bob"), (bob, "alice")):
+        assert [m.body for m in client.history(peer)] == ["hello bob", "hi alice"]
     assert alice.status().linked_peers == ["bob"]
+
+
+def test_history_pages_and_searches_the_conversation(
+    make_agent: Callable[[str], InProcessAgent],
+) -> None:
+    alice, bob = logged_in(make_agent, "alice", "bob")
+    for i in range(30):
+        alice.send("bob", f"message {i} {'apple' if i % 10 == 0 else 'pear'}")
+    wait_until(lambda: len(bob.history("alice")) == 30)
+    page = alice.stub.History(apb.HistoryRequest(peer="bob", limit=10))
+    assert [m.body.split()[1] for m in page.messages] == [str(i) for i in range(20, 30)]
+    assert page.has_more
+    older = alice.stub.History(
+        apb.HistoryRequest(peer="bob", limit=10, before_id=page.messages[0].id)
+    )
+    assert [m.body.split()[1] for m in older.messages] == [str(i) for i in range(10, 20)]
+    found = bob.history("alice", query="apple")
+    assert [m.body for m in found] == ["message 0 apple", "message 10 apple", "message 20 apple"]
+    assert all(m.direction == apb.DIRECTION_INCOMING for m in found)
+    assert bob.history("alice", query='"unbalanced AND (') == []
+
+
+def test_both_user_databases_hold_the_same_conversation(
+    make_agent: Callable[[str], InProcessAgent],
+) -> None:
+    import sqlite3
+
+    a, b = make_agent("alice"), make_agent("bob")
+    alice, bob = a.client(), b.client()
+    for c, n in ((alice, "alice"), (bob, "bob")):
+        c.register(n)
+        c.login(n)
+    alice.add_contact("bob")
+    bob.add_contact("alice")
+    for i in range(5):
+        alice.send("bob", f"a{i}")
+        bob.send("alice", f"b{i}")
+    wait_until(lambda: alice.status().pending_messages == 0 and bob.status().pending_messages == 0)
+    wait_until(lambda: len(alice.history("bob")) == 10 and len(bob.history("alice")) == 10)
+
+    def rows(path: str) -> set[tuple[str, str, str, str]]:
+        with sqlite3.connect(path) as db:
+            return set(db.execute("SELECT id, sender, recipient, body FROM messages"))
+
+    alice_rows = rows(str(a.settings.data_dir / "alice.db"))
+    assert alice_rows == rows(str(b.settings.data_dir / "bob.db"))
+    assert len(alice_rows) == 10
+
+
+def test_bad_sends_are_refused_with_clear_errors(
+    make_agent: Callable[[str], InProcessAgent],
+) -> None:
+    import grpc
+
+    from tests.support.directory import expect_error
+
+    alice, bob = logged_in(make_agent, "alice", "bob")
+    bob.register("carol")
+    code = grpc.StatusCode
+    msg = expect_error(code.INVALID_ARGUMENT, alice.stub.Send, apb.SendRequest(peer="bob"))
+    assert "empty" in msg
+    msg = expect_error(
+        code.INVALID_ARGUMENT,
+        alice.stub.Send,
+        apb.SendRequest(peer="bob", body="x" * (16 * 1024 + 1)),
+    )
+    assert "16384" in msg
+    assert alice.send("bob", "é" * (8 * 1024)).id  # exactly 16 KiB of UTF-8 is fine
+    msg = expect_error(
+        code.FAILED_PRECONDITION, alice.stub.Send, apb.SendRequest(peer="carol", body="hi")
+    )
+    assert "contacts" in msg
+    expect_error(code.NOT_FOUND, alice.stub.Send, apb.SendRequest(peer="nobody", body="hi"))
+    expect_error(code.INVALID_ARGUMENT, alice.stub.Send, apb.SendRequest(peer="alice", body="hi"))
+    expect_error(code.INVALID_ARGUMENT, alice.stub.Send, apb.SendRequest(peer="b@d", body="hi"))
+    assert len(alice.history("bob")) == 1  # nothing half-written
+
+
+def test_logged_out_agent_refuses_user_calls(make_agent: Callable[[str], InProcessAgent]) -> None:
+    import grpc
+
+    from tests.support.directory import expect_error
+
+    client = make_agent("alice").client()
+    assert not client.status().logged_in
+    expect_error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        client.stub.Send,
+        apb.SendRequest(peer="bob", body="hi"),
+    )
+    client.register("alice")
+    expect_error(grpc.StatusCode.UNAUTHENTICATED, client.login, "alice", "wrong password!")
+    client.login("alice")
+    status = client.status()
+    assert status.logged_in and status.username == "alice" and status.directory_reachable
+    client.stub.Logout(dpb.LogoutRequest())
+    assert not client.status().logged_in

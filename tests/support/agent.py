@@ -170,3 +170,19 @@ def wait_until(predicate: Callable[[], T], timeout: float = 20, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+def logged_in(
+    make_agent: Callable[[str], InProcessAgent], *names: str, befriend: bool = True
+) -> list[AgentClient]:
+    """Agents for `names`, registered and logged in; with `befriend`, everyone's contacts."""
+    clients = [make_agent(name).client() for name in names]
+    for client, name in zip(clients, names, strict=True):
+        client.register(name)
+    for client, name in zip(clients, names, strict=True):
+        client.login(name)
+        if befriend:
+            for other in names:
+                if other != name:
+                    client.add_contact(other)
+    return clients

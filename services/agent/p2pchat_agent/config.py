@@ -8,12 +8,19 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pchat_common.errors import InvalidArgument
-from p2pchat_common.validation import parse_address
+from p2pchat_common.flags import (
+    LOG_LEVELS,
+    address,
+    env,
+    env_flag,
+    log_level,
+    positive_float,
+    positive_int,
+)
 
 DEFAULT_DIRECTORY = "localhost:50051"
 DEFAULT_PEER_LISTEN = "0.0.0.0:50052"
@@ -49,37 +56,6 @@ class Settings:
         return self.peer_listen
 
 
-def _env(environ: Mapping[str, str], name: str, default: str) -> str:
-    return environ.get(f"P2PCHAT_{name}", default)
-
-
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    return _env(environ, name, "").lower() in ("1", "true", "yes")
-
-
-def _address(what: str, allow_zero: bool) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        try:
-            return str(parse_address(text, what=what, allow_port_zero=allow_zero))
-        except InvalidArgument as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
-def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-        return value
-
-    return parse
-
-
 def is_loopback(address: str) -> bool:
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":
@@ -104,89 +80,89 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add = p.add_argument
     add(
         "--directory",
-        type=_address("directory address", False),
-        default=_env(environ, "DIRECTORY", d.directory),
+        type=address("directory address"),
+        default=env(environ, "DIRECTORY", d.directory),
         help="HOST:PORT of the directory [P2PCHAT_DIRECTORY] (default %(default)s)",
     )
     add(
         "--directory-ca",
         type=Path,
-        default=_env(environ, "DIRECTORY_CA", "") or None,
+        default=env(environ, "DIRECTORY_CA", "") or None,
         help="the directory's CA certificate (its <data-dir>/ca.pem) [P2PCHAT_DIRECTORY_CA] "
         "(default DATA_DIR/directory-ca.pem)",
     )
     add(
         "--directory-insecure",
         action="store_true",
-        default=_flag(environ, "DIRECTORY_INSECURE"),
+        default=env_flag(environ, "DIRECTORY_INSECURE"),
         help="talk to a directory started with --insecure (debugging only) "
         "[P2PCHAT_DIRECTORY_INSECURE=1]",
     )
     add(
         "--data-dir",
         type=Path,
-        default=Path(_env(environ, "DATA_DIR", str(d.data_dir))),
+        default=Path(env(environ, "DATA_DIR", str(d.data_dir))),
         help="where the key, the session and <username>.db live [P2PCHAT_DATA_DIR] "
         "(default %(default)s)",
     )
     add(
         "--peer-listen",
-        type=_address("peer listen address", True),
-        default=_env(environ, "PEER_LISTEN", d.peer_listen),
+        type=address("peer listen address", allow_port_zero=True),
+        default=env(environ, "PEER_LISTEN", d.peer_listen),
         help="HOST:PORT other agents connect to (mutual TLS) [P2PCHAT_PEER_LISTEN] "
         "(default %(default)s)",
     )
     add(
         "--advertise",
-        type=_address("advertised address", False),
-        default=_env(environ, "ADVERTISE", "") or None,
+        type=address("advertised address"),
+        default=env(environ, "ADVERTISE", "") or None,
         help="HOST:PORT other agents dial to reach this one; required when --peer-listen is "
         "0.0.0.0 in a container [P2PCHAT_ADVERTISE]",
     )
     add(
         "--control-listen",
-        type=_address("control listen address", True),
-        default=_env(environ, "CONTROL_LISTEN", d.control_listen),
+        type=address("control listen address", allow_port_zero=True),
+        default=env(environ, "CONTROL_LISTEN", d.control_listen),
         help="HOST:PORT for the CLI; loopback only unless --allow-remote-control "
         "[P2PCHAT_CONTROL_LISTEN] (default %(default)s)",
     )
     add(
         "--allow-remote-control",
         action="store_true",
-        default=_flag(environ, "ALLOW_REMOTE_CONTROL"),
+        default=env_flag(environ, "ALLOW_REMOTE_CONTROL"),
         help="let --control-listen bind a non-loopback address: anyone who reaches it controls "
         "this user's account [P2PCHAT_ALLOW_REMOTE_CONTROL=1]",
     )
     add(
         "--body-limit",
-        type=_positive(int),
-        default=_env(environ, "BODY_LIMIT", str(d.body_limit)),
+        type=positive_int,
+        default=env(environ, "BODY_LIMIT", str(d.body_limit)),
         help="largest message body in bytes of UTF-8 [P2PCHAT_BODY_LIMIT] (default %(default)s)",
     )
     add(
         "--heartbeat-interval",
-        type=_positive(float),
-        default=_env(environ, "HEARTBEAT_INTERVAL", str(d.heartbeat_interval)),
+        type=positive_float,
+        default=env(environ, "HEARTBEAT_INTERVAL", str(d.heartbeat_interval)),
         help="seconds between heartbeats to the directory [P2PCHAT_HEARTBEAT_INTERVAL] "
         "(default %(default)s)",
     )
     add(
         "--retry-max",
-        type=_positive(float),
-        default=_env(environ, "RETRY_MAX", str(d.retry_max)),
+        type=positive_float,
+        default=env(environ, "RETRY_MAX", str(d.retry_max)),
         help="longest wait in seconds between delivery retries [P2PCHAT_RETRY_MAX] "
         "(default %(default)s)",
     )
     add(
         "--grace-period",
-        type=_positive(float),
-        default=_env(environ, "GRACE_PERIOD", str(d.grace_period)),
+        type=positive_float,
+        default=env(environ, "GRACE_PERIOD", str(d.grace_period)),
         help="seconds to finish work on SIGTERM [P2PCHAT_GRACE_PERIOD] (default %(default)s)",
     )
     add(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        default=_env(environ, "LOG_LEVEL", d.log_level),
+        default=env(environ, "LOG_LEVEL", d.log_level),
         help="[P2PCHAT_LOG_LEVEL]",
     )
     return p
@@ -196,8 +172,11 @@ def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Settings from flags over environment over defaults; exits with a usage error when invalid."""
-    env = os.environ if environ is None else environ
-    parser = build_parser(env)
+    environ = os.environ if environ is None else environ
+    try:
+        parser = build_parser(environ)
+    except ValueError as exc:
+        argparse.ArgumentParser(prog="p2pchat-agent").error(str(exc))
     ns = parser.parse_args(argv)
     if not ns.allow_remote_control and not is_loopback(ns.control_listen):
         parser.error(

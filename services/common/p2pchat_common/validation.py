@@ -37,8 +37,9 @@ def normalize_username(raw: str) -> str:
         raise InvalidArgument("username is required")
     if len(raw) > USERNAME_MAX:
         raise InvalidArgument(f"username is too long (at most {USERNAME_MAX} characters)")
-    name = raw.lower()
-    if len(name) < USERNAME_MIN or not _USERNAME.fullmatch(name) or not name.isascii():
+    # Check ASCII before lower-casing: some characters (the Kelvin sign) lower-case to ASCII.
+    name = raw.lower() if raw.isascii() else ""
+    if len(name) < USERNAME_MIN or not _USERNAME.fullmatch(name):
         raise InvalidArgument(f"invalid username {_shown(raw)}: {USERNAME_RULE}")
     return name
 

@@ -12,8 +12,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from p2pchat_common.errors import InvalidArgument
-from p2pchat_common.validation import parse_address
+from p2pchat_common.flags import (
+    LOG_LEVELS,
+    address,
+    env,
+    env_flag,
+    log_level,
+    positive_float,
+    positive_int,
+)
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
 
@@ -46,37 +53,6 @@ class Settings:
         return self.contacts_db or f"sqlite:///{self.data_dir / 'contacts.db'}"
 
 
-def _env(environ: Mapping[str, str], name: str, default: str) -> str:
-    return environ.get(f"P2PCHAT_{name}", default)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _listen(text: str) -> str:
-    try:
-        return str(parse_address(text, what="listen address", allow_port_zero=True))
-    except InvalidArgument as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(
@@ -89,110 +65,110 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--listen",
-        type=_listen,
-        default=_env(environ, "LISTEN", d.listen),
+        type=address("listen address", allow_port_zero=True),
+        default=env(environ, "LISTEN", d.listen),
         help="HOST:PORT to serve gRPC on [P2PCHAT_LISTEN] (default %(default)s)",
     )
     p.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(_env(environ, "DATA_DIR", str(d.data_dir))),
+        default=Path(env(environ, "DATA_DIR", str(d.data_dir))),
         help="directory for the CA, the TLS material and the default SQLite databases "
         "[P2PCHAT_DATA_DIR] (default %(default)s)",
     )
     p.add_argument(
         "--users-db",
-        default=_env(environ, "USERS_DB", ""),
+        default=env(environ, "USERS_DB", ""),
         help="SQLAlchemy URL of the users database, e.g. postgresql+psycopg://u:p@host/db "
         "[P2PCHAT_USERS_DB] (default sqlite:///DATA_DIR/users.db)",
     )
     p.add_argument(
         "--contacts-db",
-        default=_env(environ, "CONTACTS_DB", ""),
+        default=env(environ, "CONTACTS_DB", ""),
         help="SQLAlchemy URL of the contacts database (may be the same as --users-db) "
         "[P2PCHAT_CONTACTS_DB] (default sqlite:///DATA_DIR/contacts.db)",
     )
     p.add_argument(
         "--tls-name",
         action="append",
-        default=[n for n in _env(environ, "TLS_NAMES", "").split(",") if n],
+        default=None,
         help="extra DNS name or IP for the server certificate; repeatable "
         "[P2PCHAT_TLS_NAMES, comma-separated]",
     )
     p.add_argument(
         "--tls-cert",
         type=Path,
-        default=_env(environ, "TLS_CERT", "") or None,
+        default=env(environ, "TLS_CERT", "") or None,
         help="serve this PEM certificate (chain) instead of one from the directory CA "
         "[P2PCHAT_TLS_CERT]",
     )
     p.add_argument(
         "--tls-key",
         type=Path,
-        default=_env(environ, "TLS_KEY", "") or None,
+        default=env(environ, "TLS_KEY", "") or None,
         help="private key for --tls-cert [P2PCHAT_TLS_KEY]",
     )
     p.add_argument(
         "--insecure",
         action="store_true",
-        default=_env(environ, "INSECURE", "") in ("1", "true", "yes"),
+        default=env_flag(environ, "INSECURE"),
         help="serve without TLS. For debugging only: passwords and tokens cross the network "
         "in clear [P2PCHAT_INSECURE=1]",
     )
     p.add_argument(
         "--session-ttl",
-        type=_positive_seconds,
-        default=_env(environ, "SESSION_TTL", str(d.session_ttl.total_seconds())),
+        type=positive_float,
+        default=env(environ, "SESSION_TTL", str(d.session_ttl.total_seconds())),
         help="seconds a session lives without a heartbeat [P2PCHAT_SESSION_TTL] "
         "(default %(default)s)",
     )
     p.add_argument(
         "--presence-ttl",
-        type=_positive_seconds,
-        default=_env(environ, "PRESENCE_TTL", str(d.presence_ttl.total_seconds())),
+        type=positive_float,
+        default=env(environ, "PRESENCE_TTL", str(d.presence_ttl.total_seconds())),
         help="seconds a user stays online after a heartbeat [P2PCHAT_PRESENCE_TTL] "
         "(default %(default)s)",
     )
     p.add_argument(
         "--certificate-ttl",
-        type=_positive_seconds,
-        default=_env(environ, "CERTIFICATE_TTL", str(d.certificate_ttl.total_seconds())),
+        type=positive_float,
+        default=env(environ, "CERTIFICATE_TTL", str(d.certificate_ttl.total_seconds())),
         help="seconds an agent certificate is valid [P2PCHAT_CERTIFICATE_TTL] "
         "(default %(default)s)",
     )
     p.add_argument(
         "--login-max-failures",
-        type=_positive_int,
-        default=_env(environ, "LOGIN_MAX_FAILURES", str(d.login_max_failures)),
+        type=positive_int,
+        default=env(environ, "LOGIN_MAX_FAILURES", str(d.login_max_failures)),
         help="failed logins per user allowed in the window before RESOURCE_EXHAUSTED "
         "[P2PCHAT_LOGIN_MAX_FAILURES] (default %(default)s)",
     )
     p.add_argument(
         "--login-failure-window",
-        type=_positive_seconds,
-        default=_env(environ, "LOGIN_FAILURE_WINDOW", str(d.login_failure_window.total_seconds())),
+        type=positive_float,
+        default=env(environ, "LOGIN_FAILURE_WINDOW", str(d.login_failure_window.total_seconds())),
         help="seconds over which failed logins are counted [P2PCHAT_LOGIN_FAILURE_WINDOW] "
         "(default %(default)s)",
     )
     p.add_argument(
         "--grace-period",
-        type=_positive_seconds,
-        default=_env(environ, "GRACE_PERIOD", str(d.grace_period)),
+        type=positive_float,
+        default=env(environ, "GRACE_PERIOD", str(d.grace_period)),
         help="seconds in-flight calls get to finish on SIGTERM [P2PCHAT_GRACE_PERIOD] "
         "(default %(default)s)",
     )
     p.add_argument(
         "--workers",
-        type=_positive_int,
-        default=_env(environ, "WORKERS", str(d.workers)),
+        type=positive_int,
+        default=env(environ, "WORKERS", str(d.workers)),
         help="threads for database work and password hashing [P2PCHAT_WORKERS] "
         "(default %(default)s)",
     )
     p.add_argument(
         "--log-level",
-        default=_env(environ, "LOG_LEVEL", d.log_level),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="[P2PCHAT_LOG_LEVEL] (default %(default)s)",
+        type=log_level,
+        default=env(environ, "LOG_LEVEL", d.log_level),
+        help=f"one of {', '.join(LOG_LEVELS)} [P2PCHAT_LOG_LEVEL] (default %(default)s)",
     )
     return p
 
@@ -201,9 +177,13 @@ def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Settings from flags over environment over defaults; exits with a usage error when invalid."""
-    env = os.environ if environ is None else environ
-    parser = build_parser(env)
+    environ = os.environ if environ is None else environ
+    try:
+        parser = build_parser(environ)
+    except ValueError as exc:
+        argparse.ArgumentParser(prog="p2pchat-directory").error(str(exc))
     ns = parser.parse_args(argv)
+    env_names = tuple(n.strip() for n in env(environ, "TLS_NAMES", "").split(",") if n.strip())
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     return Settings(
@@ -211,7 +191,7 @@ def load_settings(
         data_dir=ns.data_dir,
         users_db=ns.users_db,
         contacts_db=ns.contacts_db,
-        tls_names=tuple(ns.tls_name),
+        tls_names=tuple(ns.tls_name) if ns.tls_name is not None else env_names,
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
         insecure=ns.insecure,

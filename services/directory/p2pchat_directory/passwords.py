@@ -40,11 +40,13 @@ def hash_password(password: str) -> str:
 
 def verify_password(password: str, stored: str) -> bool:
     try:
-        scheme, log2_n, r, p, salt, digest = stored.split("$")
-        if scheme != "scrypt":
+        scheme, log2_n_text, r_text, p_text, salt, digest = stored.split("$")
+        log2_n, r, p = int(log2_n_text), int(r_text), int(p_text)
+        # A corrupt row must not make scrypt allocate without bound or crash the login.
+        if scheme != "scrypt" or not (1 <= log2_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16):
             return False
         expected = base64.b64decode(digest)
-        actual = _scrypt(password, base64.b64decode(salt), int(log2_n), int(r), int(p))
+        actual = _scrypt(password, base64.b64decode(salt), log2_n, r, p)
     except ValueError:
         return False
     return hmac.compare_digest(actual, expected)

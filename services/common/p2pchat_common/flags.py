@@ -1,0 +1,73 @@
+"""Helpers for the services' command-line flags and their P2PCHAT_* environment equivalents.
+
+argparse runs `type` on string defaults too, so a bad environment value fails exactly like a bad
+flag: a usage error with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+
+from p2pchat_common.errors import InvalidArgument
+from p2pchat_common.validation import parse_address
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def env(environ: Mapping[str, str], name: str, default: str) -> str:
+    return environ.get(f"P2PCHAT_{name}", default)
+
+
+def env_flag(environ: Mapping[str, str], name: str) -> bool:
+    """A boolean from P2PCHAT_<name>; anything but a clear yes/no is a ValueError, never a
+    silent no."""
+    value = env(environ, name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(
+        f"P2PCHAT_{name}={value!r} is not a boolean (use one of {', '.join(_TRUE + _FALSE[1:])})"
+    )
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def address(what: str, *, allow_port_zero: bool = False) -> Callable[[str], str]:
+    """An argparse type for HOST:PORT flags, giving the canonical form."""
+
+    def parse(text: str) -> str:
+        try:
+            return str(parse_address(text, what=what, allow_port_zero=allow_port_zero))
+        except InvalidArgument as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
