@@ -1,0 +1,1 @@
+"""`p2pchat`: the terminal client that drives one agent over its control port."""

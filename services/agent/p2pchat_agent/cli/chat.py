@@ -1,0 +1,175 @@
+"""The live screens: "Connect to user" (a chat with one contact) and "Set up as server"
+(every incoming message, with replies). Incoming messages and delivery updates are printed as
+they arrive, above the line being typed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator
+
+from p2pchat.v1 import agent_pb2 as apb
+from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
+from p2pchat_agent.cli.console import Console
+from p2pchat_agent.cli.render import delivery_line, message_line
+
+CHAT_HELP = "commands: /history N, /search TEXT, /quit (or Ctrl-D) to leave"
+SERVE_HELP = (
+    "type '@user text' to message someone, plain text replies to the last sender, "
+    "/quit (or Ctrl-D) to leave"
+)
+
+
+class _Printer:
+    """Prints a stream's events; remembers bodies so delivery updates can name the message."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.bodies: dict[str, str] = {}
+        self.last_sender = ""
+        self.history_done = asyncio.Event()
+
+    def show(self, event: apb.ChatEvent) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "message":
+            m = event.message
+            self.bodies[m.id] = m.body
+            if m.direction == apb.DIRECTION_INCOMING:
+                self.last_sender = m.sender
+            self.console.say(message_line(m))
+        elif kind == "delivery":
+            body = self.bodies.pop(event.delivery.id, "")
+            self.console.say(delivery_line(event.delivery, body))
+        elif kind == "history_end":
+            self.history_done.set()
+        elif kind == "key_changed":
+            k = event.key_changed
+            self.console.say(
+                f"  ! WARNING: {k.peer}'s key changed ({k.pinned_sha256[:16]}… -> "
+                f"{k.presented_sha256[:16]}…). Messages with {k.peer} are held until you run "
+                f"`p2pchat trust {k.peer}` — do so only if {k.peer} really moved to a new agent."
+            )
+        elif kind == "notice":
+            self.console.error(event.notice.message)
+
+    async def run(self, conn: AgentConnection, stream: AsyncIterable[apb.ChatEvent]) -> None:
+        async for event in conn.events(stream):
+            self.show(event)
+
+
+async def _until_ready(printer_task: asyncio.Task[None], ready: asyncio.Event) -> None:
+    """Waits for the history (or the stream's failure, raised here)."""
+    waiter = asyncio.ensure_future(ready.wait())
+    done, _ = await asyncio.wait({printer_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if printer_task in done:
+        printer_task.result()  # raises CliError when the agent refused the chat
+        raise CliError("the chat ended before it began", Exit.REFUSED)
+
+
+async def _show_history(conn: AgentConnection, console: Console, peer: str, arg: str) -> None:
+    query = ""
+    limit = 20
+    if arg.startswith("/search"):
+        query = arg.removeprefix("/search").strip()
+        if not query:
+            console.error("usage: /search TEXT")
+            return
+    else:
+        text = arg.removeprefix("/history").strip() or "20"
+        if not text.isdigit() or not 1 <= int(text) <= 1000:
+            console.error("usage: /history N (1-1000)")
+            return
+        limit = int(text)
+    response = await conn.history(peer, limit=limit, query=query)
+    title = f"search {query!r}" if query else f"last {limit}"
+    console.say(f"--- {title}: {len(response.messages)} message(s) ---")
+    for m in response.messages:
+        console.say(message_line(m))
+    console.say("--- end ---")
+
+
+async def chat(conn: AgentConnection, console: Console, peer: str, me: str) -> None:
+    """Prints the history with `peer`, then chats live until /quit, Ctrl-D or Ctrl-C."""
+    outgoing: asyncio.Queue[apb.ChatInput | None] = asyncio.Queue()
+
+    async def inputs() -> AsyncIterator[apb.ChatInput]:
+        yield apb.ChatInput(open=apb.ChatOpen(peer=peer, history_limit=50))
+        while (item := await outgoing.get()) is not None:
+            yield item
+
+    call = conn.stub.Chat(inputs())
+    printer = _Printer(console)
+    console.say(f"--- chat with {peer} ({CHAT_HELP}) ---")
+    task = asyncio.create_task(printer.run(conn, call))
+    try:
+        await _until_ready(task, printer.history_done)
+        console.say("--- end of history; you are live ---")
+        with console.live():
+            while not task.done():
+                try:
+                    line = await console.ask(f"{me}> ", erase=True)
+                except (EOFError, KeyboardInterrupt):
+                    break
+                text = line.strip()
+                if not text:
+                    continue
+                if text in ("/quit", "/exit", "/q"):
+                    break
+                if text.startswith(("/history", "/search")):
+                    await _show_history(conn, console, peer, text)
+                    continue
+                await outgoing.put(apb.ChatInput(text=apb.ChatText(body=line)))
+            if task.done():
+                task.result()
+    finally:
+        await outgoing.put(None)
+        call.cancel()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, CliError):
+            await task
+    console.say(f"--- left the chat with {peer} ---")
+
+
+async def serve(conn: AgentConnection, console: Console, me: str) -> None:
+    """Shows where this agent is reachable, then every incoming message live, with replies."""
+    status = await conn.status()
+    console.say(f"--- serving as {me}, reachable at {status.address} ---")
+    console.say(f"--- {SERVE_HELP} ---")
+    call = conn.stub.Serve(apb.ServeRequest())
+    printer = _Printer(console)
+    task = asyncio.create_task(printer.run(conn, call))
+    try:
+        with console.live():
+            while not task.done():
+                try:
+                    line = await console.ask(f"{me}> ", erase=True)
+                except (EOFError, KeyboardInterrupt):
+                    break
+                text = line.strip()
+                if not text:
+                    continue
+                if text in ("/quit", "/exit", "/q"):
+                    break
+                if text.startswith("@"):
+                    peer, _, body = text[1:].partition(" ")
+                elif printer.last_sender:
+                    peer, body = printer.last_sender, line
+                else:
+                    console.error("nobody to reply to yet: use '@user text'")
+                    continue
+                try:
+                    sent = await conn.send(peer, body)
+                except CliError as exc:
+                    console.error(str(exc))
+                    continue
+                printer.bodies[sent.id] = sent.body
+                console.say(f"[→ {peer}] {message_line(sent)}")
+            if task.done():
+                task.result()
+    finally:
+        call.cancel()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, CliError):
+            await task
+    console.say("--- stopped serving ---")

@@ -1,0 +1,114 @@
+"""The CLI's connection to its agent: AgentService over gRPC, errors turned into exit codes."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from typing import TypeVar
+
+import grpc
+
+from p2pchat.v1 import agent_pb2 as apb
+from p2pchat.v1 import agent_pb2_grpc, common_pb2
+from p2pchat.v1 import directory_pb2 as dpb
+
+T = TypeVar("T")
+CALL_TIMEOUT = 30.0
+
+
+class Exit(enum.IntEnum):
+    OK = 0
+    USAGE = 1
+    REFUSED = 2  # the agent or the directory said no; the reason is printed
+    UNREACHABLE = 3  # the agent could not be reached
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: Exit) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def cli_error(err: grpc.RpcError, agent: str) -> CliError:
+    code = err.code() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else None
+    details = err.details() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else str(err)
+    if code == grpc.StatusCode.UNAVAILABLE and "directory" not in (details or ""):
+        return CliError(
+            f"cannot reach the agent at {agent} (is p2pchat-agent running? use --agent HOST:PORT)",
+            Exit.UNREACHABLE,
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CliError(f"the agent at {agent} did not answer in time", Exit.UNREACHABLE)
+    return CliError(details or str(code), Exit.REFUSED)
+
+
+class AgentConnection:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address)
+        self.stub = agent_pb2_grpc.AgentServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as err:
+            raise cli_error(err, self.address) from None
+
+    async def status(self) -> apb.StatusResponse:
+        return await self._call(self.stub.Status(apb.StatusRequest(), timeout=CALL_TIMEOUT))
+
+    async def register(self, username: str, password: str, address: str) -> str:
+        request = dpb.RegisterRequest(username=username, password=password, address=address)
+        response = await self._call(self.stub.Register(request, timeout=CALL_TIMEOUT))
+        return response.username
+
+    async def login(self, username: str, password: str) -> apb.AgentLoginResponse:
+        request = apb.AgentLoginRequest(username=username, password=password)
+        return await self._call(self.stub.Login(request, timeout=CALL_TIMEOUT))
+
+    async def logout(self) -> None:
+        await self._call(self.stub.Logout(dpb.LogoutRequest(), timeout=CALL_TIMEOUT))
+
+    async def contacts(self) -> list[common_pb2.Contact]:
+        response = await self._call(
+            self.stub.ListContacts(dpb.ListContactsRequest(), timeout=CALL_TIMEOUT)
+        )
+        return list(response.contacts)
+
+    async def add_contact(self, username: str, address: str) -> common_pb2.Contact:
+        request = dpb.AddContactRequest(username=username, address=address)
+        return (await self._call(self.stub.AddContact(request, timeout=CALL_TIMEOUT))).contact
+
+    async def remove_contact(self, username: str) -> None:
+        request = dpb.RemoveContactRequest(username=username)
+        await self._call(self.stub.RemoveContact(request, timeout=CALL_TIMEOUT))
+
+    async def trust(self, username: str) -> str:
+        request = apb.TrustPeerKeyRequest(username=username)
+        response = await self._call(self.stub.TrustPeerKey(request, timeout=CALL_TIMEOUT))
+        return response.public_key_sha256
+
+    async def send(self, peer: str, body: str, wait: float | None = None) -> apb.ChatMessage:
+        request = apb.SendRequest(peer=peer, body=body)
+        if wait is not None:
+            request.wait.FromMilliseconds(int(wait * 1000))
+        timeout = CALL_TIMEOUT + (wait or 0)
+        return (await self._call(self.stub.Send(request, timeout=timeout))).message
+
+    async def history(
+        self, peer: str, limit: int = 50, query: str = "", before_id: str = ""
+    ) -> apb.HistoryResponse:
+        request = apb.HistoryRequest(peer=peer, limit=limit, query=query, before_id=before_id)
+        return await self._call(self.stub.History(request, timeout=CALL_TIMEOUT))
+
+    async def events(self, stream: AsyncIterable[apb.ChatEvent]) -> AsyncIterator[apb.ChatEvent]:
+        """Events of a Chat or Serve stream, with errors turned into CliError."""
+        try:
+            async for event in stream:
+                yield event
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                raise cli_error(err, self.address) from None

@@ -1,0 +1,272 @@
+"""The subcommands, declared as data: name, arguments, help and handler.
+
+Every handler returns an exit code: 0 ok, 1 usage, 2 refused by the agent or directory (the
+reason is printed), 3 agent unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from p2pchat_agent.cli import chat, menu
+from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
+from p2pchat_agent.cli.console import Console
+from p2pchat_agent.cli.render import (
+    STATUS_NAMES,
+    contact_json,
+    contact_rows,
+    local_time,
+    message_json,
+    message_line,
+)
+
+Handler = Callable[[AgentConnection, Console, argparse.Namespace], Awaitable[int]]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    handler: Handler
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
+    description: str = ""
+
+
+async def read_password(console: Console, args: argparse.Namespace, confirm: bool) -> str:
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise CliError("--password-stdin: no password on standard input", Exit.USAGE)
+        return line.rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise CliError(
+            "no terminal to ask the password on: pipe it in with --password-stdin", Exit.USAGE
+        )
+    if confirm:
+        password = await menu.ask_new_password(console)
+        if password is None:
+            raise CliError("the passwords do not match", Exit.USAGE)
+        return password
+    return await console.ask_secret("Password: ")
+
+
+async def _logged_in_user(conn: AgentConnection) -> str:
+    status = await conn.status()
+    if not status.logged_in:
+        raise CliError("not logged in: run `p2pchat login USER` first", Exit.REFUSED)
+    return status.username
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+async def cmd_menu(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    return await menu.run_menu(conn, console)
+
+
+async def cmd_register(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    password = await read_password(console, args, confirm=True)
+    name = await conn.register(args.user, password, args.address or "")
+    console.say(f"registered {name}")
+    return Exit.OK
+
+
+async def cmd_login(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    password = await read_password(console, args, confirm=False)
+    response = await conn.login(args.user, password)
+    console.say(f"logged in as {response.username}; reachable at {response.address}")
+    return Exit.OK
+
+
+async def cmd_logout(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    await conn.logout()
+    console.say("logged out")
+    return Exit.OK
+
+
+async def cmd_status(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    s = await conn.status()
+    if args.json:
+        _print_json(
+            {
+                "logged_in": s.logged_in,
+                "username": s.username or None,
+                "address": s.address,
+                "directory": s.directory,
+                "directory_reachable": s.directory_reachable,
+                "pending_messages": s.pending_messages,
+                "linked_peers": list(s.linked_peers),
+            }
+        )
+        return Exit.OK
+    console.say(f"agent:     {conn.address}")
+    console.say(f"user:      {s.username if s.logged_in else '(not logged in)'}")
+    console.say(f"reachable: {s.address}")
+    reach = "reachable" if s.directory_reachable else "not reachable"
+    console.say(f"directory: {s.directory} ({reach})")
+    if s.logged_in:
+        console.say(f"pending:   {s.pending_messages} message(s) not yet delivered")
+        console.say(f"links:     {', '.join(s.linked_peers) or '(none open)'}")
+        console.say(f"session:   until {local_time(s.session_expires_at, with_date=True)}")
+    return Exit.OK
+
+
+async def cmd_contacts(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    contacts = await conn.contacts()
+    if args.json:
+        _print_json([contact_json(c) for c in contacts])
+    else:
+        for row in contact_rows(contacts):
+            console.say(row)
+    return Exit.OK
+
+
+async def cmd_add_contact(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    contact = await conn.add_contact(args.user, args.address or "")
+    console.say(f"added {contact.username} ({contact.address or 'no address yet'})")
+    return Exit.OK
+
+
+async def cmd_remove_contact(
+    conn: AgentConnection, console: Console, args: argparse.Namespace
+) -> int:
+    await conn.remove_contact(args.user)
+    console.say(f"removed {args.user.lower()}")
+    return Exit.OK
+
+
+async def cmd_trust(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    sha = await conn.trust(args.user)
+    console.say(f"now trusting {args.user.lower()}'s key {sha}")
+    return Exit.OK
+
+
+async def cmd_send(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    message = await conn.send(args.user, args.text, args.wait)
+    state = STATUS_NAMES.get(message.status, "unknown")
+    if args.wait is not None and state == "pending":
+        state += f" (not delivered within {args.wait:g} s; it stays queued)"
+    console.say(f"{message.id} {state}")
+    return Exit.OK
+
+
+async def cmd_history(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    response = await conn.history(args.user, limit=args.limit, query=args.search or "")
+    if args.json:
+        _print_json(
+            {
+                "peer": args.user.lower(),
+                "messages": [message_json(m) for m in response.messages],
+                "has_more": response.has_more,
+            }
+        )
+        return Exit.OK
+    if not response.messages:
+        console.say("(no messages)")
+    for m in response.messages:
+        console.say(message_line(m))
+    return Exit.OK
+
+
+async def cmd_chat(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    await chat.chat(conn, console, args.user, await _logged_in_user(conn))
+    return Exit.OK
+
+
+async def cmd_serve(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    await chat.serve(conn, console, await _logged_in_user(conn))
+    return Exit.OK
+
+
+def _user(p: argparse.ArgumentParser) -> None:
+    p.add_argument("user", help="a username (case-insensitive)")
+
+
+def _user_address(p: argparse.ArgumentParser) -> None:
+    _user(p)
+    p.add_argument("--address", metavar="HOST:PORT", help="where their agent is reached")
+
+
+def _password(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input instead of asking",
+    )
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _wait(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("--wait takes 0-3600 seconds")
+    return value
+
+
+def _send_args(p: argparse.ArgumentParser) -> None:
+    _user(p)
+    p.add_argument("text", help="the message (UTF-8, at most 16 KiB by default)")
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        const=30.0,
+        type=_wait,
+        metavar="SECONDS",
+        help="wait until delivered (default 30 s); the state printed says whether it was",
+    )
+
+
+def _history_args(p: argparse.ArgumentParser) -> None:
+    _user(p)
+    p.add_argument("--limit", type=int, default=50, help="how many messages (1-1000, default 50)")
+    p.add_argument("--search", metavar="TEXT", help="only messages matching these words")
+    _json(p)
+
+
+def _register_args(p: argparse.ArgumentParser) -> None:
+    _user(p)
+    p.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="where your agent is reached (default: the agent's own advertised address)",
+    )
+    _password(p)
+
+
+def _login_args(p: argparse.ArgumentParser) -> None:
+    _user(p)
+    _password(p)
+
+
+COMMANDS = [
+    Command("register", "create an account at the directory", cmd_register, _register_args),
+    Command("login", "log this agent in as USER", cmd_login, _login_args),
+    Command("logout", "log out (pending messages stay queued)", cmd_logout),
+    Command("status", "who is logged in, pending messages, open links", cmd_status, _json),
+    Command("contacts", "list your contacts with address and presence", cmd_contacts, _json),
+    Command("add-contact", "add USER to your contacts", cmd_add_contact, _user_address),
+    Command("remove-contact", "remove USER from your contacts", cmd_remove_contact, _user),
+    Command("send", "send TEXT to USER; prints the message id and state", cmd_send, _send_args),
+    Command("history", "print your conversation with USER", cmd_history, _history_args),
+    Command("chat", "chat with USER live (history first)", cmd_chat, _user),
+    Command("serve", "show every incoming message live, with replies", cmd_serve),
+    Command(
+        "trust",
+        "accept USER's new key after a key-change warning",
+        cmd_trust,
+        _user,
+        description="Only after checking with USER (in person, by phone) that they really "
+        "moved to a new agent: a changed key can also mean someone is impersonating them.",
+    ),
+]

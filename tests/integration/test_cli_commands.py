@@ -1,0 +1,144 @@
+"""The scriptable subcommands: output, --json shapes and exit codes (0 ok, 1 usage,
+2 refused with the reason, 3 agent unreachable)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.support.agent import InProcessAgent, wait_until
+from tests.support.cli import run_cli
+from tests.support.postgres import free_port
+
+PW = "script password 1\n"
+
+
+def test_a_scripted_session_from_register_to_history(
+    make_agent: Callable[[str], InProcessAgent], tmp_path: Path
+) -> None:
+    a, b = make_agent("alice").server.control_port, make_agent("bob").server.control_port
+
+    def ok(port: int, *args: str, stdin: str = "") -> str:
+        result = run_cli(port, tmp_path, *args, stdin=stdin)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        return result.stdout
+
+    assert ok(a, "register", "Alice", "--password-stdin", stdin=PW) == "registered alice\n"
+    ok(b, "register", "bob", "--password-stdin", stdin=PW)
+    assert ok(a, "login", "alice", "--password-stdin", stdin=PW).startswith("logged in as alice")
+    ok(b, "login", "bob", "--password-stdin", stdin=PW)
+    assert ok(a, "add-contact", "bob").startswith("added bob (127.0.0.1:")
+    ok(b, "add-contact", "alice")
+
+    contacts = json.loads(ok(a, "contacts", "--json"))
+    assert [c["username"] for c in contacts] == ["bob"]
+    assert set(contacts[0]) == {"username", "address", "pinned_address", "online", "last_seen"}
+    assert contacts[0]["online"] is True
+
+    sent = ok(a, "send", "bob", "hello from a script", "--wait", "10").split()
+    assert len(sent) == 2 and sent[1] == "delivered"
+    ok(b, "send", "alice", "reply")
+    wait_until(lambda: "reply" in ok(a, "history", "bob"))
+
+    history = json.loads(ok(a, "history", "bob", "--json"))
+    assert set(history) == {"peer", "messages", "has_more"}
+    assert history["peer"] == "bob" and history["has_more"] is False
+    bodies = [(m["direction"], m["body"], m["status"]) for m in history["messages"]]
+    assert bodies == [
+        ("outgoing", "hello from a script", "delivered"),
+        ("incoming", "reply", "received"),
+    ]
+    first = history["messages"][0]
+    assert first["id"] == sent[0] and first["sender"] == "alice" and first["recipient"] == "bob"
+    assert first["sent_at"].endswith("Z") and first["delivered_at"].endswith("Z")
+
+    found = json.loads(ok(a, "history", "bob", "--search", "script", "--json"))
+    assert [m["body"] for m in found["messages"]] == ["hello from a script"]
+    paged = json.loads(ok(a, "history", "bob", "--limit", "1", "--json"))
+    assert [m["body"] for m in paged["messages"]] == ["reply"] and paged["has_more"] is True
+
+    status = json.loads(ok(a, "status", "--json"))
+    assert status["logged_in"] is True and status["username"] == "alice"
+    assert status["pending_messages"] == 0 and status["linked_peers"] == ["bob"]
+    assert "alice" in ok(a, "status")
+
+    assert ok(a, "remove-contact", "bob") == "removed bob\n"
+    assert json.loads(ok(a, "contacts", "--json")) == []
+    assert ok(a, "logout") == "logged out\n"
+    assert json.loads(ok(a, "status", "--json"))["logged_in"] is False
+
+
+def test_refusals_exit_2_with_the_reason(
+    make_agent: Callable[[str], InProcessAgent], tmp_path: Path
+) -> None:
+    port = make_agent("carol").server.control_port
+
+    def refused(*args: str, stdin: str = "") -> str:
+        result = run_cli(port, tmp_path, *args, stdin=stdin)
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+        return result.stderr
+
+    assert "not logged in" in refused("send", "bob", "hi")
+    assert "not logged in" in refused("chat", "bob")
+    assert (
+        run_cli(port, tmp_path, "register", "carol", "--password-stdin", stdin=PW).returncode == 0
+    )
+    assert "taken" in refused("register", "carol", "--password-stdin", stdin=PW)
+    assert "too short" in refused("register", "dave", "--password-stdin", stdin="short\n")
+    assert "wrong username or password" in refused(
+        "login", "carol", "--password-stdin", stdin="wrong password\n"
+    )
+    assert run_cli(port, tmp_path, "login", "carol", "--password-stdin", stdin=PW).returncode == 0
+    assert "no such user" in refused("add-contact", "nobody")
+    assert "invalid username" in refused("history", "b@d")
+    assert "no such user" in refused("send", "nobody", "hi")
+    assert "limit" in refused("history", "carol", "--limit", "5000")
+    assert "nothing to trust" in refused("trust", "carol")
+
+
+def test_usage_errors_exit_1(make_agent: Callable[[str], InProcessAgent], tmp_path: Path) -> None:
+    port = make_agent("erin").server.control_port
+    for args in (["send", "bob"], ["frobnicate"], ["history"], ["send", "bob", "x", "--wait", "x"]):
+        result = run_cli(port, tmp_path, *args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert "usage:" in result.stderr
+    result = run_cli(port, tmp_path, "login", "erin")  # no terminal to ask the password on
+    assert result.returncode == 1 and "--password-stdin" in result.stderr
+    result = run_cli(port, tmp_path, "login", "erin", "--password-stdin")  # empty stdin
+    assert result.returncode == 1
+
+
+def test_unreachable_agent_exits_3(tmp_path: Path) -> None:
+    result = run_cli(free_port(), tmp_path, "status")
+    assert result.returncode == 3
+    assert "cannot reach the agent" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_texts_explain_every_command(tmp_path: Path) -> None:
+    result = run_cli(free_port(), tmp_path, "--help")
+    assert result.returncode == 0
+    for word in (
+        "register",
+        "login",
+        "logout",
+        "status",
+        "contacts",
+        "add-contact",
+        "remove-contact",
+        "send",
+        "history",
+        "chat",
+        "serve",
+        "trust",
+        "exit codes",
+        "1. Register",
+        "5. Log out",
+    ):
+        assert word in result.stdout, word
+    send_help = run_cli(free_port(), tmp_path, "send", "--help").stdout
+    assert "--wait" in send_help and "TEXT" in send_help.upper()
+    history_help = run_cli(free_port(), tmp_path, "history", "--help").stdout
+    assert "--json" in history_help and "--search" in history_help
