@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection
 
-from p2pchat_agent import store as store_module
+from p2pchat_agent import schema as schema_module
 from p2pchat_agent.ids import new_message_id
+from p2pchat_agent.schema import Base
 from p2pchat_agent.store import (
-    Base,
     Direction,
     DuplicateMessageError,
     IncomingMessage,
@@ -437,7 +437,7 @@ def test_reopening_keeps_everything_at_schema_version_1(db_path: Path) -> None:
         assert _send(second, "bob", "next").seq > received.seq
     finally:
         second.close()
-    assert _user_version(db_path) == 1 == len(store_module.MIGRATIONS)
+    assert _user_version(db_path) == 1 == len(schema_module.MIGRATIONS)
 
 
 def test_a_db_from_a_newer_agent_is_refused(db_path: Path) -> None:
@@ -458,7 +458,7 @@ def test_missing_migrations_are_applied_on_open(
     def add_drafts(conn: Connection) -> None:
         conn.exec_driver_sql("CREATE TABLE drafts (peer TEXT PRIMARY KEY, body TEXT)")
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, add_drafts])
+    monkeypatch.setattr(schema_module, "MIGRATIONS", [*schema_module.MIGRATIONS, add_drafts])
     MessageStore.open(db_path).close()
 
     assert _user_version(db_path) == 2
@@ -477,7 +477,7 @@ def test_a_failing_migration_leaves_the_schema_and_version_unchanged(
         conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN edited_at DATETIME")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, half_done])
+    monkeypatch.setattr(schema_module, "MIGRATIONS", [*schema_module.MIGRATIONS, half_done])
     with pytest.raises(RuntimeError, match="boom"):
         MessageStore.open(db_path)
 

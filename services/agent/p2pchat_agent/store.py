@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import (
     URL,
-    Connection,
-    DateTime,
     Engine,
-    Integer,
-    String,
-    Text,
     create_engine,
     event,
     func,
@@ -36,16 +30,21 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import Session, sessionmaker
 
 from p2pchat_agent.ids import valid_message_id
+from p2pchat_agent.schema import (
+    IMMEDIATE,
+    MessageRow,
+    PeerKeyRow,
+    migrate,
+    on_begin,
+    on_connect,
+)
 from p2pchat_common.errors import AlreadyExists, NotFound
 
 log = logging.getLogger(__name__)
 
-_IMMEDIATE = "p2pchat_begin_immediate"  # execution option read by the "begin" listener
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's bound-parameter limit
 
 
@@ -76,91 +75,6 @@ class UnknownMessageError(_Missing):
 class UnknownPeerKeyError(_Missing):
     """No key is pinned for this peer."""
 
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Stores naive UTC, returns aware UTC (SQLite has no time zones)."""
-
-    impl = DateTime
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
-
-
-class Base(DeclarativeBase):
-    """The tables are created by MIGRATIONS, never by `create_all`; these models must match them."""
-
-
-class MessageRow(Base):
-    __tablename__ = "messages"
-
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(64), unique=True)
-    peer: Mapped[str] = mapped_column(String(32))
-    direction: Mapped[str] = mapped_column(String(3))
-    sender: Mapped[str] = mapped_column(String(32))
-    recipient: Mapped[str] = mapped_column(String(32))
-    body: Mapped[str] = mapped_column(Text)
-    sent_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    received_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    status: Mapped[str] = mapped_column(String(9))
-
-
-class PeerKeyRow(Base):
-    __tablename__ = "peer_keys"
-
-    peer: Mapped[str] = mapped_column(String(32), primary_key=True)
-    sha256: Mapped[str] = mapped_column(String(64))  # pinned SPKI hash, hex
-    pinned_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    presented_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-
-
-_SCHEMA_V1 = [
-    """CREATE TABLE messages (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT, id VARCHAR(64) NOT NULL UNIQUE,
-        peer VARCHAR(32) NOT NULL, direction VARCHAR(3) NOT NULL CHECK (direction IN ('out', 'in')),
-        sender VARCHAR(32) NOT NULL, recipient VARCHAR(32) NOT NULL, body TEXT NOT NULL,
-        sent_at DATETIME NOT NULL, received_at DATETIME, delivered_at DATETIME,
-        status VARCHAR(9) NOT NULL CHECK (status IN ('pending', 'delivered', 'received')))""",
-    "CREATE INDEX ix_messages_peer_seq ON messages (peer, seq)",
-    # Only the outbox: small, and it serves pending_for, peers_with_pending and count_pending.
-    "CREATE INDEX ix_messages_pending ON messages (peer, seq) WHERE status = 'pending'",
-    """CREATE VIRTUAL TABLE messages_fts USING fts5(
-        body, content='messages', content_rowid='seq', tokenize='unicode61 remove_diacritics 2')""",
-    """CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN
-        INSERT INTO messages_fts(rowid, body) VALUES (new.seq, new.body);
-    END""",
-    """CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN
-        INSERT INTO messages_fts(messages_fts, rowid, body) VALUES ('delete', old.seq, old.body);
-    END""",
-    # OF body: marking a message delivered leaves the index alone.
-    """CREATE TRIGGER messages_fts_au AFTER UPDATE OF body ON messages BEGIN
-        INSERT INTO messages_fts(messages_fts, rowid, body) VALUES ('delete', old.seq, old.body);
-        INSERT INTO messages_fts(rowid, body) VALUES (new.seq, new.body);
-    END""",
-    """CREATE TABLE peer_keys (
-        peer VARCHAR(32) NOT NULL PRIMARY KEY, sha256 VARCHAR(64) NOT NULL,
-        pinned_at DATETIME NOT NULL, presented_sha256 VARCHAR(64), changed_at DATETIME)""",
-]
-
-
-def _migrate_to_v1(conn: Connection) -> None:
-    for statement in _SCHEMA_V1:
-        conn.exec_driver_sql(statement)
-
-
-# MIGRATIONS[i] moves the schema from version i to i + 1 (PRAGMA user_version). Never edit one
-# that has shipped: append a new one (and update the models above).
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_v1]
 
 _NO_SEQ_LIMIT = 2**63 - 1
 # Driven by the full-text index (CROSS JOIN fixes the order in SQLite): FTS5 yields the hits newest
@@ -234,10 +148,10 @@ class MessageStore:
         os.chmod(path, 0o600)  # SQLite gives its -wal and -shm files the same mode
         url = URL.create("sqlite", database=str(path))  # no URL parsing of the path
         engine = create_engine(url, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _on_connect)
-        event.listen(engine, "begin", _on_begin)
+        event.listen(engine, "connect", on_connect)
+        event.listen(engine, "begin", on_begin)
         try:
-            version = _migrate(engine)
+            version = migrate(engine)
         except BaseException:
             engine.dispose()
             raise
@@ -255,7 +169,7 @@ class MessageStore:
     @contextmanager
     def _write(self) -> Iterator[Session]:
         with self._sessions() as s, s.begin():
-            s.connection(execution_options={_IMMEDIATE: True})
+            s.connection(execution_options={IMMEDIATE: True})
             yield s
 
     # -- messages ---------------------------------------------------------------------------
@@ -408,40 +322,6 @@ class MessageStore:
             if row.presented_sha256 != presented_sha256:
                 row.presented_sha256, row.changed_at = presented_sha256, at
             return _pin_from_row(row)
-
-
-def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # pysqlite's own transaction handling skips BEGIN before DDL; SQLAlchemy emits it (_on_begin).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
-
-
-def _on_begin(conn: Connection) -> None:
-    immediate = conn.get_execution_options().get(_IMMEDIATE, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def _migrate(engine: Engine) -> int:
-    """Applies the missing migrations, one transaction each; returns the schema version."""
-    while True:
-        with engine.connect() as conn:
-            conn.execution_options(**{_IMMEDIATE: True})
-            with conn.begin():
-                version: int = conn.exec_driver_sql("PRAGMA user_version").scalar_one()
-                if version > len(MIGRATIONS):
-                    raise RuntimeError(
-                        f"{engine.url.database}: schema version {version} is newer than this "
-                        f"agent knows ({len(MIGRATIONS)}); upgrade the agent"
-                    )
-                if version == len(MIGRATIONS):
-                    return version
-                log.info("migrating %s to schema version %d", engine.url.database, version + 1)
-                MIGRATIONS[version](conn)
-                conn.exec_driver_sql(f"PRAGMA user_version = {version + 1:d}")
 
 
 def _aware(value: datetime, name: str) -> datetime:

@@ -1,0 +1,138 @@
+"""The schema of `<username>.db`: typed models, the SQL of each schema version, the migrations
+(PRAGMA user_version), and the connection setup (WAL, BEGIN IMMEDIATE for writers)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, DateTime, Engine, Integer, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+log = logging.getLogger(__name__)
+
+IMMEDIATE = "p2pchat_begin_immediate"  # execution option read by the "begin" listener
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC, returns aware UTC (SQLite has no time zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    """The tables are created by MIGRATIONS, never by `create_all`; these models must match them."""
+
+
+class MessageRow(Base):
+    __tablename__ = "messages"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    peer: Mapped[str] = mapped_column(String(32))
+    direction: Mapped[str] = mapped_column(String(3))
+    sender: Mapped[str] = mapped_column(String(32))
+    recipient: Mapped[str] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    received_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    status: Mapped[str] = mapped_column(String(9))
+
+
+class PeerKeyRow(Base):
+    __tablename__ = "peer_keys"
+
+    peer: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))  # pinned SPKI hash, hex
+    pinned_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    presented_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+_SCHEMA_V1 = [
+    """CREATE TABLE messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, id VARCHAR(64) NOT NULL UNIQUE,
+        peer VARCHAR(32) NOT NULL, direction VARCHAR(3) NOT NULL CHECK (direction IN ('out', 'in')),
+        sender VARCHAR(32) NOT NULL, recipient VARCHAR(32) NOT NULL, body TEXT NOT NULL,
+        sent_at DATETIME NOT NULL, received_at DATETIME, delivered_at DATETIME,
+        status VARCHAR(9) NOT NULL CHECK (status IN ('pending', 'delivered', 'received')))""",
+    "CREATE INDEX ix_messages_peer_seq ON messages (peer, seq)",
+    # Only the outbox: small, and it serves pending_for, peers_with_pending and count_pending.
+    "CREATE INDEX ix_messages_pending ON messages (peer, seq) WHERE status = 'pending'",
+    """CREATE VIRTUAL TABLE messages_fts USING fts5(
+        body, content='messages', content_rowid='seq', tokenize='unicode61 remove_diacritics 2')""",
+    """CREATE TRIGGER messages_fts_ai AFTER INSERT ON messages BEGIN
+        INSERT INTO messages_fts(rowid, body) VALUES (new.seq, new.body);
+    END""",
+    """CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages BEGIN
+        INSERT INTO messages_fts(messages_fts, rowid, body) VALUES ('delete', old.seq, old.body);
+    END""",
+    # OF body: marking a message delivered leaves the index alone.
+    """CREATE TRIGGER messages_fts_au AFTER UPDATE OF body ON messages BEGIN
+        INSERT INTO messages_fts(messages_fts, rowid, body) VALUES ('delete', old.seq, old.body);
+        INSERT INTO messages_fts(rowid, body) VALUES (new.seq, new.body);
+    END""",
+    """CREATE TABLE peer_keys (
+        peer VARCHAR(32) NOT NULL PRIMARY KEY, sha256 VARCHAR(64) NOT NULL,
+        pinned_at DATETIME NOT NULL, presented_sha256 VARCHAR(64), changed_at DATETIME)""",
+]
+
+
+def _migrate_to_v1(conn: Connection) -> None:
+    for statement in _SCHEMA_V1:
+        conn.exec_driver_sql(statement)
+
+
+# MIGRATIONS[i] moves the schema from version i to i + 1 (PRAGMA user_version). Never edit one
+# that has shipped: append a new one (and update the models above).
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_v1]
+
+
+def on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling skips BEGIN before DDL; SQLAlchemy emits it (_on_begin).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def on_begin(conn: Connection) -> None:
+    immediate = conn.get_execution_options().get(IMMEDIATE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def migrate(engine: Engine) -> int:
+    """Applies the missing migrations, one transaction each; returns the schema version."""
+    while True:
+        with engine.connect() as conn:
+            conn.execution_options(**{IMMEDIATE: True})
+            with conn.begin():
+                version: int = conn.exec_driver_sql("PRAGMA user_version").scalar_one()
+                if version > len(MIGRATIONS):
+                    raise RuntimeError(
+                        f"{engine.url.database}: schema version {version} is newer than this "
+                        f"agent knows ({len(MIGRATIONS)}); upgrade the agent"
+                    )
+                if version == len(MIGRATIONS):
+                    return version
+                log.info("migrating %s to schema version %d", engine.url.database, version + 1)
+                MIGRATIONS[version](conn)
+                conn.exec_driver_sql(f"PRAGMA user_version = {version + 1:d}")
