@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from p2pchat_agent.config import load_settings
 from p2pchat_agent.server import serve
+from p2pchat_common.errors import StartupError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         asyncio.run(serve(settings))
-    except OSError as exc:
+    except (StartupError, OSError) as exc:
         logging.getLogger("p2pchat_agent").error("%s", exc)
         return 1
     return 0

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2pchat_common.flags import (
-    LOG_LEVELS,
     address,
     env,
     env_flag,
-    log_level,
     positive_float,
     positive_int,
 )

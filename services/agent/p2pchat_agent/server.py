@@ -11,8 +11,8 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Any
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -30,6 +30,7 @@ from p2pchat_agent.control import AgentServicer
 from p2pchat_agent.identity import Identity
 from p2pchat_agent.peer import CHANNEL_OPTIONS, PeerServicer
 from p2pchat_common.errors import ErrorMappingInterceptor
+from p2pchat_common.serving import bind
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +125,13 @@ async def create_agent(settings: Settings) -> AgentServer:
         PeerServicer(lambda: agent.active.links if agent.active else None), peer
     )
     peer_health = await _health_and_reflection(peer, PEER_SERVICE)
-    peer_port = peer.add_secure_port(settings.peer_listen, _PeerCredentials(agent).credentials())
-    if peer_port == 0:
-        raise OSError(f"cannot listen on {settings.peer_listen} (peer port)")
+    peer_port = bind(peer, settings.peer_listen, _PeerCredentials(agent).credentials(), "peer port")
     agent.peer_port = peer_port
 
     control = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent), control)
     control_health = await _health_and_reflection(control, AGENT_SERVICE)
-    control_port = control.add_insecure_port(settings.control_listen)
-    if control_port == 0:
-        raise OSError(f"cannot listen on {settings.control_listen} (control port)")
+    control_port = bind(control, settings.control_listen, None, "control port")
 
     await agent.resume()
     await peer.start()

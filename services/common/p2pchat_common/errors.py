@@ -17,6 +17,10 @@ from google.protobuf.message import DecodeError
 log = logging.getLogger(__name__)
 
 
+class StartupError(Exception):
+    """A service cannot start (port taken, database unreachable...): one line for the operator."""
+
+
 class DomainError(Exception):
     """Base of every error a client may see; the message is shown to the client as it is."""
 

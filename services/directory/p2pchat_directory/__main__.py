@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from p2pchat_common.errors import StartupError
 from p2pchat_directory.config import load_settings
 from p2pchat_directory.server import serve
 
@@ -20,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         asyncio.run(serve(settings))
-    except OSError as exc:
+    except (StartupError, OSError) as exc:
         logging.getLogger("p2pchat_directory").error("%s", exc)
         return 1
     return 0

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
+from p2pchat_common.errors import StartupError
 from p2pchat_directory.models import ContactsBase, UsersBase
 
 log = logging.getLogger(__name__)
@@ -55,10 +57,21 @@ class Databases:
 
     @classmethod
     def open(cls, users_url: str, contacts_url: str) -> Databases:
+        """Connects and creates missing tables; StartupError when a database cannot be used."""
         users_engine = make_engine(users_url)
         contacts_engine = make_engine(contacts_url)
-        create_schema(users_engine, UsersBase)
-        create_schema(contacts_engine, ContactsBase)
+        for engine, base, what in (
+            (users_engine, UsersBase, "users"),
+            (contacts_engine, ContactsBase, "contacts"),
+        ):
+            try:
+                create_schema(engine, base)
+            except SQLAlchemyError as exc:
+                users_engine.dispose()
+                contacts_engine.dispose()
+                where = engine.url.render_as_string(hide_password=True)
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+                raise StartupError(f"cannot use the {what} database {where}: {reason}") from exc
         log.info(
             "databases ready: users=%s contacts=%s",
             users_engine.url.render_as_string(hide_password=True),

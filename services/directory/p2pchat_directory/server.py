@@ -18,7 +18,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from p2pchat.v1 import directory_pb2, directory_pb2_grpc
-from p2pchat_common.errors import ErrorMappingInterceptor
+from p2pchat_common.errors import ErrorMappingInterceptor, StartupError
+from p2pchat_common.serving import bind
 from p2pchat_directory.ca import CertificateAuthority
 from p2pchat_directory.config import Settings
 from p2pchat_directory.db import Databases
@@ -91,13 +92,16 @@ async def create_server(settings: Settings) -> DirectoryServer:
             "Use only for debugging.",
             settings.listen,
         )
-        port = server.add_insecure_port(settings.listen)
-    else:
-        port = server.add_secure_port(settings.listen, _server_credentials(settings, ca))
-    if port == 0:
+    try:
+        port = bind(
+            server,
+            settings.listen,
+            None if settings.insecure else _server_credentials(settings, ca),
+        )
+    except StartupError:
         executor.shutdown()
         databases.dispose()
-        raise OSError(f"cannot listen on {settings.listen}")
+        raise
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
