@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +18,7 @@ from p2pchat_agent.config import Settings
 from p2pchat_agent.server import AgentServer, create_agent
 from tests.support.directory import PASSWORD
 from tests.support.loop_thread import LoopThread
+from tests.support.process import ServiceProcess
 
 T = TypeVar("T")
 
@@ -109,55 +105,19 @@ class InProcessAgent:
         return client
 
 
-class AgentProcess:
-    """`p2pchat-agent` as a child process; ports are read from its log."""
+class AgentProcess(ServiceProcess):
+    """`p2pchat-agent` as a child process; its ports are read from its log."""
 
-    _READY = re.compile(r"agent serving: control port (\d+), peer port (\d+)")
+    MODULE = "p2pchat_agent"
+    READY = re.compile(r"agent serving: control port (\d+), peer port (\d+)")
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.args = args
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2pchat_agent", *args],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.log: list[str] = []
-        self.control_port, self.peer_port = self._wait_ready()
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
-        self._drain.start()
+    @property
+    def control_port(self) -> int:
+        return self.ports[0]
 
-    def _wait_ready(self) -> tuple[int, int]:
-        assert self.proc.stderr is not None
-        timer = threading.Timer(30, self.proc.kill)
-        timer.start()
-        try:
-            for line in self.proc.stderr:
-                self.log.append(line)
-                found = self._READY.search(line)
-                if found:
-                    return int(found.group(1)), int(found.group(2))
-        finally:
-            timer.cancel()
-        raise RuntimeError("agent exited before serving:\n" + "".join(self.log))
-
-    def _read_rest(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def terminate(self, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._drain.join(5)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+    @property
+    def peer_port(self) -> int:
+        return self.ports[1]
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 20, interval: float = 0.05) -> T:

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +14,7 @@ from p2pchat.v1 import directory_pb2_grpc
 from p2pchat_directory.config import Settings
 from p2pchat_directory.server import DirectoryServer, create_server
 from tests.support.loop_thread import LoopThread
+from tests.support.process import ServiceProcess
 
 PASSWORD = "correct horse battery"
 
@@ -71,54 +67,18 @@ class InProcessDirectory:
         return directory_pb2_grpc.DirectoryServiceStub(self.channel())
 
 
-class DirectoryProcess:
-    """`p2pchat-directory` as a child process; its port is read from its log."""
+class DirectoryProcess(ServiceProcess):
+    """`p2pchat-directory` as a child process on a free loopback port read from its log."""
 
-    _PORT = re.compile(r"directory serving on port (\d+)")
+    MODULE = "p2pchat_directory"
+    READY = re.compile(r"directory serving on port (\d+)")
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2pchat_directory", "--listen", "127.0.0.1:0", *args],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.log: list[str] = []
-        self.port = self._wait_for_port()
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
-        self._drain.start()
+        super().__init__(["--listen", "127.0.0.1:0", *args], env)
 
-    def _wait_for_port(self) -> int:
-        assert self.proc.stderr is not None
-        timer = threading.Timer(30, self.proc.kill)
-        timer.start()
-        try:
-            for line in self.proc.stderr:
-                self.log.append(line)
-                found = self._PORT.search(line)
-                if found:
-                    return int(found.group(1))
-        finally:
-            timer.cancel()
-        raise RuntimeError("directory exited before serving:\n" + "".join(self.log))
-
-    def _read_rest(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def terminate(self, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._drain.join(5)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+    @property
+    def port(self) -> int:
+        return self.ports[0]
 
 
 def expect_error(code: grpc.StatusCode, call: Callable[..., Any], *args: Any, **kw: Any) -> str:

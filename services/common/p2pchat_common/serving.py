@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
 import grpc
 
 from p2pchat_common.errors import StartupError
@@ -24,3 +30,19 @@ def bind(
     if port == 0:
         raise StartupError(f"cannot listen on {address} ({what})")
     return port
+
+
+def run_service(name: str, log_level: str, main: Coroutine[Any, Any, None]) -> int:
+    """Configures logging once and runs a service's main coroutine; a startup failure becomes
+    one error line and exit code 1."""
+    logging.basicConfig(
+        level=log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(main)
+    except (StartupError, OSError) as exc:
+        logging.getLogger(name).error("%s", exc)
+        return 1
+    return 0

@@ -1,0 +1,62 @@
+"""A p2pchat service as a child process: started with `python -m MODULE ARGS`, ready once its
+log prints a line matching READY (whose numbers are the ports it bound), stopped by signal."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+
+class ServiceProcess:
+    MODULE = ""
+    READY: re.Pattern[str] = re.compile("")
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.MODULE, *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.log: list[str] = []
+        self.ports = self._wait_ready()
+        self._drain = threading.Thread(target=self._read_rest, daemon=True)
+        self._drain.start()
+
+    def _wait_ready(self, timeout: float = 30) -> tuple[int, ...]:
+        assert self.proc.stderr is not None
+        timer = threading.Timer(timeout, self.proc.kill)
+        timer.start()
+        try:
+            for line in self.proc.stderr:
+                self.log.append(line)
+                found = self.READY.search(line)
+                if found:
+                    return tuple(int(group) for group in found.groups())
+        finally:
+            timer.cancel()
+        raise RuntimeError(f"{self.MODULE} exited before serving:\n" + "".join(self.log))
+
+    def _read_rest(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def terminate(self, timeout: float = 15) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._drain.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
