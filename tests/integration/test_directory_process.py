@@ -56,15 +56,34 @@ def _no_inherited_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 def directory_process(
     args: list[str], env: dict[str, str] | None = None
 ) -> Iterator[DirectoryProcess]:
-    """A started `p2pchat-directory` child that is always killed and reaped at the end."""
+    """A started, serving `p2pchat-directory` child that is always killed and reaped at the end."""
     proc = DirectoryProcess(args, env)
     try:
+        wait_serving(proc, args, env or {})
         yield proc
     finally:
         proc.kill()
         if proc.proc.stderr is not None:
             proc._drain.join(5)
             proc.proc.stderr.close()
+
+
+def wait_serving(proc: DirectoryProcess, args: list[str], env: dict[str, str]) -> None:
+    """Returns once the child answers a health check; a barrier for signals.
+
+    The port line is NOT one: the directory logs it a few statements before it installs its
+    SIGTERM handler, so a SIGTERM sent on seeing the line can still kill it outright (-15; seen
+    under load). The handler is installed before the event loop next runs, so an RPC answered
+    after the line was logged proves it is in place.
+    """
+    if "--insecure" in args:
+        channel = grpc.insecure_channel(f"127.0.0.1:{proc.port}")
+    else:
+        data_dir = args[args.index("--data-dir") + 1] if "--data-dir" in args else None
+        ca_pem = (Path(data_dir or env["P2PCHAT_DATA_DIR"]) / "ca.pem").read_bytes()
+        channel = channel_to(proc.port, ca_pem)
+    with channel:
+        assert health_status(channel, "") == health_pb2.HealthCheckResponse.SERVING
 
 
 def run_directory(

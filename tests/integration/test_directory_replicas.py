@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from p2pchat.v1 import directory_pb2 as pb
 from p2pchat.v1 import directory_pb2_grpc
@@ -63,8 +64,15 @@ def replicas(url: str, data_dir: Path, count: int = 2, *extra: str) -> Iterator[
         if failures:
             raise failures[0]
         ca = (data_dir / "ca.pem").read_bytes()
-        with ExitStack() as channels:
-            yield [Stub(channels.enter_context(channel_to(p.port, ca))) for p in started]
+        with ExitStack() as stack:
+            channels = [stack.enter_context(channel_to(p.port, ca)) for p in started]
+            # A health check answered is the barrier after which SIGTERM is handled gracefully
+            # (the port line comes a few statements before the handler is installed).
+            for channel in channels:
+                health = health_pb2_grpc.HealthStub(channel)
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            yield [Stub(channel) for channel in channels]
         for proc in started:
             assert proc.terminate() == 0, "".join(proc.log)
     finally:

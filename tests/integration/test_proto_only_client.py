@@ -166,7 +166,7 @@ def test_client_generated_only_from_the_proto_files_uses_the_directory(tmp_path:
             text=True,
             timeout=TIMEOUT,
         )
-        assert directory.terminate() == 0
+        exit_code = directory.terminate()
     finally:
         directory.kill()
         if directory.proc.stderr is not None:
@@ -194,3 +194,4 @@ def test_client_generated_only_from_the_proto_files_uses_the_directory(tmp_path:
     assert report["after_logout"] == "UNAUTHENTICATED"
     assert report["p2pchat_modules_outside"] == []
     assert report["our_modules"] == []
+    assert exit_code == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,7 +29,7 @@ from p2pchat_agent.control import AgentServicer
 from p2pchat_agent.identity import Identity
 from p2pchat_agent.peer import CHANNEL_OPTIONS, PeerServicer
 from p2pchat_common.errors import ErrorMappingInterceptor
-from p2pchat_common.serving import bind
+from p2pchat_common.serving import bind, serve_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +148,5 @@ async def create_agent(settings: Settings) -> AgentServer:
 
 
 async def serve(settings: Settings) -> None:
-    running = await create_agent(settings)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    log.info("shutting down (grace %.1f s)", settings.grace_period)
-    await running.stop(settings.grace_period)
+    await serve_until_signal(__name__, lambda: create_agent(settings), settings.grace_period)
     log.info("agent stopped")

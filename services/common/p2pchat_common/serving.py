@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 import grpc
 
@@ -46,3 +47,26 @@ def run_service(name: str, log_level: str, main: Coroutine[Any, Any, None]) -> i
         logging.getLogger(name).error("%s", exc)
         return 1
     return 0
+
+
+class Stoppable(Protocol):
+    async def stop(self, grace: float | None) -> None: ...
+
+
+async def serve_until_signal(
+    name: str, start: Callable[[], Awaitable[Stoppable]], grace: float
+) -> None:
+    """Starts a service and runs it until SIGTERM/SIGINT, then stops it within `grace` seconds.
+
+    The handlers are installed before starting, so a signal that arrives while the service
+    starts (or right after it says it is serving) still stops it gracefully.
+    """
+    log = logging.getLogger(name)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    running = await start()
+    await stopping.wait()
+    log.info("shutting down (grace %.1f s)", grace)
+    await running.stop(grace)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from p2pchat.v1 import directory_pb2, directory_pb2_grpc
 from p2pchat_common.errors import ErrorMappingInterceptor, StartupError
-from p2pchat_common.serving import bind
+from p2pchat_common.serving import bind, serve_until_signal
 from p2pchat_directory.ca import CertificateAuthority
 from p2pchat_directory.config import Settings
 from p2pchat_directory.db import Databases
@@ -110,12 +109,5 @@ async def create_server(settings: Settings) -> DirectoryServer:
 
 
 async def serve(settings: Settings) -> None:
-    running = await create_server(settings)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    log.info("shutting down (grace %.1f s)", settings.grace_period)
-    await running.stop(settings.grace_period)
+    await serve_until_signal(__name__, lambda: create_server(settings), settings.grace_period)
     log.info("directory stopped")
