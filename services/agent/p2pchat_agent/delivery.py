@@ -59,6 +59,7 @@ class Delivery:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._send_pending(link))
                 tasks.create_task(self._commit_received(link))
+                tasks.create_task(self._until_closed(link))
                 await self._read(link, incoming)
                 raise _StreamEnded()
         except BaseExceptionGroup as group:
@@ -67,6 +68,12 @@ class Delivery:
                 raise errors[0] from None
         finally:
             link.close()
+
+    async def _until_closed(self, link: PeerLink) -> None:
+        """Ends the run when this side closes the link (shutdown, logout, a replaced link),
+        even while the other side keeps its request stream open."""
+        await link.wait_closed()
+        raise _StreamEnded()
 
     # -- reading ----------------------------------------------------------------------------
 

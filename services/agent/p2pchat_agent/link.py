@@ -28,6 +28,7 @@ class PeerLink:
         self._window = asyncio.Condition()
         self.in_flight = 0
         self.closed = False
+        self._closed = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"PeerLink({self.me}<->{self.peer}, dialed by {self.dialed_by})"
@@ -50,10 +51,15 @@ class PeerLink:
         if self.closed:
             return
         self.closed = True
+        self._closed.set()
         # Wake the writer even when the queue is full: drop what is queued, it will be resent.
         while not self._outgoing.empty():
             self._outgoing.get_nowait()
         self._outgoing.put_nowait(None)
+
+    async def wait_closed(self) -> None:
+        """Returns once the link was closed (from either end)."""
+        await self._closed.wait()
 
     async def reserve(self, count: int) -> None:
         """Waits until `count` more messages fit in the unacknowledged window."""
