@@ -1,0 +1,99 @@
+"""Many lightweight peers in one process, each holding one open `PeerService.Link` to an agent.
+
+Every peer has its own P-256 key (made by `p2pchat_agent.identity`) and a real client certificate
+for its own username, signed by the directory's certificate authority (the CA key in the
+directory's data dir, the same one that signs certificates at Login). Signing locally instead of
+registering and logging in through the directory saves two scrypt hashes (about 0.2 s of CPU
+each) per peer, which for 200 peers would take most of the time budget; the agent under test
+cannot tell the difference: it checks the chain, the name and the Hello, and pins the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from p2pchat.v1 import peer_pb2 as pb
+from p2pchat.v1 import peer_pb2_grpc
+from p2pchat_agent.identity import load_or_create_key, make_csr
+from p2pchat_directory.ca import CertificateAuthority
+
+
+@dataclass
+class PeerIdentity:
+    username: str
+    key_pem: bytes
+    cert_pem: bytes
+
+
+def make_identities(
+    directory_data_dir: Path, count: int, prefix: str = "peer"
+) -> list[PeerIdentity]:
+    ca = CertificateAuthority.load_or_create(directory_data_dir)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            name = f"{prefix}{i:03d}"
+            key = load_or_create_key(Path(tmp), name)
+            issued = ca.sign_agent_csr(make_csr(key, name), name, timedelta(days=1))
+            out.append(PeerIdentity(name, key, issued.pem))
+    return out
+
+
+class PeerLinks:
+    """Opens one link per identity to the agent at `address` (whose username is `agent_name`)."""
+
+    def __init__(
+        self, identities: list[PeerIdentity], ca_pem: bytes, address: str, agent_name: str
+    ):
+        self._identities = identities
+        self._ca_pem = ca_pem
+        self._address = address
+        self._agent_name = agent_name
+        self._channels: list[grpc.aio.Channel] = []
+        self._calls: list[Any] = []
+        self._stop = asyncio.Event()
+        self.open = 0
+
+    async def _one(self, ident: PeerIdentity) -> None:
+        creds = grpc.ssl_channel_credentials(self._ca_pem, ident.key_pem, ident.cert_pem)
+        options = [
+            ("grpc.ssl_target_name_override", self._agent_name),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        channel = grpc.aio.secure_channel(self._address, creds, options=options)
+        self._channels.append(channel)
+        stop = self._stop
+
+        async def frames() -> Any:
+            yield pb.Frame(hello=pb.Hello(username=ident.username, protocol_version=1))
+            await stop.wait()
+
+        call = peer_pb2_grpc.PeerServiceStub(channel).Link(frames())
+        self._calls.append(call)
+        first: Any = await asyncio.wait_for(call.read(), 30)
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
+            raise RuntimeError(f"{ident.username}: no Hello from the agent")
+        self.open += 1
+
+    async def open_all(self, concurrency: int = 20) -> None:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def guarded(ident: PeerIdentity) -> None:
+            async with sem:
+                await self._one(ident)
+
+        await asyncio.gather(*(guarded(i) for i in self._identities))
+
+    async def close(self) -> None:
+        self._stop.set()
+        for call in self._calls:
+            call.cancel()
+        for channel in self._channels:
+            await channel.close()
