@@ -30,7 +30,7 @@ from p2pchat_common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from p2pchat_common.validation import normalize_address, normalize_username
+from p2pchat_common.validation import normalize_username
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class Agent:
     # -- session lifecycle ----------------------------------------------------------------------
 
     async def register(self, username: str, password: str, address: str) -> str:
+        """Registers at the directory; an empty address means this agent's own."""
         response = await self.directory.register(username, password, address or self.address)
         return response.username
 
@@ -336,6 +337,3 @@ class Agent:
             )
         except (KeyError, ValueError) as exc:
             raise InvalidArgument(str(exc).strip("'\"")) from None
-
-    def advertised_for_register(self, address: str) -> str:
-        return normalize_address(address) if address else self.address

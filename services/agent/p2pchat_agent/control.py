@@ -74,8 +74,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Register(
         self, request: directory_pb2.RegisterRequest, context: Context
     ) -> directory_pb2.RegisterResponse:
-        address = self._agent.advertised_for_register(request.address)
-        name = await self._agent.register(request.username, request.password, address)
+        name = await self._agent.register(request.username, request.password, request.address)
         return directory_pb2.RegisterResponse(username=name)
 
     async def Login(self, request: pb.AgentLoginRequest, context: Context) -> pb.AgentLoginResponse:
