@@ -22,8 +22,9 @@ from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
 from p2pchat_agent.identity import Identity, StoredSession, load_or_create_key, make_csr
 from p2pchat_agent.ids import new_message_id
+from p2pchat_agent.outbox import Outbox
 from p2pchat_agent.peer import LinkManager
-from p2pchat_agent.store import MessageStore, StoredMessage
+from p2pchat_agent.store import MessageStore, OutgoingMessage, StoredMessage
 from p2pchat_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -46,6 +47,7 @@ class Active:
     identity: Identity
     store: MessageStore
     links: LinkManager
+    outbox: Outbox
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -60,13 +62,22 @@ class Agent:
         self.events = EventHub()
         self.active: Active | None = None
         self.peer_port = 0  # the bound peer port, set by the server
-        self._executor = ThreadPoolExecutor(4, thread_name_prefix="agent-db")
+        self._executor = ThreadPoolExecutor(4, thread_name_prefix="agent-read")
+        # All writes to <username>.db go through one thread: SQLite has one writer anyway, and
+        # queueing here is cheaper than its busy-wait between competing connections.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-write")
         self._lock = asyncio.Lock()
         self._contacts: set[str] = set()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs blocking work (reads, files) in a thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def writing(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs a database write in the single writer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, functools.partial(fn, *args))
 
     @property
     def address(self) -> str:
@@ -145,8 +156,10 @@ class Agent:
 
     async def _activate(self, session: StoredSession, identity: Identity) -> None:
         db_path = self.settings.data_dir / f"{session.username}.db"
-        store = await self.blocking(MessageStore.open, db_path)
-        delivery = Delivery(store, self.events, self.settings.body_limit, self.blocking)
+        store = await self.writing(MessageStore.open, db_path)
+        delivery = Delivery(
+            store, self.events, self.settings.body_limit, self.blocking, self.writing
+        )
         links = LinkManager(
             self.identity,
             store,
@@ -154,9 +167,12 @@ class Agent:
             self.directory,
             self.events,
             self.blocking,
+            self.writing,
             self.settings.retry_max,
         )
-        self.active = Active(session, identity, store, links)
+        outbox = Outbox(store, self.writing, self._stored)
+        self.active = Active(session, identity, store, links, outbox)
+        outbox.start()
         self._contacts.clear()
         loop = asyncio.get_running_loop()
         self.active.tasks.append(loop.create_task(self._heartbeats(), name="heartbeats"))
@@ -173,8 +189,9 @@ class Agent:
         for task in active.tasks:
             if task is not current:
                 task.cancel()
+        await active.outbox.close()
         await active.links.close()
-        await self.blocking(active.store.close)
+        await self.writing(active.store.close)
 
     async def logout(self) -> None:
         async with self._lock:
@@ -236,6 +253,7 @@ class Agent:
             await self._deactivate()
         await self.directory.close()
         self._executor.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
 
     # -- contacts -------------------------------------------------------------------------------
 
@@ -275,7 +293,7 @@ class Agent:
         pin = await self.blocking(active.store.get_pin, peer)
         if pin is None or not pin.presented_sha256:
             raise FailedPrecondition(f"no key change recorded for {peer}: nothing to trust")
-        await self.blocking(active.store.pin, peer, pin.presented_sha256, datetime.now(UTC))
+        await self.writing(active.store.pin, peer, pin.presented_sha256, datetime.now(UTC))
         log.warning("user trusted %s's new key %s", peer, pin.presented_sha256[:16])
         active.links.ensure_dialer(peer)
         return pin.presented_sha256
@@ -300,19 +318,11 @@ class Agent:
         self.check_body(body)
         await self.require_contact(peer)
         message_id = new_message_id()
+        outgoing = OutgoingMessage(message_id, active.username, peer, body, datetime.now(UTC))
         with self.events.subscribe(
             lambda e: isinstance(e, DeliveryEvent) and e.message.id == message_id
         ) as delivered:
-            message = await self.blocking(
-                active.store.add_outgoing,
-                message_id,
-                active.username,
-                peer,
-                body,
-                datetime.now(UTC),
-            )
-            self.events.publish(MessageEvent(message))
-            active.links.notify(peer)
+            message = await active.outbox.add(outgoing)
             if wait:
                 try:
                     event = await asyncio.wait_for(delivered.get(), wait)
@@ -321,6 +331,18 @@ class Agent:
                 except TimeoutError:
                     pass
         return message
+
+    def _stored(self, messages: list[StoredMessage]) -> None:
+        """Messages just committed as pending: show them live and hand them to their links."""
+        active = self.active
+        if active is None:
+            return
+        by_peer: dict[str, list[StoredMessage]] = {}
+        for message in messages:
+            self.events.publish(MessageEvent(message))
+            by_peer.setdefault(message.peer, []).append(message)
+        for peer, batch in by_peer.items():
+            active.links.deliver(peer, batch)
 
     async def history(
         self, username: str, limit: int, before_id: str = "", query: str = ""

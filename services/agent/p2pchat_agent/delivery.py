@@ -46,12 +46,14 @@ class Delivery:
         store: MessageStore,
         events: EventHub,
         body_limit: int,
-        blocking: Callable[..., Awaitable[Any]],
+        read: Callable[..., Awaitable[Any]],
+        write: Callable[..., Awaitable[Any]],
     ) -> None:
         self._store = store
         self._events = events
         self._body_limit = body_limit
-        self._blocking = blocking
+        self._read_db = read
+        self._write_db = write
 
     async def run(self, link: PeerLink, incoming: AsyncIterator[pb.Frame]) -> None:
         """Runs the link until the stream ends or fails; raises the error that ended it."""
@@ -119,7 +121,7 @@ class Delivery:
                 )
                 for m in batch
             ]
-            stored: list[StoredMessage] = await self._blocking(
+            stored: list[StoredMessage] = await self._write_db(
                 self._store.store_incoming, incoming, datetime.now(UTC)
             )
             for message in stored:
@@ -128,7 +130,7 @@ class Delivery:
 
     async def _acknowledged(self, link: PeerLink, ids: list[str]) -> None:
         await link.release(len(ids))
-        changed: list[StoredMessage] = await self._blocking(
+        changed: list[StoredMessage] = await self._write_db(
             self._store.mark_delivered, ids, datetime.now(UTC)
         )
         for message in changed:
@@ -137,18 +139,28 @@ class Delivery:
     # -- sending ----------------------------------------------------------------------------
 
     async def _send_pending(self, link: PeerLink) -> None:
+        """Sends the outbox for this peer in order: first what the database holds, then what
+        the outbox hands over in memory as it is committed (read back only after an overflow)."""
         after = 0
+        caught_up = False
         while True:
-            link.wakeup.clear()
-            pending: list[StoredMessage] = await self._blocking(
-                self._store.pending_for, link.peer, after, BATCH
-            )
-            if not pending:
+            if caught_up:
                 await link.wakeup.wait()
-                continue
-            await link.reserve(len(pending))
-            await link.send(pb.Frame(messages=pb.MessageBatch(messages=map(peer_message, pending))))
-            after = pending[-1].seq
+                link.wakeup.clear()
+                fresh = link.take_fresh()
+                if fresh is None:
+                    caught_up = False
+                    continue
+                pending = [m for m in fresh if m.seq > after]
+            else:
+                link.take_fresh()  # what it holds is in the database: read below
+                pending = await self._read_db(self._store.pending_for, link.peer, after, BATCH)
+                caught_up = len(pending) < BATCH
+            if pending:
+                await link.reserve(len(pending))
+                frame = pb.Frame(messages=pb.MessageBatch(messages=map(peer_message, pending)))
+                await link.send(frame)
+                after = pending[-1].seq
 
 
 class _StreamEnded(Exception):

@@ -11,10 +11,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from p2pchat.v1 import peer_pb2 as pb
+from p2pchat_agent.store import StoredMessage
 
 PROTOCOL_VERSION = 1
 RECEIVE_QUEUE_BATCHES = 16  # message batches read from the stream but not yet committed
 SEND_WINDOW = 4096  # messages sent but not yet acknowledged
+FRESH_LIMIT = 4096  # messages handed over in memory before the sender reads the outbox again
 
 
 class PeerLink:
@@ -25,6 +27,8 @@ class PeerLink:
         self._outgoing: asyncio.Queue[pb.Frame | None] = asyncio.Queue(64)
         self.received: asyncio.Queue[list[pb.PeerMessage]] = asyncio.Queue(RECEIVE_QUEUE_BATCHES)
         self.wakeup = asyncio.Event()  # set when new messages for `peer` are pending
+        self._fresh: list[StoredMessage] = []  # just committed, not yet taken by the sender
+        self._fresh_overflow = False
         self._window = asyncio.Condition()
         self.in_flight = 0
         self.closed = False
@@ -32,6 +36,22 @@ class PeerLink:
 
     def __repr__(self) -> str:
         return f"PeerLink({self.me}<->{self.peer}, dialed by {self.dialed_by})"
+
+    def push_fresh(self, messages: list[StoredMessage]) -> None:
+        """Hands over messages just committed as pending for this peer (in seq order)."""
+        if self._fresh_overflow or len(self._fresh) + len(messages) > FRESH_LIMIT:
+            self._fresh.clear()  # the sender is behind: it reads the outbox again instead
+            self._fresh_overflow = True
+        else:
+            self._fresh.extend(messages)
+        self.wakeup.set()
+
+    def take_fresh(self) -> list[StoredMessage] | None:
+        """The messages handed over since the last call, or None when some were dropped (the
+        caller must read the outbox)."""
+        fresh, overflow = self._fresh, self._fresh_overflow
+        self._fresh, self._fresh_overflow = [], False
+        return None if overflow else fresh
 
     def hello(self) -> pb.Frame:
         return pb.Frame(hello=pb.Hello(username=self.me, protocol_version=PROTOCOL_VERSION))

@@ -32,7 +32,7 @@ from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import EventHub, KeyChangedEvent
 from p2pchat_agent.identity import Identity, spki_sha256
 from p2pchat_agent.link import PROTOCOL_VERSION, PeerLink
-from p2pchat_agent.store import MessageStore
+from p2pchat_agent.store import MessageStore, StoredMessage
 from p2pchat_common.errors import (
     AlreadyExists,
     DomainError,
@@ -81,7 +81,8 @@ class LinkManager:
         delivery: Delivery,
         directory: DirectoryClient,
         events: EventHub,
-        blocking: Callable[..., Awaitable[Any]],
+        read: Callable[..., Awaitable[Any]],
+        write: Callable[..., Awaitable[Any]],
         retry_max: float,
     ) -> None:
         self._identity = identity
@@ -89,7 +90,8 @@ class LinkManager:
         self._delivery = delivery
         self._directory = directory
         self._events = events
-        self._blocking = blocking
+        self._read = read
+        self._write = write
         self._retry_max = retry_max
         self.links: dict[str, PeerLink] = {}
         self._dialers: dict[str, asyncio.Task[None]] = {}
@@ -102,11 +104,12 @@ class LinkManager:
 
     # -- what callers use ---------------------------------------------------------------------
 
-    def notify(self, peer: str) -> None:
-        """New messages are pending for `peer`: send them on its link, or start dialling."""
+    def deliver(self, peer: str, messages: list[StoredMessage]) -> None:
+        """`messages` were just committed as pending for `peer`: hand them to its link, or
+        start dialling."""
         link = self.links.get(peer)
         if link is not None:
-            link.wakeup.set()
+            link.push_fresh(messages)
         else:
             self.ensure_dialer(peer)
 
@@ -133,16 +136,16 @@ class LinkManager:
 
     async def check_key(self, peer: str, presented: str) -> None:
         """Pins the key on first contact; refuses a key that differs until the user trusts it."""
-        pin = await self._blocking(self._store.get_pin, peer)
+        pin = await self._read(self._store.get_pin, peer)
         now = datetime.now(UTC)
         if pin is None:
-            await self._blocking(self._store.pin, peer, presented, now)
+            await self._write(self._store.pin, peer, presented, now)
             log.info("pinned %s's key %s on first contact", peer, presented[:16])
             return
         if pin.sha256 == presented:
             return
         if pin.presented_sha256 != presented:
-            await self._blocking(self._store.record_key_change, peer, presented, now)
+            await self._write(self._store.record_key_change, peer, presented, now)
             log.warning(
                 "KEY CHANGE: %s presented key %s but %s is pinned; links refused until the user "
                 "trusts the new key",
@@ -185,7 +188,7 @@ class LinkManager:
             self._detach(link)
             log.info("link closed: %r", link)
             if not self._closing:
-                pending = await self._blocking(self._store.pending_for, link.peer, 0, 1)
+                pending = await self._read(self._store.pending_for, link.peer, 0, 1)
                 if pending:
                     self.ensure_dialer(link.peer)
 
@@ -236,7 +239,7 @@ class LinkManager:
     async def _dial_loop(self, peer: str) -> None:
         delay = 0.5
         while not self._closing and peer not in self.links:
-            if not await self._blocking(self._store.pending_for, peer, 0, 1):
+            if not await self._read(self._store.pending_for, peer, 0, 1):
                 return
             try:
                 await self._dial_once(peer)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     URL,
@@ -24,11 +26,8 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    insert,
     literal_column,
     select,
-    text,
-    update,
 )
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -80,14 +79,31 @@ _NO_SEQ_LIMIT = 2**63 - 1
 # Driven by the full-text index (CROSS JOIN fixes the order in SQLite): FTS5 yields the hits newest
 # first, so the search stops after limit + 1 hits in this conversation. The other way round
 # (walking the conversation, matching each row) costs a full FTS5 query per row.
-_SEARCH = text(
-    "SELECT messages.* FROM messages_fts CROSS JOIN messages ON messages.seq = messages_fts.rowid"
-    " WHERE messages_fts MATCH :match AND messages_fts.rowid < :before AND messages.peer = :peer"
-    " ORDER BY messages_fts.rowid DESC LIMIT :limit"
+_COLUMN_NAMES = (
+    "seq",
+    "id",
+    "peer",
+    "direction",
+    "sender",
+    "recipient",
+    "body",
+    "sent_at",
+    "received_at",
+    "delivered_at",
+    "status",
 )
+_SELECT_COLUMNS = ", ".join(_COLUMN_NAMES)
+_SEARCH = (
+    f"SELECT {', '.join('messages.' + c for c in _COLUMN_NAMES)} FROM messages_fts "
+    "CROSS JOIN messages ON messages.seq = messages_fts.rowid WHERE messages_fts MATCH ? "
+    "AND messages_fts.rowid < ? AND messages.peer = ? ORDER BY messages_fts.rowid DESC LIMIT ?"
+)
+_INSERT_COLUMNS = "id, peer, direction, sender, recipient, body, sent_at, received_at, status"
+_INSERT = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_NEW = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO")
+_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # what SQLAlchemy's DateTime stores on SQLite (naive UTC)
 # Literal, not a bound parameter, so that SQLite can pick the partial index ix_messages_pending.
 _IS_PENDING = MessageRow.status == literal_column("'pending'")
-_COLUMNS = [c.key for c in MessageRow.__table__.columns if c.key != "seq"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,15 @@ class StoredMessage:
     delivered_at: datetime | None
     status: Status
     seq: int = 0  # local order of creation or arrival; 0 until stored
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    id: str
+    sender: str
+    recipient: str
+    body: str
+    sent_at: datetime
 
 
 @dataclass(frozen=True)
@@ -122,11 +147,13 @@ class PeerKey:
     changed_at: datetime | None
 
 
-def fts_query(text: str | None) -> str | None:
+def fts_query(text: str | None, prefix: bool = True) -> str | None:
     """User text as an FTS5 query that cannot be a syntax error: every whitespace-separated term
-    becomes a quoted string matched as a prefix, all terms required. None for no filter."""
+    becomes a quoted string (matched as a prefix with `prefix`), all terms required. None for
+    no filter."""
     terms = (text or "").replace("\x00", " ").split()
-    return " ".join('"' + term.replace('"', '""') + '"*' for term in terms) or None
+    star = "*" if prefix else ""
+    return " ".join('"' + term.replace('"', '""') + '"' + star for term in terms) or None
 
 
 class MessageStore:
@@ -172,20 +199,60 @@ class MessageStore:
             s.connection(execution_options={IMMEDIATE: True})
             yield s
 
+    # The hot paths (sending, receiving, acks, history) talk to sqlite3 directly inside an
+    # SQLAlchemy transaction: building ORM objects cost ten times the query itself.
+    @contextmanager
+    def _cursor(self, write: bool) -> Iterator[sqlite3.Cursor]:
+        with self._engine.connect() as conn:
+            if write:
+                conn = conn.execution_options(**{IMMEDIATE: True})
+            with conn.begin():
+                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    yield cursor
+                finally:
+                    cursor.close()
+
     # -- messages ---------------------------------------------------------------------------
 
     def add_outgoing(
         self, id: str, sender: str, recipient: str, body: str, sent_at: datetime
     ) -> StoredMessage:
         """Stores a message to send as pending; committed when this returns."""
-        _check_id(id)
-        sent_at = _aware(sent_at, "sent_at")
-        fields = (recipient, Direction.OUT, sender, recipient, body, sent_at, None, None)
-        message = StoredMessage(id, *fields, Status.PENDING)
-        with self._write() as s:
-            if s.scalar(select(MessageRow.seq).where(MessageRow.id == id)) is not None:
-                raise DuplicateMessageError(f"message {id} already exists")
-            (stored,) = _insert(s, [message])
+        (stored,) = self.add_outgoing_many([OutgoingMessage(id, sender, recipient, body, sent_at)])
+        return stored
+
+    def add_outgoing_many(self, messages: Sequence[OutgoingMessage]) -> list[StoredMessage]:
+        """Stores messages to send as pending, in order, in one transaction (group commit).
+        A duplicate id raises DuplicateMessageError and stores none of them."""
+        rows = []
+        for m in messages:
+            _check_id(m.id)
+            sent_at = _aware(m.sent_at, "sent_at")
+            rows.append(
+                StoredMessage(
+                    m.id,
+                    m.recipient,
+                    Direction.OUT,
+                    m.sender,
+                    m.recipient,
+                    m.body,
+                    sent_at,
+                    None,
+                    None,
+                    Status.PENDING,
+                )
+            )
+        if not rows:
+            return []
+        stored = []
+        with self._cursor(write=True) as cur:
+            for row in rows:
+                try:
+                    cur.execute(_INSERT, _params(row))
+                except sqlite3.IntegrityError:
+                    raise DuplicateMessageError(f"message {row.id} already exists") from None
+                stored.append(replace(row, seq=_seq(cur)))
         return stored
 
     def store_incoming(
@@ -202,50 +269,49 @@ class MessageStore:
             batch.setdefault(m.id, StoredMessage(m.id, *fields, None, Status.RECEIVED))
         if not batch:
             return []
-        with self._write() as s:
-            known: set[str] = set()
-            for chunk in _chunks(list(batch)):
-                known.update(s.scalars(select(MessageRow.id).where(MessageRow.id.in_(chunk))))
-            fresh = [m for m in batch.values() if m.id not in known]
-            return _insert(s, fresh) if fresh else []
+        stored = []
+        with self._cursor(write=True) as cur:
+            for message in batch.values():
+                cur.execute(_INSERT_NEW, _params(message))
+                if cur.rowcount == 1:
+                    stored.append(replace(message, seq=_seq(cur)))
+        return stored
 
     def mark_delivered(self, ids: Sequence[str], delivered_at: datetime) -> list[StoredMessage]:
         """Marks outgoing pending messages delivered, in one transaction. Returns those that
         changed, in seq order; unknown ids and messages not pending are left alone."""
-        delivered_at = _aware(delivered_at, "delivered_at")
-        changed: list[MessageRow] = []
-        with self._write() as s:
+        when = _text(_aware(delivered_at, "delivered_at"))
+        changed: list[StoredMessage] = []
+        with self._cursor(write=True) as cur:
             for chunk in _chunks(list(dict.fromkeys(ids))):
-                stmt = (
-                    update(MessageRow)
-                    .where(MessageRow.id.in_(chunk), _IS_PENDING)
-                    .where(MessageRow.direction == Direction.OUT.value)
-                    .values(status=Status.DELIVERED.value, delivered_at=delivered_at)
-                    .returning(MessageRow)
-                    .execution_options(synchronize_session=False)
+                marks = ",".join("?" * len(chunk))
+                cur.execute(
+                    f"UPDATE messages SET status = 'delivered', delivered_at = ? WHERE id IN "
+                    f"({marks}) AND status = 'pending' AND direction = 'out' "
+                    f"RETURNING {_SELECT_COLUMNS}",
+                    (when, *chunk),
                 )
-                changed.extend(s.scalars(stmt))
-        return sorted((_from_row(r) for r in changed), key=lambda m: m.seq)
+                changed.extend(map(_from_tuple, cur.fetchall()))
+        return sorted(changed, key=lambda m: m.seq)
 
     def get(self, id: str) -> StoredMessage | None:
-        with self._read() as s:
-            row = s.scalar(select(MessageRow).where(MessageRow.id == id))
-            return None if row is None else _from_row(row)
+        with self._cursor(write=False) as cur:
+            cur.execute(f"SELECT {_SELECT_COLUMNS} FROM messages WHERE id = ?", (id,))
+            row = cur.fetchone()
+            return None if row is None else _from_tuple(row)
 
     # -- the outbox -------------------------------------------------------------------------
 
     def pending_for(self, peer: str, after_seq: int = 0, limit: int = 500) -> list[StoredMessage]:
         """Outgoing messages to `peer` still pending, after `after_seq`, oldest first."""
         _check_limit(limit)
-        stmt = (
-            select(MessageRow)
-            .where(MessageRow.peer == peer, _IS_PENDING, MessageRow.seq > after_seq)
-            .where(MessageRow.direction == Direction.OUT.value)
-            .order_by(MessageRow.seq)
-            .limit(limit)
-        )
-        with self._read() as s:
-            return [_from_row(r) for r in s.scalars(stmt)]
+        with self._cursor(write=False) as cur:
+            cur.execute(
+                f"SELECT {_SELECT_COLUMNS} FROM messages WHERE peer = ? AND status = 'pending' "
+                "AND seq > ? AND direction = 'out' ORDER BY seq LIMIT ?",
+                (peer, after_seq, limit),
+            )
+            return list(map(_from_tuple, cur.fetchall()))
 
     def peers_with_pending(self) -> list[str]:
         stmt = select(MessageRow.peer).where(_IS_PENDING).distinct().order_by(MessageRow.peer)
@@ -266,31 +332,34 @@ class MessageStore:
         query: str | None = None,
     ) -> tuple[list[StoredMessage], bool]:
         """The newest `limit` messages with `peer` (both directions), older than `before_id` if
-        given, matching `query` if given (full text, each term a prefix); oldest first, and
-        whether older ones (matching) exist. Unknown `before_id` → UnknownMessageError."""
+        given, matching `query` if given (full text: whole words first, prefixes when that finds
+        fewer than `limit`); oldest first, and whether older ones (matching) exist.
+        Unknown `before_id` → UnknownMessageError."""
         _check_limit(limit)
-        match = fts_query(query)
-        with self._read() as s:
+        with self._cursor(write=False) as cur:
             before = _NO_SEQ_LIMIT
             if before_id is not None:
-                mine = (MessageRow.id == before_id, MessageRow.peer == peer)
-                found = s.scalar(select(MessageRow.seq).where(*mine))
+                cur.execute("SELECT seq FROM messages WHERE id = ? AND peer = ?", (before_id, peer))
+                found = cur.fetchone()
                 if found is None:
                     raise UnknownMessageError(f"no message {before_id} with {peer}")
-                before = found
-            if match is None:
-                stmt = (
-                    select(MessageRow)
-                    .where(MessageRow.peer == peer, MessageRow.seq < before)
-                    .order_by(MessageRow.seq.desc())
-                    .limit(limit + 1)
+                before = int(found[0])
+            if fts_query(query) is None:
+                cur.execute(
+                    f"SELECT {_SELECT_COLUMNS} FROM messages WHERE peer = ? AND seq < ? "
+                    "ORDER BY seq DESC LIMIT ?",
+                    (peer, before, limit + 1),
                 )
-                rows = list(s.scalars(stmt))
+                rows = cur.fetchall()
             else:
-                params = dict(match=match, before=before, peer=peer, limit=limit + 1)
-                rows = list(s.scalars(select(MessageRow).from_statement(_SEARCH), params))
+                rows = []
+                for prefix in (False, True):  # exact words are far cheaper than prefixes
+                    cur.execute(_SEARCH, (fts_query(query, prefix), before, peer, limit + 1))
+                    rows = cur.fetchall()
+                    if len(rows) > limit:
+                        break
         has_more = len(rows) > limit
-        return [_from_row(r) for r in reversed(rows[:limit])], has_more
+        return [_from_tuple(r) for r in reversed(rows[:limit])], has_more
 
     # -- pinned keys ------------------------------------------------------------------------
 
@@ -345,28 +414,67 @@ def _chunks(items: list[str]) -> Iterator[list[str]]:
         yield items[start : start + _CHUNK]
 
 
-def _insert(s: Session, messages: list[StoredMessage]) -> list[StoredMessage]:
-    """Inserts the messages (seq left to SQLite); returns them with their seq."""
-    rows = [{name: getattr(m, name) for name in _COLUMNS} for m in messages]
-    # RETURNING the id too: asking SQLAlchemy for rows in parameter order would insert one by one.
-    stmt = insert(MessageRow).returning(MessageRow.id, MessageRow.seq)
-    seqs = {id: seq for id, seq in s.execute(stmt, rows)}
-    return [replace(m, seq=seqs[m.id]) for m in messages]
+def _text(value: datetime) -> str:
+    return value.astimezone(UTC).strftime(_TIME_FORMAT)
 
 
-def _from_row(row: MessageRow) -> StoredMessage:
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _params(m: StoredMessage) -> tuple[object, ...]:
+    received = None if m.received_at is None else _text(m.received_at)
+    return (
+        m.id,
+        m.peer,
+        m.direction.value,
+        m.sender,
+        m.recipient,
+        m.body,
+        _text(m.sent_at),
+        received,
+        m.status.value,
+    )
+
+
+def _seq(cursor: sqlite3.Cursor) -> int:
+    seq = cursor.lastrowid
+    assert seq is not None
+    return seq
+
+
+_DIRECTIONS = {d.value: d for d in Direction}
+_STATUSES = {s.value: s for s in Status}
+
+
+def _from_tuple(row: tuple[Any, ...]) -> StoredMessage:
+    (
+        seq,
+        id,
+        peer,
+        direction,
+        sender,
+        recipient,
+        body,
+        sent_at,
+        received_at,
+        delivered_at,
+        status,
+    ) = row
+    sent = _time(sent_at)
+    assert sent is not None
     return StoredMessage(
-        id=row.id,
-        peer=row.peer,
-        direction=Direction(row.direction),
-        sender=row.sender,
-        recipient=row.recipient,
-        body=row.body,
-        sent_at=row.sent_at,
-        received_at=row.received_at,
-        delivered_at=row.delivered_at,
-        status=Status(row.status),
-        seq=row.seq,
+        id=id,
+        peer=peer,
+        direction=_DIRECTIONS[direction],
+        sender=sender,
+        recipient=recipient,
+        body=body,
+        sent_at=sent,
+        received_at=_time(received_at),
+        delivered_at=_time(delivered_at),
+        status=_STATUSES[status],
+        seq=seq,
     )
 
 
