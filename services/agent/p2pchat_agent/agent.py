@@ -310,27 +310,40 @@ class Agent:
                 f"{self.settings.body_limit} bytes"
             )
 
+    def submit(self, peer: str, body: str, message_id: str = "") -> asyncio.Future[StoredMessage]:
+        """Queues a message to a peer already known to be a contact, without waiting: the
+        future resolves once it is committed as pending. Bad input raises at once."""
+        active = self._require_active()
+        if peer == active.username:
+            raise InvalidArgument("you cannot send messages to yourself")
+        self.check_body(body)
+        outgoing = OutgoingMessage(
+            message_id or new_message_id(), active.username, peer, body, datetime.now(UTC)
+        )
+        return active.outbox.submit(outgoing)
+
     async def send(self, username: str, body: str, wait: float | None = None) -> StoredMessage:
+        """Stores a message as pending and hands it to delivery; with `wait`, also waits (that
+        long at most) for the peer's acknowledgement."""
         active = self._require_active()
         peer = normalize_username(username)
         if peer == active.username:
             raise InvalidArgument("you cannot send messages to yourself")
         self.check_body(body)
         await self.require_contact(peer)
+        if not wait:
+            return await asyncio.shield(self.submit(peer, body))
         message_id = new_message_id()
-        outgoing = OutgoingMessage(message_id, active.username, peer, body, datetime.now(UTC))
         with self.events.subscribe(
             lambda e: isinstance(e, DeliveryEvent) and e.message.id == message_id
         ) as delivered:
-            message = await active.outbox.add(outgoing)
-            if wait:
-                try:
-                    event = await asyncio.wait_for(delivered.get(), wait)
-                    assert isinstance(event, DeliveryEvent)
-                    return event.message
-                except TimeoutError:
-                    pass
-        return message
+            message = await asyncio.shield(self.submit(peer, body, message_id))
+            try:
+                event = await asyncio.wait_for(delivered.get(), wait)
+            except TimeoutError:
+                return message
+            assert isinstance(event, DeliveryEvent)
+            return event.message
 
     def _stored(self, messages: list[StoredMessage]) -> None:
         """Messages just committed as pending: show them live and hand them to their links."""

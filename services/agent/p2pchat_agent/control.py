@@ -159,16 +159,24 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         limit = first.open.history_limit or 50
         notices: asyncio.Queue[pb.ChatEvent] = asyncio.Queue()
 
+        def refused(exc: BaseException) -> None:
+            code = exc.code.name if isinstance(exc, DomainError) else "INTERNAL"
+            notices.put_nowait(pb.ChatEvent(notice=pb.Notice(code=code, message=str(exc))))
+
+        def stored(future: asyncio.Future[StoredMessage]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                refused(future.exception())  # type: ignore[arg-type]
+
         async def read_inputs() -> None:
+            # Texts are queued in order without waiting for each commit: a fast typist (or a
+            # script) is limited by group commit, not by one transaction per message.
             async for item in request_iterator:
                 if item.WhichOneof("kind") != "text":
                     continue
                 try:
-                    await agent.send(peer, item.text.body)
+                    agent.submit(peer, item.text.body).add_done_callback(stored)
                 except DomainError as exc:
-                    await notices.put(
-                        pb.ChatEvent(notice=pb.Notice(code=exc.code.name, message=str(exc)))
-                    )
+                    refused(exc)
 
         with agent.events.subscribe(lambda e: event_peer(e) == peer) as sub:
             history, _ = await agent.history(peer, limit)

@@ -35,14 +35,19 @@ class Outbox:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox")
 
-    async def add(self, message: OutgoingMessage) -> StoredMessage:
-        """Stores `message` as pending (committed when this returns) and hands it on."""
+    def submit(self, message: OutgoingMessage) -> asyncio.Future[StoredMessage]:
+        """Queues `message`; the future resolves once it is committed as pending. Messages are
+        stored in the order they were submitted."""
         if self._task is None or self._task.done():
             raise RuntimeError("the outbox is closed")
         future: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
         self._waiting.append((message, future))
         self._wake.set()
-        return await asyncio.shield(future)
+        return future
+
+    async def add(self, message: OutgoingMessage) -> StoredMessage:
+        """Stores `message` as pending (committed when this returns) and hands it on."""
+        return await asyncio.shield(self.submit(message))
 
     async def _run(self) -> None:
         while True:
