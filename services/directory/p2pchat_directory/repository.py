@@ -4,14 +4,48 @@ the caller owns the transaction."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from p2pchat_common.errors import AlreadyExists
 from p2pchat_directory.models import Contact, LoginFailure, User, UserSession
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    address: str
+    last_seen: datetime | None
+    online_until: datetime | None
+    public_key_sha256: str
+    certificate_pem: bytes | None
+
+
+_USER_SUMMARY = select(
+    User.address, User.last_seen, User.online_until, User.public_key_sha256, User.certificate_pem
+)
+
+
+def session_owner(conn: Connection, token_hash: str, now: datetime) -> str | None:
+    """The user of a live session (Core, not ORM: every authenticated call runs this)."""
+    stmt = select(UserSession.username).where(
+        UserSession.token_hash == token_hash, UserSession.expires_at > now
+    )
+    return conn.execute(stmt).scalar_one_or_none()
+
+
+def user_summary(conn: Connection, username: str) -> UserSummary | None:
+    row = conn.execute(_USER_SUMMARY.where(User.username == username)).one_or_none()
+    return None if row is None else UserSummary(*row)
+
+
+def pinned_address(conn: Connection, owner: str, contact: str) -> str | None:
+    """The contact's pinned address ("" when none), or None when not a contact."""
+    stmt = select(Contact.pinned_address).where(Contact.owner == owner, Contact.contact == contact)
+    return conn.execute(stmt).scalar_one_or_none()
 
 
 def add_user(s: Session, user: User) -> None:
@@ -81,10 +115,6 @@ def count_live_sessions(s: Session, username: str, now: datetime) -> int:
         )
         or 0
     )
-
-
-def get_contact(s: Session, owner: str, contact: str) -> Contact | None:
-    return s.get(Contact, (owner, contact))
 
 
 def add_contact(s: Session, row: Contact) -> None:
