@@ -84,6 +84,11 @@ class Databases:
             sessionmaker(contacts_engine, expire_on_commit=False),
         )
 
+    @property
+    def local_only(self) -> bool:
+        """Both databases are SQLite files on this machine (reads never wait on a network)."""
+        return all(e.dialect.name == "sqlite" for e in (self.users_engine, self.contacts_engine))
+
     def dispose(self) -> None:
         self.users_engine.dispose()
         self.contacts_engine.dispose()

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,28 +24,31 @@ class UserSummary:
     certificate_pem: bytes | None
 
 
+# Built once: the hot calls only bind values (building expressions cost more than the query).
+_SESSION_OWNER = select(UserSession.username).where(
+    UserSession.token_hash == bindparam("token_hash"), UserSession.expires_at > bindparam("now")
+)
 _USER_SUMMARY = select(
     User.address, User.last_seen, User.online_until, User.public_key_sha256, User.certificate_pem
+).where(User.username == bindparam("username"))
+_PINNED_ADDRESS = select(Contact.pinned_address).where(
+    Contact.owner == bindparam("owner"), Contact.contact == bindparam("contact")
 )
 
 
 def session_owner(conn: Connection, token_hash: str, now: datetime) -> str | None:
     """The user of a live session (Core, not ORM: every authenticated call runs this)."""
-    stmt = select(UserSession.username).where(
-        UserSession.token_hash == token_hash, UserSession.expires_at > now
-    )
-    return conn.execute(stmt).scalar_one_or_none()
+    return conn.execute(_SESSION_OWNER, {"token_hash": token_hash, "now": now}).scalar_one_or_none()
 
 
 def user_summary(conn: Connection, username: str) -> UserSummary | None:
-    row = conn.execute(_USER_SUMMARY.where(User.username == username)).one_or_none()
+    row = conn.execute(_USER_SUMMARY, {"username": username}).one_or_none()
     return None if row is None else UserSummary(*row)
 
 
 def pinned_address(conn: Connection, owner: str, contact: str) -> str | None:
     """The contact's pinned address ("" when none), or None when not a contact."""
-    stmt = select(Contact.pinned_address).where(Contact.owner == owner, Contact.contact == contact)
-    return conn.execute(stmt).scalar_one_or_none()
+    return conn.execute(_PINNED_ADDRESS, {"owner": owner, "contact": contact}).scalar_one_or_none()
 
 
 def add_user(s: Session, user: User) -> None:

@@ -73,7 +73,7 @@ async def create_server(settings: Settings) -> DirectoryServer:
         ],
     )
     directory_pb2_grpc.add_DirectoryServiceServicer_to_server(
-        DirectoryServicer(service, executor), server
+        DirectoryServicer(service, executor, inline_reads=databases.local_only), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
