@@ -8,8 +8,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/p2pchat/v1/*.proto)
 PYTEST_ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+# Containers: `docker compose` (v2) when present, else Debian's `docker-compose` (v1.29).
+COMPOSE ?= $(shell if docker compose version >/dev/null 2>&1; then echo 'docker compose'; else echo docker-compose; fi)
+OFFLINE ?=
+UP_TIMEOUT ?= 180
 
-.PHONY: help install proto check-proto lint format test test-unit test-integration check clean up down
+.PHONY: help install proto check-proto lint format test test-unit test-integration check clean up down \
+	images logs bench
 
 help: ## Show this help
 	@echo "p2pchat make targets:"
@@ -48,8 +55,24 @@ test-unit: $(STAMP) ## Unit tests only (fast)
 
 check: check-proto lint test ## Everything CI checks: generated code, lint, tests
 
-up: $(STAMP) ## Run the system (directory on localhost:50051, data in ./data)
-	$(BIN)/p2pchat-directory --data-dir ./data/directory
+images: $(if $(filter 1,$(OFFLINE)),$(STAMP)) ## Build the images; OFFLINE=1: local Debian base + host wheels, no registry
+	OFFLINE=$(or $(OFFLINE),auto) FORCE=$(FORCE) scripts/images.sh
+
+up: images ## Start directory + alice, bob, carol in Docker (builds images if needed), wait until healthy
+	COMPOSE="$(COMPOSE)" scripts/compose-up.sh $(UP_TIMEOUT)
+
+down: ## Stop and remove the containers and network (data volumes kept; PURGE=1 removes them)
+	$(COMPOSE) down --remove-orphans $(if $(filter 1,$(PURGE)),--volumes)
+
+logs: ## Follow the containers' logs (SERVICE=alice for one)
+	$(COMPOSE) logs --follow --tail=100 $(SERVICE)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) ## Benchmarks (real processes, about 5 min): table + bench/results/; QUICK=1 smoke run
+	$(BIN)/python -m bench $(if $(filter 1,$(QUICK)),--quick) $(BENCH_ARGS)
 
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Integration tests on real containers (marker `containers`): see conftest.py."""
