@@ -193,4 +193,7 @@ else
     build_image "$service" "$base" "$hash"
   done
 fi
+# Untagged leftovers of earlier builds (replaced service images, build stages) only take space.
+docker image prune --force --filter label=p2pchat.source >/dev/null
+docker image prune --force --filter label=p2pchat.stage=build >/dev/null
 log "images ready in $((SECONDS - t_start)) s: p2pchat-directory:$IMAGE_TAG p2pchat-agent:$IMAGE_TAG"
