@@ -105,7 +105,9 @@ def test_logged_out_agent_refuses_user_calls(make_agent: Callable[[str], InProce
     from tests.support.directory import expect_error
 
     client = make_agent("alice").client()
-    assert not client.status().logged_in
+    fresh = client.status()
+    assert not fresh.logged_in
+    assert fresh.directory_reachable  # probed, even before any call to the directory
     expect_error(
         grpc.StatusCode.FAILED_PRECONDITION,
         client.stub.Send,
@@ -118,3 +120,13 @@ def test_logged_out_agent_refuses_user_calls(make_agent: Callable[[str], InProce
     assert status.logged_in and status.username == "alice" and status.directory_reachable
     client.stub.Logout(dpb.LogoutRequest())
     assert not client.status().logged_in
+
+
+def test_status_says_when_the_directory_is_unreachable(
+    make_agent: Callable[..., InProcessAgent],
+) -> None:
+    from tests.support.postgres import free_port
+
+    client = make_agent("alice", directory=f"localhost:{free_port()}").client()
+    status = client.status()
+    assert not status.logged_in and not status.directory_reachable

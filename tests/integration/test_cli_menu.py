@@ -9,7 +9,7 @@ from pathlib import Path
 import pexpect
 
 from tests.support.agent import InProcessAgent, wait_until
-from tests.support.cli import spawn_menu
+from tests.support.cli import Terminal, spawn_menu
 
 PASSWORD = "menu password 1"
 MAIN = ["1. Register", "2. Log in", "3. Exit"]
@@ -22,13 +22,13 @@ USER = [
 ]
 
 
-def expect_menu(child: pexpect.spawn, items: list[str]) -> None:
+def expect_menu(child: Terminal, items: list[str]) -> None:
     for item in items:
         child.expect_exact(item)
     child.expect_exact("Choose an option:")
 
 
-def register(child: pexpect.spawn, name: str) -> None:
+def register(child: Terminal, name: str) -> None:
     expect_menu(child, MAIN)
     child.sendline("1")
     child.expect_exact("Username:")
@@ -42,7 +42,7 @@ def register(child: pexpect.spawn, name: str) -> None:
     child.expect_exact(f"Registered {name}. You can log in now.")
 
 
-def login(child: pexpect.spawn, name: str) -> None:
+def login(child: Terminal, name: str) -> None:
     expect_menu(child, MAIN)
     child.sendline("2")
     child.expect_exact("Username:")
@@ -52,7 +52,7 @@ def login(child: pexpect.spawn, name: str) -> None:
     child.expect_exact(f"Logged in as {name}")
 
 
-def add_contact(child: pexpect.spawn, name: str) -> None:
+def add_contact(child: Terminal, name: str) -> None:
     expect_menu(child, USER)
     child.sendline("2")
     child.expect_exact("Contact's username:")

@@ -226,13 +226,13 @@ def test_expired_session_is_refused_and_heartbeat_slides_it(
 ) -> None:
     from datetime import timedelta
 
-    directory = make_directory(session_ttl=timedelta(seconds=1.5))
+    directory = make_directory(session_ttl=timedelta(seconds=3))
     stub = directory.stub()
     token = register_and_login(stub, "ivan")
-    for _ in range(3):  # 3 x 0.8 s > 1.5 s: only the heartbeats keep it alive
-        time.sleep(0.8)
+    for _ in range(3):  # 3 x 1.2 s > 3 s: only the heartbeats keep it alive (1.8 s of slack each)
+        time.sleep(1.2)
         stub.Heartbeat(pb.HeartbeatRequest(), metadata=auth(token))
-    time.sleep(1.7)
+    time.sleep(3.3)
     msg = expect_error(
         Code.UNAUTHENTICATED, stub.Heartbeat, pb.HeartbeatRequest(), metadata=auth(token)
     )

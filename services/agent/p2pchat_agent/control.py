@@ -94,9 +94,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
         agent = self._agent
+        reachable = agent.directory.reachable
+        if reachable is None:  # no call made yet: ask now rather than guess
+            reachable = await agent.directory.probe()
         response = pb.StatusResponse(
             directory=agent.directory.address,
-            directory_reachable=agent.directory.reachable,
+            directory_reachable=reachable,
             address=agent.address,
         )
         active = agent.active

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from p2pchat.v1 import directory_pb2 as pb
 from p2pchat.v1 import directory_pb2_grpc
@@ -42,7 +43,7 @@ class DirectoryClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: directory_pb2_grpc.DirectoryServiceAsyncStub | None = None
         self.token = ""
-        self.reachable = False
+        self.reachable: bool | None = None  # None until the first call or probe
 
     def _get_stub(self) -> directory_pb2_grpc.DirectoryServiceAsyncStub:
         if self._stub is None:
@@ -114,6 +115,22 @@ class DirectoryClient:
 
     async def lookup(self, username: str) -> pb.LookupResponse:
         return await self._call(lambda s: s.Lookup, pb.LookupRequest(username=username))
+
+    async def probe(self) -> bool:
+        """Whether the directory answers its health check now (1 s at most)."""
+        request = health_pb2.HealthCheckRequest(service="p2pchat.v1.DirectoryService")
+        try:
+            stub = health_pb2_grpc.HealthStub(self._channel_for_probe())
+            response = await stub.Check(request, timeout=1.0)
+            self.reachable = response.status == health_pb2.HealthCheckResponse.SERVING
+        except (grpc.aio.AioRpcError, FailedPrecondition):
+            self.reachable = False
+        return self.reachable
+
+    def _channel_for_probe(self) -> grpc.aio.Channel:
+        self._get_stub()
+        assert self._channel is not None
+        return self._channel
 
     async def close(self) -> None:
         if self._channel is not None:
