@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+
+import grpc
 
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
@@ -67,6 +69,32 @@ async def _until_ready(printer_task: asyncio.Task[None], ready: asyncio.Event) -
         raise CliError("the chat ended before it began", Exit.REFUSED)
 
 
+async def _read_lines(
+    console: Console, me: str, stream: asyncio.Task[None], handle: Callable[[str], Awaitable[None]]
+) -> None:
+    """Reads what the user types until /quit, Ctrl-D or Ctrl-C (or the stream ends), passing
+    each non-empty line to `handle`; printed events appear above the line being typed."""
+    with console.live():
+        while not stream.done():
+            try:
+                line = await console.ask(f"{me}> ", erase=True)
+            except (EOFError, KeyboardInterrupt):
+                break
+            if line.strip() in ("/quit", "/exit", "/q"):
+                break
+            if line.strip():
+                await handle(line)
+    if stream.done():
+        stream.result()  # the agent ended the stream: say why
+
+
+async def _stop(call: grpc.aio.Call, stream: asyncio.Task[None]) -> None:
+    call.cancel()
+    stream.cancel()
+    with contextlib.suppress(asyncio.CancelledError, CliError):
+        await stream
+
+
 async def _show_history(conn: AgentConnection, console: Console, peer: str, arg: str) -> None:
     query = ""
     limit = 20
@@ -102,32 +130,20 @@ async def chat(conn: AgentConnection, console: Console, peer: str, me: str) -> N
     printer = _Printer(console)
     console.say(f"--- chat with {peer} ({CHAT_HELP}) ---")
     task = asyncio.create_task(printer.run(conn, call))
+
+    async def handle(line: str) -> None:
+        if line.strip().startswith(("/history", "/search")):
+            await _show_history(conn, console, peer, line.strip())
+        else:
+            await outgoing.put(apb.ChatInput(text=apb.ChatText(body=line)))
+
     try:
         await _until_ready(task, printer.history_done)
         console.say("--- end of history; you are live ---")
-        with console.live():
-            while not task.done():
-                try:
-                    line = await console.ask(f"{me}> ", erase=True)
-                except (EOFError, KeyboardInterrupt):
-                    break
-                text = line.strip()
-                if not text:
-                    continue
-                if text in ("/quit", "/exit", "/q"):
-                    break
-                if text.startswith(("/history", "/search")):
-                    await _show_history(conn, console, peer, text)
-                    continue
-                await outgoing.put(apb.ChatInput(text=apb.ChatText(body=line)))
-            if task.done():
-                task.result()
+        await _read_lines(console, me, task, handle)
     finally:
         await outgoing.put(None)
-        call.cancel()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, CliError):
-            await task
+        await _stop(call, task)
     console.say(f"--- left the chat with {peer} ---")
 
 
@@ -139,37 +155,26 @@ async def serve(conn: AgentConnection, console: Console, me: str) -> None:
     call = conn.stub.Serve(apb.ServeRequest())
     printer = _Printer(console)
     task = asyncio.create_task(printer.run(conn, call))
+
+    async def handle(line: str) -> None:
+        text = line.strip()
+        if text.startswith("@"):
+            peer, _, body = text[1:].partition(" ")
+        elif printer.last_sender:
+            peer, body = printer.last_sender, line
+        else:
+            console.error("nobody to reply to yet: use '@user text'")
+            return
+        try:
+            sent = await conn.send(peer, body)
+        except CliError as exc:
+            console.error(str(exc))
+            return
+        printer.bodies[sent.id] = sent.body
+        console.say(f"[→ {peer}] {message_line(sent)}")
+
     try:
-        with console.live():
-            while not task.done():
-                try:
-                    line = await console.ask(f"{me}> ", erase=True)
-                except (EOFError, KeyboardInterrupt):
-                    break
-                text = line.strip()
-                if not text:
-                    continue
-                if text in ("/quit", "/exit", "/q"):
-                    break
-                if text.startswith("@"):
-                    peer, _, body = text[1:].partition(" ")
-                elif printer.last_sender:
-                    peer, body = printer.last_sender, line
-                else:
-                    console.error("nobody to reply to yet: use '@user text'")
-                    continue
-                try:
-                    sent = await conn.send(peer, body)
-                except CliError as exc:
-                    console.error(str(exc))
-                    continue
-                printer.bodies[sent.id] = sent.body
-                console.say(f"[→ {peer}] {message_line(sent)}")
-            if task.done():
-                task.result()
+        await _read_lines(console, me, task, handle)
     finally:
-        call.cancel()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, CliError):
-            await task
+        await _stop(call, task)
     console.say("--- stopped serving ---")
