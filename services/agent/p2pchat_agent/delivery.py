@@ -21,7 +21,7 @@ from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.link import PeerLink
 from p2pchat_agent.store import IncomingMessage, MessageStore, StoredMessage
 from p2pchat_common.errors import InvalidArgument, PermissionDenied
-from p2pchat_common.timestamps import from_timestamp, to_timestamp
+from p2pchat_common.timestamps import from_timestamp, to_timestamp, valid_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class Delivery:
             raise PermissionDenied(f"message is for {m.recipient[:40]!r}, not {link.me!r}")
         if not valid_message_id(m.id):
             raise InvalidArgument("message id must be 1-64 characters of [0-9A-Za-z_-]")
+        if not valid_timestamp(m.sent_at):
+            raise InvalidArgument("message sent_at must be between 1970 and 9999")
         size = len(m.body.encode("utf-8"))
         if size == 0 or size > self._body_limit:
             raise InvalidArgument(f"message body must be 1-{self._body_limit} bytes of UTF-8")

@@ -14,11 +14,11 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     URL,
@@ -106,8 +106,10 @@ _TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # what SQLAlchemy's DateTime stores on SQ
 _IS_PENDING = MessageRow.status == literal_column("'pending'")
 
 
-@dataclass(frozen=True)
-class StoredMessage:
+class StoredMessage(NamedTuple):
+    """One message of `<username>.db`. A NamedTuple, not a frozen dataclass: thousands are
+    made per second on a busy link, and a tuple is made several times faster."""
+
     id: str
     peer: str  # the other party
     direction: Direction
@@ -252,7 +254,7 @@ class MessageStore:
                     cur.execute(_INSERT, _params(row))
                 except sqlite3.IntegrityError:
                     raise DuplicateMessageError(f"message {row.id} already exists") from None
-                stored.append(replace(row, seq=_seq(cur)))
+                stored.append(row._replace(seq=_seq(cur)))
         return stored
 
     def store_incoming(
@@ -270,11 +272,12 @@ class MessageStore:
         if not batch:
             return []
         stored = []
+        received = _text(received_at)
         with self._cursor(write=True) as cur:
             for message in batch.values():
-                cur.execute(_INSERT_NEW, _params(message))
+                cur.execute(_INSERT_NEW, _params(message, received))
                 if cur.rowcount == 1:
-                    stored.append(replace(message, seq=_seq(cur)))
+                    stored.append(message._replace(seq=_seq(cur)))
         return stored
 
     def mark_delivered(self, ids: Sequence[str], delivered_at: datetime) -> list[StoredMessage]:
@@ -419,11 +422,12 @@ def _text(value: datetime) -> str:
 
 
 def _time(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+    # Parsing with the offset appended is several times faster than parse-then-replace.
+    return None if value is None else datetime.fromisoformat(value + "+00:00")
 
 
-def _params(m: StoredMessage) -> tuple[object, ...]:
-    received = None if m.received_at is None else _text(m.received_at)
+def _params(m: StoredMessage, received: str | None = None) -> tuple[object, ...]:
+    """The INSERT values of `m`; `received` is its received_at as text (the same for a batch)."""
     return (
         m.id,
         m.peer,
