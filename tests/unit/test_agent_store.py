@@ -539,3 +539,22 @@ def test_concurrent_receipt_of_the_same_batches_stores_each_message_once(
 
     assert sum(len(r) for r in results) == 500
     assert len(store.history("bob", limit=1000)[0]) == 500
+
+
+def test_checkpoint_moves_committed_messages_into_the_main_file(
+    store: MessageStore, db_path: Path, tmp_path: Path
+) -> None:
+    import shutil
+    import sqlite3
+
+    store.checkpoint()  # the schema itself
+    for i in range(50):
+        store.add_outgoing(new_message_id(), "alice", "bob", f"m{i}", datetime.now(UTC))
+    copy = tmp_path / "main-file-only.db"
+    shutil.copy(db_path, copy)  # without the -wal file: only what was checkpointed
+    with sqlite3.connect(copy) as before:
+        assert before.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    store.checkpoint()
+    shutil.copy(db_path, copy)
+    with sqlite3.connect(copy) as after:
+        assert after.execute("SELECT count(*) FROM messages").fetchone()[0] == 50

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 HISTORY_MAX = 1000
+CHECKPOINT_INTERVAL = 1.0  # seconds
 
 
 @dataclass
@@ -176,6 +177,7 @@ class Agent:
         self._contacts.clear()
         loop = asyncio.get_running_loop()
         self.active.tasks.append(loop.create_task(self._heartbeats(), name="heartbeats"))
+        self.active.tasks.append(loop.create_task(self._checkpoints(store), name="checkpoints"))
         for peer in await self.blocking(store.peers_with_pending):
             links.ensure_dialer(peer)
 
@@ -229,6 +231,15 @@ class Agent:
                 active.session = StoredSession(
                     active.username, active.session.token, active.session.directory, expires
                 )
+
+    async def _checkpoints(self, store: MessageStore) -> None:
+        """Background WAL checkpoints, off the commit path (see schema.AUTOCHECKPOINT_PAGES)."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                await self.blocking(store.checkpoint)
+            except Exception:  # a busy database: the next round will do
+                log.debug("checkpoint skipped", exc_info=True)
 
     async def _renew_certificate_if_due(self) -> None:
         active = self.active

@@ -16,6 +16,7 @@ from p2pchat_common.sqltypes import UTCDateTime
 log = logging.getLogger(__name__)
 
 IMMEDIATE = "p2pchat_begin_immediate"  # execution option read by the "begin" listener
+AUTOCHECKPOINT_PAGES = 10_000
 
 
 class Base(DeclarativeBase):
@@ -94,6 +95,9 @@ def on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
+    # Checkpoints run in the background (MessageStore.checkpoint); the automatic one, in the
+    # committing thread, stays only as a far-off safety net (about 40 MB of WAL).
+    cursor.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES:d}")
     cursor.close()
 
 
