@@ -1,17 +1,13 @@
-"""The schema of `<username>.db`: typed models, the SQL of each schema version, the migrations
+"""The schema of `<username>.db`: its columns, the SQL of each schema version, the migrations
 (PRAGMA user_version), and the connection setup (WAL, BEGIN IMMEDIATE for writers)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from p2pchat_common.sqltypes import UTCDateTime
+from sqlalchemy import Connection, Engine
 
 log = logging.getLogger(__name__)
 
@@ -19,35 +15,31 @@ IMMEDIATE = "p2pchat_begin_immediate"  # execution option read by the "begin" li
 AUTOCHECKPOINT_PAGES = 10_000
 
 
-class Base(DeclarativeBase):
-    """The tables are created by MIGRATIONS, never by `create_all`; these models must match them."""
-
-
-class MessageRow(Base):
-    __tablename__ = "messages"
-
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(64), unique=True)
-    peer: Mapped[str] = mapped_column(String(32))
-    direction: Mapped[str] = mapped_column(String(3))
-    sender: Mapped[str] = mapped_column(String(32))
-    recipient: Mapped[str] = mapped_column(String(32))
-    body: Mapped[str] = mapped_column(Text)
-    sent_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    received_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    status: Mapped[str] = mapped_column(String(9))
-
-
-class PeerKeyRow(Base):
-    __tablename__ = "peer_keys"
-
-    peer: Mapped[str] = mapped_column(String(32), primary_key=True)
-    sha256: Mapped[str] = mapped_column(String(64))  # pinned SPKI hash, hex
-    pinned_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    presented_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-
+# The columns the queries of store.py rely on, with whether each may be NULL. The tables are
+# created by MIGRATIONS; a test checks the migrated schema against this. (No ORM models: the
+# agent talks to sqlite3 directly, and not importing sqlalchemy.orm saves ~6 MB per agent.)
+COLUMNS: dict[str, dict[str, bool]] = {
+    "messages": {
+        "seq": False,
+        "id": False,
+        "peer": False,
+        "direction": False,
+        "sender": False,
+        "recipient": False,
+        "body": False,
+        "sent_at": False,
+        "received_at": True,
+        "delivered_at": True,
+        "status": False,
+    },
+    "peer_keys": {
+        "peer": False,
+        "sha256": False,
+        "pinned_at": False,
+        "presented_sha256": True,
+        "changed_at": True,
+    },
+}
 
 _SCHEMA_V1 = [
     """CREATE TABLE messages (

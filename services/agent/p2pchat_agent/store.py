@@ -25,17 +25,11 @@ from sqlalchemy import (
     Engine,
     create_engine,
     event,
-    func,
-    literal_column,
-    select,
 )
-from sqlalchemy.orm import Session, sessionmaker
 
 from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.schema import (
     IMMEDIATE,
-    MessageRow,
-    PeerKeyRow,
     migrate,
     on_begin,
     on_connect,
@@ -102,8 +96,8 @@ _INSERT_COLUMNS = "id, peer, direction, sender, recipient, body, sent_at, receiv
 _INSERT = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_NEW = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO")
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # what SQLAlchemy's DateTime stores on SQLite (naive UTC)
-# Literal, not a bound parameter, so that SQLite can pick the partial index ix_messages_pending.
-_IS_PENDING = MessageRow.status == literal_column("'pending'")
+# Queries name 'pending' literally, not as a bound parameter, so that SQLite can pick the
+# partial index ix_messages_pending.
 
 
 class StoredMessage(NamedTuple):
@@ -163,7 +157,6 @@ class MessageStore:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
     def open(cls, path: Path) -> MessageStore:
@@ -196,19 +189,9 @@ class MessageStore:
         with self._engine.connect() as conn:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._sessions() as s, s.begin():
-            yield s
-
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        with self._sessions() as s, s.begin():
-            s.connection(execution_options={IMMEDIATE: True})
-            yield s
-
-    # The hot paths (sending, receiving, acks, history) talk to sqlite3 directly inside an
-    # SQLAlchemy transaction: building ORM objects cost ten times the query itself.
+    # Every query talks to sqlite3 directly inside an SQLAlchemy transaction (the engine keeps
+    # the pool, the WAL setup and BEGIN IMMEDIATE): building ORM objects cost ten times the
+    # queries on the hot paths.
     @contextmanager
     def _cursor(self, write: bool) -> Iterator[sqlite3.Cursor]:
         with self._engine.connect() as conn:
@@ -323,13 +306,14 @@ class MessageStore:
             return list(map(_from_tuple, cur.fetchall()))
 
     def peers_with_pending(self) -> list[str]:
-        stmt = select(MessageRow.peer).where(_IS_PENDING).distinct().order_by(MessageRow.peer)
-        with self._read() as s:
-            return list(s.scalars(stmt))
+        with self._cursor(write=False) as cur:
+            cur.execute("SELECT DISTINCT peer FROM messages WHERE status = 'pending' ORDER BY peer")
+            return [row[0] for row in cur.fetchall()]
 
     def count_pending(self) -> int:
-        with self._read() as s:
-            return s.scalar(select(func.count()).where(_IS_PENDING)) or 0
+        with self._cursor(write=False) as cur:
+            cur.execute("SELECT count(*) FROM messages WHERE status = 'pending'")
+            return int(cur.fetchone()[0])
 
     # -- history ----------------------------------------------------------------------------
 
@@ -373,33 +357,51 @@ class MessageStore:
     # -- pinned keys ------------------------------------------------------------------------
 
     def get_pin(self, peer: str) -> PeerKey | None:
-        with self._read() as s:
-            row = s.get(PeerKeyRow, peer)
-            return None if row is None else _pin_from_row(row)
+        with self._cursor(write=False) as cur:
+            return _get_pin(cur, peer)
 
     def pin(self, peer: str, sha256: str, at: datetime) -> PeerKey:
         """Trusts `sha256` as the key of `peer` (first contact, or the user accepting a change)."""
-        at = _aware(at, "at")
-        with self._write() as s:
-            row = s.get(PeerKeyRow, peer)
-            if row is None:
-                row = PeerKeyRow(peer=peer, sha256=sha256, pinned_at=at)
-                s.add(row)
-            row.sha256, row.pinned_at = sha256, at
-            row.presented_sha256, row.changed_at = None, None
-            return _pin_from_row(row)
+        when = _text(_aware(at, "at"))
+        with self._cursor(write=True) as cur:
+            cur.execute(
+                "INSERT INTO peer_keys (peer, sha256, pinned_at, presented_sha256, changed_at) "
+                "VALUES (?, ?, ?, NULL, NULL) ON CONFLICT (peer) DO UPDATE SET "
+                "sha256 = excluded.sha256, pinned_at = excluded.pinned_at, "
+                "presented_sha256 = NULL, changed_at = NULL",
+                (peer, sha256, when),
+            )
+            pinned = _get_pin(cur, peer)
+        assert pinned is not None
+        return pinned
 
     def record_key_change(self, peer: str, presented_sha256: str, at: datetime) -> PeerKey:
         """Notes that `peer` presented a key other than the pinned one. The first time a given
         key was seen is kept. Raises UnknownPeerKeyError if nothing is pinned for `peer`."""
-        at = _aware(at, "at")
-        with self._write() as s:
-            row = s.get(PeerKeyRow, peer)
-            if row is None:
-                raise UnknownPeerKeyError(f"no key pinned for {peer}")
-            if row.presented_sha256 != presented_sha256:
-                row.presented_sha256, row.changed_at = presented_sha256, at
-            return _pin_from_row(row)
+        when = _text(_aware(at, "at"))
+        with self._cursor(write=True) as cur:
+            cur.execute(
+                "UPDATE peer_keys SET presented_sha256 = ?, changed_at = ? "
+                "WHERE peer = ? AND presented_sha256 IS NOT ?",
+                (presented_sha256, when, peer, presented_sha256),
+            )
+            pinned = _get_pin(cur, peer)
+        if pinned is None:
+            raise UnknownPeerKeyError(f"no key pinned for {peer}")
+        return pinned
+
+
+def _get_pin(cur: sqlite3.Cursor, peer: str) -> PeerKey | None:
+    cur.execute(
+        "SELECT sha256, pinned_at, presented_sha256, changed_at FROM peer_keys WHERE peer = ?",
+        (peer,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        return None
+    pinned_at = _time(row[1])
+    assert pinned_at is not None
+    return PeerKey(row[0], pinned_at, row[2], _time(row[3]))
 
 
 def _aware(value: datetime, name: str) -> datetime:
@@ -486,7 +488,3 @@ def _from_tuple(row: tuple[Any, ...]) -> StoredMessage:
         status=_STATUSES[status],
         seq=seq,
     )
-
-
-def _pin_from_row(row: PeerKeyRow) -> PeerKey:
-    return PeerKey(row.sha256, row.pinned_at, row.presented_sha256, row.changed_at)
