@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2pchat_common.flags import (
+    LOG_LEVELS,
     address,
     env,
     env_flag,
+    log_level,
+    parse,
     positive_float,
     positive_int,
 )
@@ -159,9 +162,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     add(
         "--log-level",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=log_level,
         default=env(environ, "LOG_LEVEL", d.log_level),
-        help="[P2PCHAT_LOG_LEVEL]",
+        help=f"one of {', '.join(LOG_LEVELS)} [P2PCHAT_LOG_LEVEL] (default %(default)s)",
     )
     return p
 
@@ -171,11 +174,7 @@ def load_settings(
 ) -> Settings:
     """Settings from flags over environment over defaults; exits with a usage error when invalid."""
     environ = os.environ if environ is None else environ
-    try:
-        parser = build_parser(environ)
-    except ValueError as exc:
-        argparse.ArgumentParser(prog="p2pchat-agent").error(str(exc))
-    ns = parser.parse_args(argv)
+    parser, ns = parse(build_parser, "p2pchat-agent", argv, environ)
     if not ns.allow_remote_control and not is_loopback(ns.control_listen):
         parser.error(
             f"--control-listen {ns.control_listen} is not a loopback address; the control port "

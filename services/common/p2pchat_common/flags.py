@@ -7,7 +7,7 @@ flag: a usage error with exit code 2.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from p2pchat_common.errors import InvalidArgument
 from p2pchat_common.validation import parse_address
@@ -71,3 +71,18 @@ def address(what: str, *, allow_port_zero: bool = False) -> Callable[[str], str]
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
+
+
+def parse(
+    build: Callable[[Mapping[str, str]], argparse.ArgumentParser],
+    prog: str,
+    argv: Sequence[str] | None,
+    environ: Mapping[str, str],
+) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Builds a service's parser from the environment and parses `argv`; a bad environment
+    value is a usage error (exit 2) like a bad flag."""
+    try:
+        parser = build(environ)
+    except ValueError as exc:
+        argparse.ArgumentParser(prog=prog).error(str(exc))
+    return parser, parser.parse_args(argv)

@@ -18,6 +18,7 @@ from p2pchat_common.flags import (
     env,
     env_flag,
     log_level,
+    parse,
     positive_float,
     positive_int,
 )
@@ -178,11 +179,7 @@ def load_settings(
 ) -> Settings:
     """Settings from flags over environment over defaults; exits with a usage error when invalid."""
     environ = os.environ if environ is None else environ
-    try:
-        parser = build_parser(environ)
-    except ValueError as exc:
-        argparse.ArgumentParser(prog="p2pchat-directory").error(str(exc))
-    ns = parser.parse_args(argv)
+    parser, ns = parse(build_parser, "p2pchat-directory", argv, environ)
     env_names = tuple(n.strip() for n in env(environ, "TLS_NAMES", "").split(",") if n.strip())
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
