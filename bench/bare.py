@@ -16,7 +16,6 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,37 +63,13 @@ async def _serve(tls_dir: Path | None) -> None:
 
 def make_tls(dir: Path) -> bytes:
     """A self-signed certificate for `localhost` in `dir`; returns its PEM (the client's root)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from p2pchat_common.tls import self_signed
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert_pem, key_pem = self_signed("localhost", ["localhost"])
     dir.mkdir(parents=True, exist_ok=True)
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    (dir / "cert.pem").write_bytes(pem)
-    (dir / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return pem
+    (dir / "cert.pem").write_bytes(cert_pem)
+    (dir / "key.pem").write_bytes(key_pem)
+    return cert_pem
 
 
 class BareServer:

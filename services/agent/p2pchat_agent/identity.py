@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from p2pchat_common.tls import private_key_pem, public_key_sha256
+
 SESSION_FILE = "session.json"
 PEER_CA_FILE = "peer-ca.pem"
 
@@ -40,12 +42,7 @@ def load_or_create_key(data_dir: Path, username: str) -> bytes:
     path = data_dir / f"{username}.key"
     if path.exists():
         return path.read_bytes()
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    pem = private_key_pem(ec.generate_private_key(ec.SECP256R1()))
     data_dir.mkdir(parents=True, exist_ok=True)
     write_private(path, pem)
     return pem
@@ -69,12 +66,7 @@ def spki_sha256(cert_pem_or_der: bytes) -> str:
         cert = x509.load_pem_x509_certificate(cert_pem_or_der)
     else:
         cert = x509.load_der_x509_certificate(cert_pem_or_der)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(spki)
-    return digest.finalize().hex()
+    return public_key_sha256(cert)
 
 
 @dataclass(frozen=True)

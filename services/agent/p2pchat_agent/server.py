@@ -10,14 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -30,6 +25,7 @@ from p2pchat_agent.identity import Identity
 from p2pchat_agent.peer import CHANNEL_OPTIONS, PeerServicer
 from p2pchat_common.errors import ErrorMappingInterceptor
 from p2pchat_common.serving import bind, serve_until_signal
+from p2pchat_common.tls import self_signed
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +38,7 @@ MAX_PEER_MESSAGE = 16 * 1024 * 1024  # a frame holds up to 500 messages of at mo
 def _placeholder_config() -> grpc.ServerCertificateConfiguration:
     """Until the first login the peer port presents a throwaway self-signed certificate that no
     agent trusts: every handshake fails, which is what a logged-out agent wants."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2pchat agent (logged out)")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    cert_pem, key_pem = self_signed("p2pchat agent (logged out)")
     return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], cert_pem)
 
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from p2pchat_common.errors import InvalidArgument
+from p2pchat_common.tls import private_key_pem, public_key_sha256
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,6 @@ CA_VALIDITY = timedelta(days=3650)
 SERVER_VALIDITY = timedelta(days=365)
 MAX_CSR_BYTES = 16 * 1024
 _CLOCK_SKEW = timedelta(minutes=5)
-
-
-def public_key_sha256(cert: x509.Certificate) -> str:
-    """Hex SHA-256 of the certificate's DER SubjectPublicKeyInfo (what agents pin)."""
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(spki)
-    return digest.finalize().hex()
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -56,14 +47,6 @@ def _write_public(path: Path, data: bytes) -> None:
     tmp.write_bytes(data)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 def _san_entries(names: Iterable[str]) -> list[x509.GeneralName]:
@@ -109,7 +92,7 @@ class CertificateAuthority:
                 log.info("loaded CA %s from %s", cert.subject.rfc4514_string(), data_dir)
                 return cls(key, cert)
             ca = cls._create()
-            _write_private(key_path, _key_pem(ca._key))
+            _write_private(key_path, private_key_pem(ca._key))
             _write_public(cert_path, ca.cert_pem)
             log.info("created a new CA in %s", data_dir)
             return ca
@@ -194,7 +177,7 @@ class CertificateAuthority:
             SERVER_VALIDITY,
             [ExtendedKeyUsageOID.SERVER_AUTH],
         )
-        return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+        return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
 
     def sign_agent_csr(
         self, csr_pem: bytes, username: str, validity: timedelta
