@@ -5,7 +5,6 @@ nothing lost, nothing shown twice, the order the sender sent in (DESIGN.md "Deli
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,16 +17,9 @@ import pytest
 from p2pchat.v1 import agent_pb2 as apb
 from tests.support.agent import AgentClient, AgentProcess, wait_until
 from tests.support.directory import DirectoryProcess
+from tests.support.process import free_port
 
 DELIVERY_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    """A port that was free a moment ago, to pass as a fixed listen port (kept across restarts)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def close_stderr(proc: AgentProcess | DirectoryProcess) -> None:

@@ -125,7 +125,7 @@ def test_logged_out_agent_refuses_user_calls(make_agent: Callable[[str], InProce
 def test_status_says_when_the_directory_is_unreachable(
     make_agent: Callable[..., InProcessAgent],
 ) -> None:
-    from tests.support.postgres import free_port
+    from tests.support.process import free_port
 
     client = make_agent("alice", directory=f"localhost:{free_port()}").client()
     status = client.status()

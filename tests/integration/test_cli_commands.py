@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.support.agent import InProcessAgent, wait_until
 from tests.support.cli import run_cli
-from tests.support.postgres import free_port
+from tests.support.process import free_port
 
 PW = "script password 1\n"
 

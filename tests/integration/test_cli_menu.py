@@ -217,7 +217,7 @@ def test_registration_with_mismatched_passwords_registers_nothing(
 
 
 def test_menu_without_an_agent_exits_3_with_a_clear_message(tmp_path: Path) -> None:
-    from tests.support.postgres import free_port
+    from tests.support.process import free_port
 
     child = spawn_menu(free_port(), tmp_path)
     child.expect_exact("cannot reach the agent")

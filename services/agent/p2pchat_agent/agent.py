@@ -31,6 +31,7 @@ from p2pchat_common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from p2pchat_common.timestamps import from_timestamp
 from p2pchat_common.validation import normalize_username
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Agent:
                 username=name,
                 token=response.session_token,
                 directory=self.directory.address,
-                expires_at=response.session_expires_at.ToDatetime(tzinfo=UTC),
+                expires_at=from_timestamp(response.session_expires_at),
             )
             await self.blocking(identity.save, data_dir)
             await self.blocking(session.save, data_dir)
@@ -227,7 +228,7 @@ class Agent:
                 continue
             active = self.active
             if active is not None:
-                expires = beat.session_expires_at.ToDatetime(tzinfo=UTC)
+                expires = from_timestamp(beat.session_expires_at)
                 active.session = StoredSession(
                     active.username, active.session.token, active.session.directory, expires
                 )

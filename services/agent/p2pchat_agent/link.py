@@ -31,7 +31,6 @@ class PeerLink:
         self._fresh_overflow = False
         self._window = asyncio.Condition()
         self.in_flight = 0
-        self.closed = False
         self._closed = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -70,12 +69,15 @@ class PeerLink:
     def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
         self._closed.set()
         # Wake the writer even when the queue is full: drop what is queued, it will be resent.
         while not self._outgoing.empty():
             self._outgoing.get_nowait()
         self._outgoing.put_nowait(None)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     async def wait_closed(self) -> None:
         """Returns once the link was closed (from either end)."""
