@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
@@ -25,8 +25,6 @@ from p2pchat_common.timestamps import from_timestamp, to_timestamp, valid_timest
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-Blocking = Callable[..., Awaitable[Any]]
 BATCH = 500
 
 
