@@ -23,7 +23,7 @@ from p2pchat_agent.config import Settings
 from p2pchat_agent.control import AgentServicer
 from p2pchat_agent.identity import Identity
 from p2pchat_agent.peer import CHANNEL_OPTIONS, PeerServicer
-from p2pchat_common.errors import ErrorMappingInterceptor
+from p2pchat_common.errors import add_service
 from p2pchat_common.serving import bind, serve_until_signal
 from p2pchat_common.tls import self_signed
 
@@ -92,7 +92,6 @@ class AgentServer:
 async def create_agent(settings: Settings) -> AgentServer:
     agent = Agent(settings)
     peer = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
         options=[
             *CHANNEL_OPTIONS,
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -100,15 +99,17 @@ async def create_agent(settings: Settings) -> AgentServer:
             ("grpc.max_send_message_length", MAX_PEER_MESSAGE),
         ],
     )
-    peer_pb2_grpc.add_PeerServiceServicer_to_server(
-        PeerServicer(lambda: agent.active.links if agent.active else None), peer
+    add_service(
+        peer,
+        peer_pb2_grpc.add_PeerServiceServicer_to_server,
+        PeerServicer(lambda: agent.active.links if agent.active else None),
     )
     peer_health = await _health_and_reflection(peer, PEER_SERVICE)
     peer_port = bind(peer, settings.peer_listen, _PeerCredentials(agent).credentials(), "peer port")
     agent.peer_port = peer_port
 
-    control = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent), control)
+    control = grpc.aio.server()
+    add_service(control, agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(agent))
     control_health = await _health_and_reflection(control, AGENT_SERVICE)
     control_port = bind(control, settings.control_listen, None, "control port")
 

@@ -1,15 +1,15 @@
 """The domain errors of p2pchat and the one place that maps them to gRPC status codes.
 
-Layers below the servicers raise these; `ErrorMappingInterceptor` turns them into statuses at the
-edge, so servicers stay free of try/except boilerplate. Anything else becomes INTERNAL with the
-traceback logged and a generic message sent.
+Layers below the servicers raise these; `add_service` wraps every handler so that they become
+statuses at the edge and servicers stay free of try/except boilerplate. Anything else becomes
+INTERNAL with the traceback logged and a generic message sent.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -157,41 +157,62 @@ async def _iterate_checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps DomainError (and malformed requests) to status codes for every RPC of a server."""
+def map_errors(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with DomainError (and malformed requests) mapped to status codes."""
+    # The typeshed stubs describe sync handlers; on an aio server they are coroutines.
+    h: Any = handler
+    deserializer = _safe_deserializer(h.request_deserializer)
+    serializer = h.response_serializer
+    if h.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary_request(h.unary_unary), deserializer, serializer
+        )
+    if h.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_streaming_response(h.unary_stream), deserializer, serializer
+        )
+    if h.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary_request(_with_checked_stream(h.stream_unary)), deserializer, serializer
+        )
+    if h.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_streaming_response(h.stream_stream), deserializer, serializer
+        )
+    return handler
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        # The typeshed stubs describe sync handlers; on an aio server they are coroutines.
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        deserializer = _safe_deserializer(handler.request_deserializer)
-        serializer = handler.response_serializer
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_request(handler.unary_unary), deserializer, serializer
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming_response(handler.unary_stream), deserializer, serializer
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_request(_with_checked_stream(handler.stream_unary)),
-                deserializer,
-                serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_streaming_response(handler.stream_stream), deserializer, serializer
-            )
-        return cast(grpc.RpcMethodHandler[Any, Any], handler)
+
+class _MappingRegistrar:
+    """What a generated `add_*Servicer_to_server` sees instead of the server: it registers the
+    service's handlers on the real server, each wrapped by `map_errors`."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+        self.registered: list[str] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the same handlers arrive by name in add_registered_method_handlers."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        wrapped = {name: map_errors(handler) for name, handler in handlers.items()}
+        generic = grpc.method_handlers_generic_handler(service, wrapped)
+        self._server.add_generic_rpc_handlers((generic,))
+        self._server.add_registered_method_handlers(service, wrapped)
+        self.registered.append(service)
+
+
+def add_service(
+    server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: object
+) -> None:
+    """Registers `servicer` through its generated `add_*Servicer_to_server` with the error map
+    applied to every method once, here, rather than by an interceptor on every call (an aio
+    interceptor costs a coroutine and new handler objects per call: ~15 % of a short call)."""
+    registrar = _MappingRegistrar(server)
+    add_to_server(servicer, registrar)
+    if not registrar.registered:
+        raise RuntimeError(f"{add_to_server.__name__} registered no handlers by name")
 
 
 def _with_checked_stream(

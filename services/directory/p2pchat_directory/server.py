@@ -17,7 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from p2pchat.v1 import directory_pb2, directory_pb2_grpc
-from p2pchat_common.errors import ErrorMappingInterceptor, StartupError
+from p2pchat_common.errors import StartupError, add_service
 from p2pchat_common.serving import bind, serve_until_signal
 from p2pchat_directory.ca import CertificateAuthority
 from p2pchat_directory.config import Settings
@@ -66,14 +66,15 @@ async def create_server(settings: Settings) -> DirectoryServer:
     service = DirectoryService(settings, databases, ca)
 
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    directory_pb2_grpc.add_DirectoryServiceServicer_to_server(
-        DirectoryServicer(service, executor, inline_reads=databases.local_only), server
+    add_service(
+        server,
+        directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
+        DirectoryServicer(service, executor, inline_reads=databases.local_only),
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

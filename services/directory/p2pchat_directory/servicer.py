@@ -1,7 +1,7 @@
 """DirectoryService over gRPC: translates protobuf <-> the use cases, nothing else.
 
 The use cases block (database, scrypt), so each call runs in the server's worker threads; domain
-errors are mapped to status codes by p2pchat_common.errors.ErrorMappingInterceptor.
+errors are mapped to status codes by p2pchat_common.errors.add_service.
 """
 
 from __future__ import annotations
