@@ -237,6 +237,9 @@ def test_expired_session_is_refused_and_heartbeat_slides_it(
         Code.UNAUTHENTICATED, stub.Heartbeat, pb.HeartbeatRequest(), metadata=auth(token)
     )
     assert "log in again" in msg
+    lookup = pb.LookupRequest(username="ivan")
+    msg = expect_error(Code.UNAUTHENTICATED, stub.Lookup, lookup, metadata=auth(token))
+    assert "log in again" in msg
 
 
 def test_presence_follows_heartbeats_and_logout(
@@ -261,6 +264,8 @@ def test_presence_follows_heartbeats_and_logout(
     assert ken_online()
     listed = stub.ListContacts(pb.ListContactsRequest(), metadata=auth(judy)).contacts
     assert listed[0].online and listed[0].last_seen.seconds >= int(time.time()) - 5
+    looked_up = stub.Lookup(pb.LookupRequest(username="ken"), metadata=auth(judy)).contact
+    assert looked_up.last_seen == listed[0].last_seen  # Lookup's plain-SQL read agrees, to the µs
     stub.Logout(pb.LogoutRequest(), metadata=auth(ken))
     assert not ken_online()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +50,52 @@ def create_schema(engine: Engine, base: type[DeclarativeBase]) -> None:
         base.metadata.create_all(conn)
 
 
+class SqliteReader:
+    """Plain sqlite3 connections to one SQLite file, one per thread and kept open, for the reads
+    every authenticated call makes: an SQLAlchemy checkout and statement cost ten times the
+    query itself. Autocommit, so that each SELECT reads the latest commit (WAL: never waits)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._opened: list[sqlite3.Connection] = []
+
+    def connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._opened.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
+        self._local = threading.local()
+
+
+def sqlite_reader(engine: Engine) -> SqliteReader | None:
+    """A reader for the engine's database when it is a SQLite file; None otherwise."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    return SqliteReader(database)
+
+
 @dataclass
 class Databases:
     users_engine: Engine
     contacts_engine: Engine
     users: sessionmaker[Session]
     contacts: sessionmaker[Session]
+    users_reader: SqliteReader | None = None
+    contacts_reader: SqliteReader | None = None
 
     @classmethod
     def open(cls, users_url: str, contacts_url: str) -> Databases:
@@ -82,6 +124,8 @@ class Databases:
             contacts_engine,
             sessionmaker(users_engine, expire_on_commit=False),
             sessionmaker(contacts_engine, expire_on_commit=False),
+            sqlite_reader(users_engine),
+            sqlite_reader(contacts_engine),
         )
 
     @property
@@ -90,5 +134,8 @@ class Databases:
         return all(e.dialect.name == "sqlite" for e in (self.users_engine, self.contacts_engine))
 
     def dispose(self) -> None:
+        for reader in (self.users_reader, self.contacts_reader):
+            if reader is not None:
+                reader.close()
         self.users_engine.dispose()
         self.contacts_engine.dispose()

@@ -1,5 +1,6 @@
-"""Queries of the directory databases. Each function takes the SQLAlchemy session it works in;
-the caller owns the transaction."""
+"""Queries of the directory databases. Most functions take the SQLAlchemy session it works in (the
+caller owns the transaction); the hot reads every authenticated call makes take the Databases and
+run in plain SQL on a SQLite file, through SQLAlchemy Core elsewhere."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from p2pchat_common.errors import AlreadyExists
+from p2pchat_common.sqltypes import sqlite_text, sqlite_time
+from p2pchat_directory.db import Databases
 from p2pchat_directory.models import Contact, LoginFailure, User, UserSession
 
 
@@ -36,19 +39,72 @@ _PINNED_ADDRESS = select(Contact.pinned_address).where(
 )
 
 
-def session_owner(conn: Connection, token_hash: str, now: datetime) -> str | None:
-    """The user of a live session (Core, not ORM: every authenticated call runs this)."""
-    return conn.execute(_SESSION_OWNER, {"token_hash": token_hash, "now": now}).scalar_one_or_none()
+# The same reads in plain SQL for a SQLite file (times as SQLAlchemy stores them there).
+_SQLITE_SESSION_OWNER = "SELECT username FROM sessions WHERE token_hash = ? AND expires_at > ?"
+_SQLITE_OWNER_AND_USER = (
+    "SELECT s.username, u.username, u.address, u.last_seen, u.online_until, "
+    "u.public_key_sha256, u.certificate_pem FROM sessions AS s "
+    "LEFT JOIN users AS u ON u.username = ? WHERE s.token_hash = ? AND s.expires_at > ?"
+)
+_SQLITE_PINNED_ADDRESS = "SELECT pinned_address FROM contacts WHERE owner = ? AND contact = ?"
 
 
-def user_summary(conn: Connection, username: str) -> UserSummary | None:
-    row = conn.execute(_USER_SUMMARY, {"username": username}).one_or_none()
-    return None if row is None else UserSummary(*row)
+def session_owner(dbs: Databases, token_hash: str, now: datetime) -> str | None:
+    """The user of a live session."""
+    if dbs.users_reader is not None:
+        row = (
+            dbs.users_reader.connection()
+            .execute(_SQLITE_SESSION_OWNER, (token_hash, sqlite_text(now)))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+    with dbs.users_engine.connect() as conn:
+        return _session_owner(conn, token_hash, now)
 
 
-def pinned_address(conn: Connection, owner: str, contact: str) -> str | None:
+def owner_and_user(
+    dbs: Databases, token_hash: str, now: datetime, username: str
+) -> tuple[str | None, UserSummary | None]:
+    """The user of a live session (None: no such session) and the summary of `username` (None:
+    no such user), in one read."""
+    if dbs.users_reader is not None:
+        row = (
+            dbs.users_reader.connection()
+            .execute(_SQLITE_OWNER_AND_USER, (username, token_hash, sqlite_text(now)))
+            .fetchone()
+        )
+        if row is None:
+            return None, None
+        owner, found, address, last_seen, online_until, key_sha256, cert = row
+        if found is None:
+            return owner, None
+        return owner, UserSummary(
+            address, sqlite_time(last_seen), sqlite_time(online_until), key_sha256, cert
+        )
+    with dbs.users_engine.connect() as conn:
+        owner = _session_owner(conn, token_hash, now)
+        if owner is None:
+            return None, None
+        row = conn.execute(_USER_SUMMARY, {"username": username}).one_or_none()
+        return owner, None if row is None else UserSummary(*row)
+
+
+def pinned_address(dbs: Databases, owner: str, contact: str) -> str | None:
     """The contact's pinned address ("" when none), or None when not a contact."""
-    return conn.execute(_PINNED_ADDRESS, {"owner": owner, "contact": contact}).scalar_one_or_none()
+    if dbs.contacts_reader is not None:
+        row = (
+            dbs.contacts_reader.connection()
+            .execute(_SQLITE_PINNED_ADDRESS, (owner, contact))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+    with dbs.contacts_engine.connect() as conn:
+        params = {"owner": owner, "contact": contact}
+        return conn.execute(_PINNED_ADDRESS, params).scalar_one_or_none()
+
+
+def _session_owner(conn: Connection, token_hash: str, now: datetime) -> str | None:
+    return conn.execute(_SESSION_OWNER, {"token_hash": token_hash, "now": now}).scalar_one_or_none()
 
 
 def add_user(s: Session, user: User) -> None:

@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection
-
 from p2pchat_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -43,6 +41,21 @@ def utcnow() -> datetime:
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _checked_token_hash(token: str) -> str:
+    """The hash of a bearer token to look up; Unauthenticated when it is missing or malformed."""
+    if not token:
+        raise Unauthenticated("missing session token: log in first")
+    if len(token) > TOKEN_MAX:
+        raise Unauthenticated("malformed session token")
+    return _token_hash(token)
+
+
+def _owner(found: str | None) -> str:
+    if found is None:
+        raise Unauthenticated("session expired or revoked: log in again")
+    return found
 
 
 @dataclass(frozen=True)
@@ -156,18 +169,7 @@ class DirectoryService:
 
     def authenticate(self, token: str) -> str:
         """The username a bearer token belongs to; Unauthenticated when missing/expired/revoked."""
-        with self._dbs.users_engine.connect() as conn:
-            return self._authenticate(conn, token)
-
-    def _authenticate(self, conn: Connection, token: str) -> str:
-        if not token:
-            raise Unauthenticated("missing session token: log in first")
-        if len(token) > TOKEN_MAX:
-            raise Unauthenticated("malformed session token")
-        found = repo.session_owner(conn, _token_hash(token), self._now())
-        if found is None:
-            raise Unauthenticated("session expired or revoked: log in again")
-        return found
+        return _owner(repo.session_owner(self._dbs, _checked_token_hash(token), self._now()))
 
     def logout(self, token: str) -> None:
         name = self.authenticate(token)
@@ -265,13 +267,11 @@ class DirectoryService:
     def lookup(self, token: str, username: str) -> LookupView:
         """Where a contact's agent is. The hottest call: two short reads, no ORM objects."""
         name = normalize_username(username)
-        with self._dbs.users_engine.connect() as conn:
-            owner = self._authenticate(conn, token)
-            user = repo.user_summary(conn, name)
+        owner, user = repo.owner_and_user(self._dbs, _checked_token_hash(token), self._now(), name)
+        owner = _owner(owner)
         if user is None:
             raise NotFound(f"no such user: {name!r}")
-        with self._dbs.contacts_engine.connect() as conn:
-            pinned = repo.pinned_address(conn, owner, name)
+        pinned = repo.pinned_address(self._dbs, owner, name)
         if pinned is None:
             raise FailedPrecondition(f"{name!r} is not in your contacts: add them first")
         online_until = user.online_until
