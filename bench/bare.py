@@ -15,13 +15,13 @@ import asyncio
 import re
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from bench.cluster import Child
+from bench.cluster import Child, cpu_seconds
 
 UNARY = "/bare.Bare/Unary"
 STREAM = "/bare.Bare/Stream"
@@ -144,9 +144,11 @@ async def unary_rate(
     duration: float,
     max_calls: int,
     warmup: int = 20,
+    server_pids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """len(channels) concurrent callers, each on its own channel, each calling `call_once(channel)`
-    in a loop for `duration` seconds or until `max_calls` calls in all; calls/s."""
+    in a loop for `duration` seconds or until `max_calls` calls in all; calls/s, and the CPU time
+    the `server_pids` used per call (steadier than calls/s when the machine is shared)."""
     for ch in channels:
         await ch.channel_ready()
     await asyncio.gather(*(_n_calls(call_once, ch, warmup) for ch in channels))
@@ -162,15 +164,18 @@ async def unary_rate(
             await call_once(ch)
             latencies.append(time.perf_counter() - t)
 
+    cpu_before = sum(map(cpu_seconds, server_pids))
     started = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(caller(ch) for ch in channels)), duration + 30)
     elapsed = time.perf_counter() - started
+    cpu = sum(map(cpu_seconds, server_pids)) - cpu_before
     latencies.sort()
     n = len(latencies)
     return {
         "calls": n,
         "seconds": elapsed,
         "calls_per_s": n / elapsed,
+        **({"server_cpu_us_per_call": cpu / n * 1e6} if server_pids and n else {}),
         "call_p50_ms": latencies[n // 2] * 1000 if n else None,
         "call_p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else None,
     }
@@ -191,7 +196,7 @@ async def bare_unary_rate(
             method: Any = ch.unary_unary(UNARY)
             await method(b"x" * 32, timeout=30)
 
-        return await unary_rate(channels, once, duration, max_calls)
+        return await unary_rate(channels, once, duration, max_calls, server_pids=[server.child.pid])
     finally:
         for ch in channels:
             await ch.close()

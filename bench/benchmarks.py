@@ -237,6 +237,10 @@ def baseline_figures(before: Figures, after: Figures) -> Figures:
         "baseline_calls_per_s_before": before["calls_per_s"],
         "baseline_calls_per_s_after": after["calls_per_s"],
         "baseline_call_p50_ms": (before["call_p50_ms"] + after["call_p50_ms"]) / 2,
+        "baseline_server_cpu_us_per_call": (
+            before["server_cpu_us_per_call"] + after["server_cpu_us_per_call"]
+        )
+        / 2,
     }
 
 
@@ -245,7 +249,7 @@ def baseline_figures(before: Figures, after: Figures) -> Figures:
 
 async def send_rate(ctx: Context, lazy: Lazy) -> Figures:
     p = ctx.params
-    alice, _bob = lazy.pair()
+    alice, bob = lazy.pair()
     before = await unary_baseline(ctx, lazy)
     pairs = [agent_stub(alice, own_connection=True) for _ in range(p.concurrency)]
     stubs = {id(ch): stub for ch, stub in pairs}
@@ -257,7 +261,11 @@ async def send_rate(ctx: Context, lazy: Lazy) -> Figures:
     try:
         with profiled(ctx, "send_rate", {"alice": alice.pid}):
             got = await unary_rate(
-                [ch for ch, _ in pairs], once, p.unary_seconds, p.unary_max_calls
+                [ch for ch, _ in pairs],
+                once,
+                p.unary_seconds,
+                p.unary_max_calls,
+                server_pids=[alice.pid, bob.pid],
             )
     finally:
         for ch, _ in pairs:
@@ -308,7 +316,13 @@ async def directory_lookup(ctx: Context, lazy: Lazy) -> Figures:
 
     try:
         with profiled(ctx, "directory_lookup", {"directory": directory.child.pid}):
-            got = await unary_rate(channels, once, p.unary_seconds, p.unary_max_calls)
+            got = await unary_rate(
+                channels,
+                once,
+                p.unary_seconds,
+                p.unary_max_calls,
+                server_pids=[directory.child.pid],
+            )
     finally:
         for c in channels:
             await c.close()
@@ -318,6 +332,7 @@ async def directory_lookup(ctx: Context, lazy: Lazy) -> Figures:
         **got,
         **baseline_figures(before, after),
         "baseline_tls_calls_per_s": base_tls["calls_per_s"],
+        "baseline_tls_server_cpu_us_per_call": base_tls["server_cpu_us_per_call"],
         "ratio": got["calls_per_s"] / mean_rate(before, after),
         "ratio_vs_tls_baseline": got["calls_per_s"] / base_tls["calls_per_s"],
     }
