@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection
 
 from p2pchat_agent import schema as schema_module
 from p2pchat_agent.ids import new_message_id
@@ -455,8 +454,8 @@ def test_missing_migrations_are_applied_on_open(
 ) -> None:
     MessageStore.open(db_path).close()
 
-    def add_drafts(conn: Connection) -> None:
-        conn.exec_driver_sql("CREATE TABLE drafts (peer TEXT PRIMARY KEY, body TEXT)")
+    def add_drafts(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE drafts (peer TEXT PRIMARY KEY, body TEXT)")
 
     monkeypatch.setattr(schema_module, "MIGRATIONS", [*schema_module.MIGRATIONS, add_drafts])
     MessageStore.open(db_path).close()
@@ -472,9 +471,9 @@ def test_a_failing_migration_leaves_the_schema_and_version_unchanged(
 ) -> None:
     MessageStore.open(db_path).close()
 
-    def half_done(conn: Connection) -> None:
-        conn.exec_driver_sql("CREATE TABLE drafts (peer TEXT PRIMARY KEY)")
-        conn.exec_driver_sql("ALTER TABLE messages ADD COLUMN edited_at DATETIME")
+    def half_done(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE drafts (peer TEXT PRIMARY KEY)")
+        conn.execute("ALTER TABLE messages ADD COLUMN edited_at DATETIME")
         raise RuntimeError("boom")
 
     monkeypatch.setattr(schema_module, "MIGRATIONS", [*schema_module.MIGRATIONS, half_done])

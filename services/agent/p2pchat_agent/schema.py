@@ -4,20 +4,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
-
-from sqlalchemy import Connection, Engine
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-IMMEDIATE = "p2pchat_begin_immediate"  # execution option read by the "begin" listener
 AUTOCHECKPOINT_PAGES = 10_000
 
 
 # The columns the queries of store.py rely on, with whether each may be NULL. The tables are
-# created by MIGRATIONS; a test checks the migrated schema against this. (No ORM models: the
-# agent talks to sqlite3 directly, and not importing sqlalchemy.orm saves ~6 MB per agent.)
+# created by MIGRATIONS; a test checks the migrated schema against this. (No ORM, no SQLAlchemy:
+# the agent talks to sqlite3 directly. Building ORM objects cost ten times the queries on the hot
+# paths, an engine's checkout and BEGIN cost ~50 us per transaction, and the import ~10 MB.)
 COLUMNS: dict[str, dict[str, bool]] = {
     "messages": {
         "seq": False,
@@ -70,48 +70,60 @@ _SCHEMA_V1 = [
 ]
 
 
-def _migrate_to_v1(conn: Connection) -> None:
+def _migrate_to_v1(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA_V1:
-        conn.exec_driver_sql(statement)
+        conn.execute(statement)
 
 
 # MIGRATIONS[i] moves the schema from version i to i + 1 (PRAGMA user_version). Never edit one
-# that has shipped: append a new one (and update the models above).
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_v1]
+# that has shipped: append a new one (and update COLUMNS above).
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_v1]
 
 
-def on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # pysqlite's own transaction handling skips BEGIN before DDL; SQLAlchemy emits it (_on_begin).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to `<username>.db` set up for the store: WAL, no implicit transactions (the
+    store says BEGIN itself), and usable from the thread that closes it."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=10000")
     # Checkpoints run in the background (MessageStore.checkpoint); the automatic one, in the
     # committing thread, stays only as a far-off safety net (about 40 MB of WAL).
-    cursor.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES:d}")
-    cursor.close()
+    conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES:d}")
+    return conn
 
 
-def on_begin(conn: Connection) -> None:
-    immediate = conn.get_execution_options().get(IMMEDIATE, False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+@contextmanager
+def transaction(conn: sqlite3.Connection, write: bool) -> Iterator[sqlite3.Cursor]:
+    """One transaction on `conn`, committed when the block ends, rolled back if it raises.
+    Writers take the write lock when they begin (BEGIN IMMEDIATE): two writers never deadlock
+    on a lock upgrade, they wait for each other (busy_timeout)."""
+    cursor = conn.cursor()
+    try:
+        cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield cursor
+        except BaseException:
+            if conn.in_transaction:
+                cursor.execute("ROLLBACK")
+            raise
+        cursor.execute("COMMIT")
+    finally:
+        cursor.close()
 
 
-def migrate(engine: Engine) -> int:
+def migrate(conn: sqlite3.Connection, path: Path) -> int:
     """Applies the missing migrations, one transaction each; returns the schema version."""
     while True:
-        with engine.connect() as conn:
-            conn.execution_options(**{IMMEDIATE: True})
-            with conn.begin():
-                version: int = conn.exec_driver_sql("PRAGMA user_version").scalar_one()
-                if version > len(MIGRATIONS):
-                    raise RuntimeError(
-                        f"{engine.url.database}: schema version {version} is newer than this "
-                        f"agent knows ({len(MIGRATIONS)}); upgrade the agent"
-                    )
-                if version == len(MIGRATIONS):
-                    return version
-                log.info("migrating %s to schema version %d", engine.url.database, version + 1)
-                MIGRATIONS[version](conn)
-                conn.exec_driver_sql(f"PRAGMA user_version = {version + 1:d}")
+        with transaction(conn, write=True) as cur:
+            version: int = cur.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"{path}: schema version {version} is newer than this agent knows "
+                    f"({len(MIGRATIONS)}); upgrade the agent"
+                )
+            if version == len(MIGRATIONS):
+                return version
+            log.info("migrating %s to schema version %d", path, version + 1)
+            MIGRATIONS[version](conn)
+            cur.execute(f"PRAGMA user_version = {version + 1:d}")

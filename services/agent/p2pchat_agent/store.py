@@ -1,10 +1,11 @@
 """The user's own message store, `<username>.db`: every message sent or received, the outbox
 (outgoing messages still pending), a full-text index over bodies, and the pinned keys of peers.
 
-SQLite in WAL mode through a synchronous SQLAlchemy engine. Every call blocks and opens its own
-session, so the store may be used from several threads (the async agent calls it in a thread).
-Writes take the write lock when they begin (BEGIN IMMEDIATE): two writers never deadlock on a
-lock upgrade, they wait for each other (busy_timeout).
+SQLite in WAL mode through plain sqlite3: one connection per thread, kept open. Every call blocks
+and runs in its own transaction, so the store may be used from several threads at once (the async
+agent calls it from one writer thread and a few reader threads). Writes take the write lock when
+they begin (BEGIN IMMEDIATE): two writers never deadlock on a lock upgrade, they wait for each
+other (busy_timeout).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,21 +22,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import (
-    URL,
-    Engine,
-    create_engine,
-    event,
-)
-
 from p2pchat_agent.ids import valid_message_id
-from p2pchat_agent.schema import (
-    IMMEDIATE,
-    migrate,
-    on_begin,
-    on_connect,
-)
+from p2pchat_agent.schema import connect, migrate, transaction
 from p2pchat_common.errors import AlreadyExists, NotFound
+from p2pchat_common.timestamps import sqlite_text, sqlite_time
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +86,6 @@ _SEARCH = (
 _INSERT_COLUMNS = "id, peer, direction, sender, recipient, body, sent_at, received_at, status"
 _INSERT = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT_NEW = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO")
-_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"  # what SQLAlchemy's DateTime stores on SQLite (naive UTC)
 # Queries name 'pending' literally, not as a bound parameter, so that SQLite can pick the
 # partial index ix_messages_pending.
 
@@ -155,8 +145,12 @@ def fts_query(text: str | None, prefix: bool = True) -> str | None:
 class MessageStore:
     """One user's `<username>.db`. Open with `MessageStore.open(path)`, close with `close()`."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
 
     @classmethod
     def open(cls, path: Path) -> MessageStore:
@@ -168,41 +162,44 @@ class MessageStore:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         os.chmod(path, 0o600)  # SQLite gives its -wal and -shm files the same mode
-        url = URL.create("sqlite", database=str(path))  # no URL parsing of the path
-        engine = create_engine(url, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", on_connect)
-        event.listen(engine, "begin", on_begin)
+        store = cls(path)
         try:
-            version = migrate(engine)
+            version = migrate(store._connection(), path)
         except BaseException:
-            engine.dispose()
+            store.close()
             raise
         log.info("message store ready: %s (schema version %d)", path, version)
-        return cls(engine)
+        return store
 
     def close(self) -> None:
-        self._engine.dispose()
+        """Closes every connection (those of other threads too); the store is unusable after."""
+        with self._lock:
+            self._closed = True
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError(f"the message store {self._path} is closed")
+                conn = connect(self._path)
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _cursor(self, write: bool) -> Iterator[sqlite3.Cursor]:
+        with transaction(self._connection(), write) as cursor:
+            yield cursor
 
     def checkpoint(self) -> None:
         """Copies the write-ahead log into the database without blocking readers or writers
         (PASSIVE), so that commits on the hot path never pay for it."""
-        with self._engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-
-    # Every query talks to sqlite3 directly inside an SQLAlchemy transaction (the engine keeps
-    # the pool, the WAL setup and BEGIN IMMEDIATE): building ORM objects cost ten times the
-    # queries on the hot paths.
-    @contextmanager
-    def _cursor(self, write: bool) -> Iterator[sqlite3.Cursor]:
-        with self._engine.connect() as conn:
-            if write:
-                conn = conn.execution_options(**{IMMEDIATE: True})
-            with conn.begin():
-                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    yield cursor
-                finally:
-                    cursor.close()
+        self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -261,7 +258,7 @@ class MessageStore:
         if not batch:
             return []
         stored = []
-        received = _text(received_at)
+        received = sqlite_text(received_at)
         with self._cursor(write=True) as cur:
             for message in batch.values():
                 cur.execute(_INSERT_NEW, _params(message, received))
@@ -272,7 +269,7 @@ class MessageStore:
     def mark_delivered(self, ids: Sequence[str], delivered_at: datetime) -> list[StoredMessage]:
         """Marks outgoing pending messages delivered, in one transaction. Returns those that
         changed, in seq order; unknown ids and messages not pending are left alone."""
-        when = _text(_aware(delivered_at, "delivered_at"))
+        when = sqlite_text(_aware(delivered_at, "delivered_at"))
         changed: list[StoredMessage] = []
         with self._cursor(write=True) as cur:
             for chunk in _chunks(list(dict.fromkeys(ids))):
@@ -362,7 +359,7 @@ class MessageStore:
 
     def pin(self, peer: str, sha256: str, at: datetime) -> PeerKey:
         """Trusts `sha256` as the key of `peer` (first contact, or the user accepting a change)."""
-        when = _text(_aware(at, "at"))
+        when = sqlite_text(_aware(at, "at"))
         with self._cursor(write=True) as cur:
             cur.execute(
                 "INSERT INTO peer_keys (peer, sha256, pinned_at, presented_sha256, changed_at) "
@@ -378,7 +375,7 @@ class MessageStore:
     def record_key_change(self, peer: str, presented_sha256: str, at: datetime) -> PeerKey:
         """Notes that `peer` presented a key other than the pinned one. The first time a given
         key was seen is kept. Raises UnknownPeerKeyError if nothing is pinned for `peer`."""
-        when = _text(_aware(at, "at"))
+        when = sqlite_text(_aware(at, "at"))
         with self._cursor(write=True) as cur:
             cur.execute(
                 "UPDATE peer_keys SET presented_sha256 = ?, changed_at = ? "
@@ -399,9 +396,9 @@ def _get_pin(cur: sqlite3.Cursor, peer: str) -> PeerKey | None:
     row = cur.fetchone()
     if row is None:
         return None
-    pinned_at = _time(row[1])
+    pinned_at = sqlite_time(row[1])
     assert pinned_at is not None
-    return PeerKey(row[0], pinned_at, row[2], _time(row[3]))
+    return PeerKey(row[0], pinned_at, row[2], sqlite_time(row[3]))
 
 
 def _aware(value: datetime, name: str) -> datetime:
@@ -425,15 +422,6 @@ def _chunks(items: list[str]) -> Iterator[list[str]]:
         yield items[start : start + _CHUNK]
 
 
-def _text(value: datetime) -> str:
-    return value.astimezone(UTC).strftime(_TIME_FORMAT)
-
-
-def _time(value: str | None) -> datetime | None:
-    # Parsing with the offset appended is several times faster than parse-then-replace.
-    return None if value is None else datetime.fromisoformat(value + "+00:00")
-
-
 def _params(m: StoredMessage, received: str | None = None) -> tuple[object, ...]:
     """The INSERT values of `m`; `received` is its received_at as text (the same for a batch)."""
     return (
@@ -443,7 +431,7 @@ def _params(m: StoredMessage, received: str | None = None) -> tuple[object, ...]
         m.sender,
         m.recipient,
         m.body,
-        _text(m.sent_at),
+        sqlite_text(m.sent_at),
         received,
         m.status.value,
     )
@@ -473,7 +461,7 @@ def _from_tuple(row: tuple[Any, ...]) -> StoredMessage:
         delivered_at,
         status,
     ) = row
-    sent = _time(sent_at)
+    sent = sqlite_time(sent_at)
     assert sent is not None
     return StoredMessage(
         id=id,
@@ -483,8 +471,8 @@ def _from_tuple(row: tuple[Any, ...]) -> StoredMessage:
         recipient=recipient,
         body=body,
         sent_at=sent,
-        received_at=_time(received_at),
-        delivered_at=_time(delivered_at),
+        received_at=sqlite_time(received_at),
+        delivered_at=sqlite_time(delivered_at),
         status=_STATUSES[status],
         seq=seq,
     )

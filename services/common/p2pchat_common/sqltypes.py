@@ -8,21 +8,6 @@ from sqlalchemy import DateTime
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
-# How SQLAlchemy's DateTime stores a (naive UTC) time on SQLite; code that reads or writes those
-# columns in plain SQL uses these two so that its values compare and sort with SQLAlchemy's.
-_SQLITE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-
-
-def sqlite_text(value: datetime) -> str:
-    """An aware time as SQLAlchemy stores it in a SQLite DateTime column."""
-    return value.astimezone(UTC).strftime(_SQLITE_FORMAT)
-
-
-def sqlite_time(value: str | None) -> datetime | None:
-    """A SQLite DateTime column's text as an aware UTC time (None stays None)."""
-    # Parsing with the offset appended is several times faster than parse-then-replace.
-    return None if value is None else datetime.fromisoformat(value + "+00:00")
-
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Stores naive UTC, returns aware UTC: the same on SQLite (no time zones) and PostgreSQL."""

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from p2pchat_common.errors import AlreadyExists
-from p2pchat_common.sqltypes import sqlite_text, sqlite_time
+from p2pchat_common.timestamps import sqlite_text, sqlite_time
 from p2pchat_directory.db import Databases
 from p2pchat_directory.models import Contact, LoginFailure, User, UserSession
 
