@@ -359,6 +359,19 @@ def test_search_finds_words_that_look_like_fts5_operators(store: MessageStore) -
     assert store.history("bob", query='AND "and" NEAR( or)')[0] == [message]
 
 
+def _fts_integrity_check(db_path: Path) -> None:
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    conn.close()
+
+
+def _indexed_seq(db_path: Path) -> int:
+    with sqlite3.connect(db_path) as conn:
+        (seq,) = conn.execute("SELECT indexed_seq FROM fts_progress").fetchone()
+    conn.close()
+    return int(seq)
+
+
 def test_full_text_index_stays_consistent_with_the_messages(
     store: MessageStore, db_path: Path
 ) -> None:
@@ -366,10 +379,75 @@ def test_full_text_index_stays_consistent_with_the_messages(
         message = _send(store, "bob", f"word{n} text")
         store.mark_delivered([message.id], T0)
         store.store_incoming([_incoming("carol", f"other{n} text")], T0)
+        if n % 7 == 0:
+            store.index_pending()
 
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    _fts_integrity_check(db_path)
+    store.index_pending()
+    _fts_integrity_check(db_path)
+
+
+def test_messages_are_indexed_off_the_commit_and_a_search_still_finds_them_at_once(
+    store: MessageStore, db_path: Path
+) -> None:
+    sent = _send(store, "bob", "freshly committed words")
+    received = _receive(store, "bob", "fresh reply")
+    assert _indexed_seq(db_path) == 0  # nothing indexed by the commits themselves
+
+    assert store.history("bob", query="fresh")[0] == [sent, received]
+    assert _indexed_seq(db_path) == received.seq  # the search caught the index up first
+
+
+def test_index_pending_adds_the_oldest_first_in_bounded_batches(
+    store: MessageStore, db_path: Path
+) -> None:
+    messages = [_send(store, "bob", f"batch word{n}") for n in range(10)]
+
+    assert [store.index_pending(4) for _ in range(4)] == [4, 4, 2, 0]
+    assert _indexed_seq(db_path) == messages[-1].seq
+    _fts_integrity_check(db_path)
+    assert store.history("bob", query="word9")[0] == [messages[9]]
+
+
+def test_deleting_or_editing_rows_keeps_the_index_consistent_indexed_or_not(
+    store: MessageStore, db_path: Path
+) -> None:
+    old = [_send(store, "bob", f"old body{n}") for n in range(3)]
+    store.index_pending()
+    new = [_send(store, "bob", f"new body{n}") for n in range(3)]
+    with sqlite3.connect(db_path) as conn:  # what a future feature (delete, edit) would do
+        for message in (old[0], new[0]):
+            conn.execute("DELETE FROM messages WHERE seq = ?", (message.seq,))
+        for message in (old[1], new[1]):
+            conn.execute("UPDATE messages SET body = 'edited' WHERE seq = ?", (message.seq,))
     conn.close()
+
+    _fts_integrity_check(db_path)
+    store.index_pending()
+    _fts_integrity_check(db_path)
+    assert [m.id for m in store.history("bob", query="edited")[0]] == [old[1].id, new[1].id]
+    assert [m.id for m in store.history("bob", query="body2")[0]] == [old[2].id, new[2].id]
+
+
+def test_a_version_1_db_keeps_its_index_when_migrated(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patch:
+        patch.setattr(schema_module, "MIGRATIONS", schema_module.MIGRATIONS[:1])
+        v1 = MessageStore.open(db_path)
+        before = [_send(v1, "bob", f"from version one {n}") for n in range(5)]
+        v1.close()
+    assert _user_version(db_path) == 1
+
+    store = MessageStore.open(db_path)
+    try:
+        assert _user_version(db_path) == 2
+        assert _indexed_seq(db_path) == before[-1].seq  # version 1 had indexed every row
+        after = _send(store, "bob", "from version two")
+        assert store.history("bob", query="version")[0] == [*before, after]
+        _fts_integrity_check(db_path)
+    finally:
+        store.close()
 
 
 # -- pinned keys -------------------------------------------------------------------------------
@@ -417,7 +495,7 @@ def test_record_key_change_without_a_pin_raises_not_found(store: MessageStore) -
 # -- the file: reopening, versions, mode -------------------------------------------------------
 
 
-def test_reopening_keeps_everything_at_schema_version_1(db_path: Path) -> None:
+def test_reopening_keeps_everything_at_the_latest_schema_version(db_path: Path) -> None:
     first = MessageStore.open(db_path)
     try:
         sent = _send(first, "bob", "kept")
@@ -436,16 +514,16 @@ def test_reopening_keeps_everything_at_schema_version_1(db_path: Path) -> None:
         assert _send(second, "bob", "next").seq > received.seq
     finally:
         second.close()
-    assert _user_version(db_path) == 1 == len(schema_module.MIGRATIONS)
+    assert _user_version(db_path) == len(schema_module.MIGRATIONS) == 2
 
 
 def test_a_db_from_a_newer_agent_is_refused(db_path: Path) -> None:
     MessageStore.open(db_path).close()
     with sqlite3.connect(db_path) as conn:
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute("PRAGMA user_version = 3")
     conn.close()
 
-    with pytest.raises(RuntimeError, match="schema version 2 is newer than this agent knows"):
+    with pytest.raises(RuntimeError, match="schema version 3 is newer than this agent knows"):
         MessageStore.open(db_path)
 
 
@@ -460,7 +538,7 @@ def test_missing_migrations_are_applied_on_open(
     monkeypatch.setattr(schema_module, "MIGRATIONS", [*schema_module.MIGRATIONS, add_drafts])
     MessageStore.open(db_path).close()
 
-    assert _user_version(db_path) == 2
+    assert _user_version(db_path) == 3
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM drafts").fetchone() == (0,)
     conn.close()
@@ -480,7 +558,7 @@ def test_a_failing_migration_leaves_the_schema_and_version_unchanged(
     with pytest.raises(RuntimeError, match="boom"):
         MessageStore.open(db_path)
 
-    assert _user_version(db_path) == 1
+    assert _user_version(db_path) == 2
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         columns = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}

@@ -39,6 +39,10 @@ COLUMNS: dict[str, dict[str, bool]] = {
         "presented_sha256": True,
         "changed_at": True,
     },
+    "fts_progress": {
+        "id": False,
+        "indexed_seq": False,
+    },
 }
 
 _SCHEMA_V1 = [
@@ -70,14 +74,43 @@ _SCHEMA_V1 = [
 ]
 
 
-def _migrate_to_v1(conn: sqlite3.Connection) -> None:
-    for statement in _SCHEMA_V1:
-        conn.execute(statement)
+# Version 2: the full-text index is filled off the hot path. An insert trigger cost ~28 us per
+# message in the committing transaction (a third of a received batch's commit); indexing the new
+# rows later in batches of hundreds costs a third of that, outside the delivery path.
+# `fts_progress.indexed_seq`: every message with seq <= it is in messages_fts, none above it.
+# MessageStore.index_pending moves it forward; a search first catches it up, so it stays exact.
+# The delete/update triggers touch the index only for rows already in it.
+_SCHEMA_V2 = [
+    "DROP TRIGGER messages_fts_ai",
+    "DROP TRIGGER messages_fts_ad",
+    "DROP TRIGGER messages_fts_au",
+    """CREATE TABLE fts_progress (
+        id INTEGER NOT NULL PRIMARY KEY CHECK (id = 1), indexed_seq INTEGER NOT NULL)""",
+    # Version 1 indexed every row as it went in.
+    "INSERT INTO fts_progress VALUES (1, (SELECT coalesce(max(seq), 0) FROM messages))",
+    """CREATE TRIGGER messages_fts_ad AFTER DELETE ON messages
+    WHEN old.seq <= (SELECT indexed_seq FROM fts_progress) BEGIN
+        INSERT INTO messages_fts(messages_fts, rowid, body) VALUES ('delete', old.seq, old.body);
+    END""",
+    """CREATE TRIGGER messages_fts_au AFTER UPDATE OF body ON messages
+    WHEN old.seq <= (SELECT indexed_seq FROM fts_progress) BEGIN
+        INSERT INTO messages_fts(messages_fts, rowid, body) VALUES ('delete', old.seq, old.body);
+        INSERT INTO messages_fts(rowid, body) VALUES (new.seq, new.body);
+    END""",
+]
+
+
+def _run(statements: list[str]) -> Callable[[sqlite3.Connection], None]:
+    def migration(conn: sqlite3.Connection) -> None:
+        for statement in statements:
+            conn.execute(statement)
+
+    return migration
 
 
 # MIGRATIONS[i] moves the schema from version i to i + 1 (PRAGMA user_version). Never edit one
 # that has shipped: append a new one (and update COLUMNS above).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_run(_SCHEMA_V1), _run(_SCHEMA_V2)]
 
 
 def connect(path: Path) -> sqlite3.Connection:

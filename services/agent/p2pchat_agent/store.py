@@ -196,6 +196,36 @@ class MessageStore:
         with transaction(self._connection(), write) as cursor:
             yield cursor
 
+    # -- the full-text index (filled off the hot path; see schema._SCHEMA_V2) ----------------
+
+    def index_pending(self, limit: int = 0) -> int:
+        """Adds the messages not yet in the full-text index to it, oldest first, `limit` at most
+        (0: all) in one transaction; returns how many were added (0 when it is up to date)."""
+        with self._cursor(write=True) as cur:
+            (indexed,) = cur.execute("SELECT indexed_seq FROM fts_progress").fetchone()
+            cur.execute(
+                "SELECT count(*), max(seq) FROM (SELECT seq FROM messages WHERE seq > ? "
+                "ORDER BY seq LIMIT ?)",
+                (indexed, limit or -1),
+            )
+            count, last = cur.fetchone()
+            if not count:
+                return 0
+            cur.execute(
+                "INSERT INTO messages_fts(rowid, body) SELECT seq, body FROM messages "
+                "WHERE seq > ? AND seq <= ? ORDER BY seq",
+                (indexed, last),
+            )
+            cur.execute("UPDATE fts_progress SET indexed_seq = ?", (last,))
+            return int(count)
+
+    def _unindexed(self, cur: sqlite3.Cursor) -> bool:
+        cur.execute(
+            "SELECT (SELECT indexed_seq FROM fts_progress) < "
+            "(SELECT coalesce(max(seq), 0) FROM messages)"
+        )
+        return bool(cur.fetchone()[0])
+
     def checkpoint(self) -> None:
         """Copies the write-ahead log into the database without blocking readers or writers
         (PASSIVE), so that commits on the hot path never pay for it."""
@@ -324,8 +354,14 @@ class MessageStore:
         """The newest `limit` messages with `peer` (both directions), older than `before_id` if
         given, matching `query` if given (full text: whole words first, prefixes when that finds
         fewer than `limit`); oldest first, and whether older ones (matching) exist.
-        Unknown `before_id` → UnknownMessageError."""
+        Unknown `before_id` → UnknownMessageError. A search first indexes what is not yet in the
+        full-text index (a write; the agent does it in its writer thread beforehand)."""
         _check_limit(limit)
+        if fts_query(query) is not None:
+            with self._cursor(write=False) as cur:
+                behind = self._unindexed(cur)
+            if behind:
+                self.index_pending()
         with self._cursor(write=False) as cur:
             before = _NO_SEQ_LIMIT
             if before_id is not None:
