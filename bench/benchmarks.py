@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from bench.bare import OWN_CONNECTION, BareServer, bare_unary_rate, stream_rate, unary_rate
-from bench.cluster import PASSWORD, Agent, World, rss_mb, wait_for
+from bench.cluster import PASSWORD, Agent, World, cpu_seconds, rss_mb, wait_for
 from bench.peers import PeerLinks, make_identities
 from bench.prefill import Corpus, fill_history, fill_outbox
 from p2pchat.v1 import agent_pb2 as apb
@@ -503,9 +503,11 @@ async def live_latency(ctx: Context, lazy: Lazy) -> Figures:
         probe = await paced("p", p.latency_probe_rate, p.latency_probe_count, 10)
         await asyncio.sleep(1.0)
         with profiled(ctx, "live_latency", {"alice": alice.pid, "bob": bob.pid}):
+            cpu0 = {a.name: cpu_seconds(a.pid) for a in (alice, bob)}
             t0 = time.monotonic()
             sent = await paced("m", p.latency_rate, count, p.latency_seconds + p.latency_grace)
             send_seconds = time.monotonic() - t0
+            cpu = {a.name: (cpu_seconds(a.pid) - cpu0[a.name]) / send_seconds for a in (alice, bob)}
             cutoff = max(time.monotonic(), t0 + p.latency_seconds) + p.latency_grace
             try:
                 await asyncio.to_thread(receiver.wait, max(0.1, cutoff - time.monotonic()))
@@ -542,6 +544,8 @@ async def live_latency(ctx: Context, lazy: Lazy) -> Figures:
         "received": len(latencies),
         "not_received": len(missing),
         "achieved_send_rate": len(sent) / send_seconds,
+        "alice_cpu_percent": cpu["alice"] * 100,
+        "bob_cpu_percent": cpu["bob"] * 100,
         "alice_chat_events": events,
         **summary_ms(latencies + missing),
         "probe_rate_per_s": p.latency_probe_rate,
