@@ -171,17 +171,24 @@ def test_store_incoming_of_an_empty_batch_returns_nothing(store: MessageStore) -
 # -- delivery ----------------------------------------------------------------------------------
 
 
-def test_mark_delivered_changes_only_pending_outgoing_messages(store: MessageStore) -> None:
+def test_mark_delivered_changes_only_pending_outgoing_messages_to_that_peer(
+    store: MessageStore,
+) -> None:
     out1, out2 = _send(store, "bob", "one"), _send(store, "bob", "two")
+    to_carol = _send(store, "carol", "not bob's to acknowledge")
     incoming = _receive(store, "bob", "in")
     at = T0 + timedelta(minutes=1)
 
-    changed = store.mark_delivered([out2.id, "unknown", incoming.id, out1.id, out1.id], at)
+    changed = store.mark_delivered(
+        "bob", [out2.id, "unknown", incoming.id, to_carol.id, out1.id, out1.id], at
+    )
 
-    assert [m.id for m in changed] == [out1.id, out2.id]
-    assert all(m.status == Status.DELIVERED and m.delivered_at == at for m in changed)
+    assert changed == [out1.id, out2.id]
+    for message in (out1, out2):
+        assert store.get(message.id) == message._replace(status=Status.DELIVERED, delivered_at=at)
     assert store.get(incoming.id) == incoming
-    assert store.mark_delivered([out1.id], at + timedelta(minutes=1)) == []
+    assert store.get(to_carol.id) == to_carol
+    assert store.mark_delivered("bob", [out1.id], at + timedelta(minutes=1)) == []
     again = store.get(out1.id)
     assert again is not None and again.delivered_at == at
 
@@ -190,7 +197,7 @@ def test_pending_for_lists_pending_outgoing_to_that_peer_in_order(store: Message
     to_bob = [_send(store, "bob", f"b{n}") for n in range(5)]
     _send(store, "carol", "c")
     _receive(store, "bob", "from bob")
-    store.mark_delivered([to_bob[1].id], T0)
+    store.mark_delivered("bob", [to_bob[1].id], T0)
 
     pending = store.pending_for("bob")
 
@@ -219,7 +226,7 @@ def test_peers_with_pending_and_count_pending_follow_the_outbox(store: MessageSt
     _receive(store, "dave", "not pending")
 
     assert (store.peers_with_pending(), store.count_pending()) == (["bob", "carol"], 3)
-    store.mark_delivered([to_bob.id], T0)
+    store.mark_delivered("bob", [to_bob.id], T0)
     assert (store.peers_with_pending(), store.count_pending()) == (["carol"], 2)
 
 
@@ -377,7 +384,7 @@ def test_full_text_index_stays_consistent_with_the_messages(
 ) -> None:
     for n in range(50):
         message = _send(store, "bob", f"word{n} text")
-        store.mark_delivered([message.id], T0)
+        store.mark_delivered("bob", [message.id], T0)
         store.store_incoming([_incoming("carol", f"other{n} text")], T0)
         if n % 7 == 0:
             store.index_pending()

@@ -24,7 +24,7 @@ from p2pchat_agent.identity import Identity, StoredSession, load_or_create_key, 
 from p2pchat_agent.ids import new_message_id
 from p2pchat_agent.outbox import Outbox
 from p2pchat_agent.peer import LinkManager
-from p2pchat_agent.store import MessageStore, OutgoingMessage, StoredMessage
+from p2pchat_agent.store import MessageStore, OutgoingMessage, Status, StoredMessage
 from p2pchat_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -367,7 +367,7 @@ class Agent:
             return await asyncio.shield(self.submit(peer, body))
         message_id = new_message_id()
         with self.events.subscribe(
-            lambda e: isinstance(e, DeliveryEvent) and e.message.id == message_id
+            lambda e: isinstance(e, DeliveryEvent) and e.peer == peer and message_id in e.ids
         ) as delivered:
             message = await asyncio.shield(self.submit(peer, body, message_id))
             try:
@@ -375,7 +375,7 @@ class Agent:
             except TimeoutError:
                 return message
             assert isinstance(event, DeliveryEvent)
-            return event.message
+            return message._replace(status=Status.DELIVERED, delivered_at=event.delivered_at)
 
     def _stored(self, messages: list[StoredMessage]) -> None:
         """Messages just committed as pending: show them live and hand them to their links."""

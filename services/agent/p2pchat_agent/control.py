@@ -11,7 +11,7 @@ import grpc
 from p2pchat.v1 import agent_pb2 as pb
 from p2pchat.v1 import agent_pb2_grpc, directory_pb2
 from p2pchat_agent.agent import Agent
-from p2pchat_agent.events import DeliveryEvent, Event, KeyChangedEvent, MessageEvent
+from p2pchat_agent.events import DeliveryEvent, Event, InputEnded, Item, MessageEvent, Notice
 from p2pchat_agent.store import StoredMessage
 from p2pchat_common.errors import DomainError, InvalidArgument
 from p2pchat_common.timestamps import to_timestamp
@@ -45,26 +45,36 @@ def chat_message(m: StoredMessage) -> pb.ChatMessage:
     return msg
 
 
-def chat_event(event: Event) -> pb.ChatEvent:
+def chat_events(event: Event) -> list[pb.ChatEvent]:
+    """What the CLI streams show of an event: one ChatEvent per message concerned."""
     if isinstance(event, MessageEvent):
-        return pb.ChatEvent(message=chat_message(event.message))
+        return [pb.ChatEvent(message=chat_message(event.message))]
     if isinstance(event, DeliveryEvent):
-        m = event.message
-        update = pb.DeliveryUpdate(id=m.id, peer=m.peer, status=_STATUS[m.status])
-        if m.delivered_at is not None:
-            update.delivered_at.CopyFrom(to_timestamp(m.delivered_at))
-        return pb.ChatEvent(delivery=update)
-    return pb.ChatEvent(
-        key_changed=pb.PeerKeyChanged(
-            peer=event.peer,
-            pinned_sha256=event.pinned_sha256,
-            presented_sha256=event.presented_sha256,
+        delivered_at = to_timestamp(event.delivered_at)
+        return [
+            pb.ChatEvent(
+                delivery=pb.DeliveryUpdate(
+                    id=id,
+                    peer=event.peer,
+                    status=pb.MESSAGE_STATUS_DELIVERED,
+                    delivered_at=delivered_at,
+                )
+            )
+            for id in event.ids
+        ]
+    return [
+        pb.ChatEvent(
+            key_changed=pb.PeerKeyChanged(
+                peer=event.peer,
+                pinned_sha256=event.pinned_sha256,
+                presented_sha256=event.presented_sha256,
+            )
         )
-    )
+    ]
 
 
 def event_peer(event: Event) -> str:
-    return event.peer if isinstance(event, KeyChangedEvent) else event.message.peer
+    return event.message.peer if isinstance(event, MessageEvent) else event.peer
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -160,54 +170,56 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         peer = normalize_username(first.open.peer)
         await agent.require_contact(peer)
         limit = first.open.history_limit or 50
-        notices: asyncio.Queue[pb.ChatEvent] = asyncio.Queue()
-
-        def refused(exc: BaseException) -> None:
-            code = exc.code.name if isinstance(exc, DomainError) else "INTERNAL"
-            notices.put_nowait(pb.ChatEvent(notice=pb.Notice(code=code, message=str(exc))))
-
-        def stored(future: asyncio.Future[StoredMessage]) -> None:
-            if not future.cancelled() and future.exception() is not None:
-                refused(future.exception())  # type: ignore[arg-type]
-
-        async def read_inputs() -> None:
-            # Texts are queued in order without waiting for each commit: a fast typist (or a
-            # script) is limited by group commit, not by one transaction per message.
-            async for item in request_iterator:
-                if item.WhichOneof("kind") != "text":
-                    continue
-                try:
-                    agent.submit(peer, item.text.body).add_done_callback(stored)
-                except DomainError as exc:
-                    refused(exc)
 
         with agent.events.subscribe(lambda e: event_peer(e) == peer) as sub:
+
+            def stored(future: asyncio.Future[StoredMessage]) -> None:
+                exc = None if future.cancelled() else future.exception()
+                if exc is not None:
+                    refused(exc)
+
+            def refused(exc: BaseException) -> None:
+                code = exc.code.name if isinstance(exc, DomainError) else "INTERNAL"
+                sub.put(Notice(code, str(exc)))
+
+            async def read_inputs() -> None:
+                # Texts are queued in order without waiting for each commit: a fast typist (or a
+                # script) is limited by group commit, not by one transaction per message.
+                async for item in request_iterator:
+                    if item.WhichOneof("kind") != "text":
+                        continue
+                    try:
+                        agent.submit(peer, item.text.body).add_done_callback(stored)
+                    except DomainError as exc:
+                        refused(exc)
+
+            def input_ended(task: asyncio.Task[None]) -> None:
+                sub.put(InputEnded(None if task.cancelled() else task.exception()))
+
             history, _ = await agent.history(peer, limit)
             shown = {m.id for m in history}
             for m in history:
                 yield pb.ChatEvent(message=chat_message(m))
             yield pb.ChatEvent(history_end=pb.HistoryEnd())
             reader = asyncio.create_task(read_inputs())
+            reader.add_done_callback(input_ended)
             try:
+                # One queue holds the live events, this chat's notices and the end of its
+                # input, in order: one wait per burst, no task per event.
                 while True:
-                    next_event = asyncio.ensure_future(sub.get())
-                    next_notice = asyncio.ensure_future(notices.get())
-                    done, pending = await asyncio.wait(
-                        {next_event, next_notice, reader}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    for fut in (next_event, next_notice):
-                        if fut not in done:
-                            fut.cancel()
-                    if next_notice in done:
-                        yield next_notice.result()
-                    if next_event in done:
-                        event = next_event.result()
-                        if isinstance(event, MessageEvent) and event.message.id in shown:
-                            continue
-                        yield chat_event(event)
-                    if reader in done and not (next_event in done or next_notice in done):
-                        reader.result()  # the CLI closed its side: end the chat
-                        return
+                    item: Item | None = await sub.get()
+                    while item is not None:
+                        if isinstance(item, InputEnded):
+                            if item.error is not None:
+                                raise item.error
+                            return  # the CLI closed its side: end the chat
+                        if isinstance(item, Notice):
+                            notice = pb.Notice(code=item.code, message=item.message)
+                            yield pb.ChatEvent(notice=notice)
+                        elif not (isinstance(item, MessageEvent) and item.message.id in shown):
+                            for event in chat_events(item):
+                                yield event
+                        item = sub.get_nowait()
             finally:
                 reader.cancel()
 
@@ -224,4 +236,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
         with agent.events.subscribe(wanted) as sub:
             while True:
-                yield chat_event(await sub.get())
+                item = await sub.get()
+                assert not isinstance(item, Notice | InputEnded)  # only Chat puts those
+                for event in chat_events(item):
+                    yield event

@@ -130,11 +130,10 @@ class Delivery:
 
     async def _acknowledged(self, link: PeerLink, ids: list[str]) -> None:
         await link.release(len(ids))
-        changed: list[StoredMessage] = await self._write_db(
-            self._store.mark_delivered, ids, datetime.now(UTC)
-        )
-        for message in changed:
-            self._events.publish(DeliveryEvent(message))
+        when = datetime.now(UTC)
+        changed: list[str] = await self._write_db(self._store.mark_delivered, link.peer, ids, when)
+        if changed:
+            self._events.publish(DeliveryEvent(link.peer, tuple(changed), when))
 
     # -- sending ----------------------------------------------------------------------------
 

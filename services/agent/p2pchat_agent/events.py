@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import grpc
 
@@ -28,7 +29,11 @@ class MessageEvent:
 
 @dataclass(frozen=True)
 class DeliveryEvent:
-    message: StoredMessage
+    """Outgoing messages to `peer` acknowledged together (one ack frame), in the order sent."""
+
+    peer: str
+    ids: tuple[str, ...]
+    delivered_at: datetime
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,24 @@ class KeyChangedEvent:
 Event = MessageEvent | DeliveryEvent | KeyChangedEvent
 
 
+@dataclass(frozen=True)
+class Notice:
+    """Something for one subscriber only (a send of its own was refused); put by its owner."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class InputEnded:
+    """The owner's input side ended (with `error` when it failed); put by its owner."""
+
+    error: BaseException | None = None
+
+
+Item = Event | Notice | InputEnded
+
+
 class Overflow(DomainError):
     """The subscriber did not keep up; its stream is closed."""
 
@@ -51,14 +74,37 @@ class Subscription:
     def __init__(self, hub: EventHub, accepts: Callable[[Event], bool]) -> None:
         self._hub = hub
         self.accepts = accepts
-        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(QUEUE_LIMIT)
+        self.queue: asyncio.Queue[Item | None] = asyncio.Queue(QUEUE_LIMIT)
         self.overflowed = False
 
-    async def get(self) -> Event:
-        event = await self.queue.get()
-        if event is None:
+    async def get(self) -> Item:
+        """The next item; waits for one."""
+        item = await self.queue.get()
+        if item is None:
             raise Overflow("too many events not read in time; reconnect to catch up")
-        return event
+        return item
+
+    def get_nowait(self) -> Item | None:
+        """The next item if one is waiting, else None (no wait: drains a burst in one go)."""
+        if self.queue.empty():
+            return None
+        item = self.queue.get_nowait()
+        if item is None:
+            raise Overflow("too many events not read in time; reconnect to catch up")
+        return item
+
+    def put(self, item: Item) -> None:
+        """Queues an item for this subscriber (events come from the hub; the owner may add its
+        own notices); a subscriber that fell QUEUE_LIMIT behind is dropped."""
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            log.warning("dropping a live subscriber that fell %d events behind", QUEUE_LIMIT)
+            self.queue.get_nowait()
+            self.queue.put_nowait(None)
 
     def close(self) -> None:
         self._hub.unsubscribe(self)
@@ -84,13 +130,8 @@ class EventHub:
 
     def publish(self, event: Event) -> None:
         """Called on the event loop thread."""
+        if not self._subs:
+            return
         for sub in list(self._subs):
-            if sub.overflowed or not sub.accepts(event):
-                continue
-            try:
-                sub.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                sub.overflowed = True
-                log.warning("dropping a live subscriber that fell %d events behind", QUEUE_LIMIT)
-                sub.queue.get_nowait()
-                sub.queue.put_nowait(None)
+            if sub.accepts(event):
+                sub.put(event)

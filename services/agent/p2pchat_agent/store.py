@@ -296,22 +296,24 @@ class MessageStore:
                     stored.append(message._replace(seq=_seq(cur)))
         return stored
 
-    def mark_delivered(self, ids: Sequence[str], delivered_at: datetime) -> list[StoredMessage]:
-        """Marks outgoing pending messages delivered, in one transaction. Returns those that
-        changed, in seq order; unknown ids and messages not pending are left alone."""
+    def mark_delivered(self, peer: str, ids: Sequence[str], delivered_at: datetime) -> list[str]:
+        """Marks pending outgoing messages to `peer` delivered, in one transaction. Returns the
+        ids of those that changed, in seq order; unknown ids, messages to anyone else and
+        messages not pending are left alone (a peer acknowledges only what it was sent)."""
         when = sqlite_text(_aware(delivered_at, "delivered_at"))
-        changed: list[StoredMessage] = []
+        changed: list[tuple[int, str]] = []
         with self._cursor(write=True) as cur:
             for chunk in _chunks(list(dict.fromkeys(ids))):
                 marks = ",".join("?" * len(chunk))
                 cur.execute(
                     f"UPDATE messages SET status = 'delivered', delivered_at = ? WHERE id IN "
-                    f"({marks}) AND status = 'pending' AND direction = 'out' "
-                    f"RETURNING {_SELECT_COLUMNS}",
-                    (when, *chunk),
+                    f"({marks}) AND peer = ? AND status = 'pending' AND direction = 'out' "
+                    "RETURNING seq, id",
+                    (when, *chunk, peer),
                 )
-                changed.extend(map(_from_tuple, cur.fetchall()))
-        return sorted(changed, key=lambda m: m.seq)
+                changed.extend(cur.fetchall())
+        changed.sort()
+        return [id for _, id in changed]
 
     def get(self, id: str) -> StoredMessage | None:
         with self._cursor(write=False) as cur:
