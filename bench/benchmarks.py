@@ -504,10 +504,13 @@ async def live_latency(ctx: Context, lazy: Lazy) -> Figures:
         await asyncio.sleep(1.0)
         with profiled(ctx, "live_latency", {"alice": alice.pid, "bob": bob.pid}):
             cpu0 = {a.name: cpu_seconds(a.pid) for a in (alice, bob)}
+            cpu0["bench"], cpu0["receiver"] = time.process_time(), cpu_seconds(receiver.pid)
             t0 = time.monotonic()
             sent = await paced("m", p.latency_rate, count, p.latency_seconds + p.latency_grace)
             send_seconds = time.monotonic() - t0
             cpu = {a.name: (cpu_seconds(a.pid) - cpu0[a.name]) / send_seconds for a in (alice, bob)}
+            cpu["bench"] = (time.process_time() - cpu0["bench"]) / send_seconds
+            cpu["receiver"] = (cpu_seconds(receiver.pid) - cpu0["receiver"]) / send_seconds
             cutoff = max(time.monotonic(), t0 + p.latency_seconds) + p.latency_grace
             try:
                 await asyncio.to_thread(receiver.wait, max(0.1, cutoff - time.monotonic()))
@@ -546,6 +549,8 @@ async def live_latency(ctx: Context, lazy: Lazy) -> Figures:
         "achieved_send_rate": len(sent) / send_seconds,
         "alice_cpu_percent": cpu["alice"] * 100,
         "bob_cpu_percent": cpu["bob"] * 100,
+        "sender_cpu_percent": cpu["bench"] * 100,  # this process: the Chat stream's client
+        "receiver_cpu_percent": cpu["receiver"] * 100,
         "alice_chat_events": events,
         **summary_ms(latencies + missing),
         "probe_rate_per_s": p.latency_probe_rate,
