@@ -10,6 +10,7 @@ other (busy_timeout).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.schema import connect, migrate, transaction
@@ -28,6 +29,7 @@ from p2pchat_common.errors import AlreadyExists, NotFound
 from p2pchat_common.timestamps import sqlite_text, sqlite_time
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's bound-parameter limit
 
@@ -84,8 +86,12 @@ _SEARCH = (
     "AND messages_fts.rowid < ? AND messages.peer = ? ORDER BY messages_fts.rowid DESC LIMIT ?"
 )
 _INSERT_COLUMNS = "id, peer, direction, sender, recipient, body, sent_at, received_at, status"
-_INSERT = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES "
 _INSERT_NEW = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO")
+_ROW_MARKS = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Rows per INSERT statement: one statement for a batch costs far less than one per row, and
+# 100 x 9 parameters stay well under SQLite's limit.
+_ROWS_PER_INSERT = 100
 # Queries name 'pending' literally, not as a bound parameter, so that SQLite can pick the
 # partial index ix_messages_pending.
 
@@ -107,8 +113,7 @@ class StoredMessage(NamedTuple):
     seq: int = 0  # local order of creation or arrival; 0 until stored
 
 
-@dataclass(frozen=True)
-class OutgoingMessage:
+class OutgoingMessage(NamedTuple):  # NamedTuples: made for every message, several times faster
     id: str
     sender: str
     recipient: str
@@ -116,8 +121,7 @@ class OutgoingMessage:
     sent_at: datetime
 
 
-@dataclass(frozen=True)
-class IncomingMessage:
+class IncomingMessage(NamedTuple):
     id: str
     sender: str
     recipient: str
@@ -263,15 +267,17 @@ class MessageStore:
             )
         if not rows:
             return []
-        stored = []
+        seqs: dict[str, int] = {}
         with self._cursor(write=True) as cur:
-            for row in rows:
+            for chunk in _chunks(rows, _ROWS_PER_INSERT):
                 try:
-                    cur.execute(_INSERT, _params(row))
+                    cur.execute(_insert_rows(len(chunk), _INSERT), _flat_params(chunk))
                 except sqlite3.IntegrityError:
-                    raise DuplicateMessageError(f"message {row.id} already exists") from None
-                stored.append(row._replace(seq=_seq(cur)))
-        return stored
+                    raise DuplicateMessageError(
+                        f"message {_duplicate(cur, rows)} already exists"
+                    ) from None
+                seqs.update((id, seq) for seq, id in cur.fetchall())
+        return [row._replace(seq=seqs[row.id]) for row in rows]
 
     def store_incoming(
         self, messages: Sequence[IncomingMessage], received_at: datetime
@@ -279,22 +285,44 @@ class MessageStore:
         """Stores a batch of received messages in one transaction, skipping ids already stored
         (also repeats within the batch: the first one counts). Returns the new ones, in order."""
         received_at = _aware(received_at, "received_at")
-        batch: dict[str, StoredMessage] = {}
+        batch: dict[str, IncomingMessage] = {}
         for m in messages:
             _check_id(m.id)
-            sent_at = _aware(m.sent_at, "sent_at")
-            fields = (m.sender, Direction.IN, m.sender, m.recipient, m.body, sent_at, received_at)
-            batch.setdefault(m.id, StoredMessage(m.id, *fields, None, Status.RECEIVED))
+            batch.setdefault(m.id, m)
         if not batch:
             return []
-        stored = []
+        rows = list(batch.values())
+        sent = [_aware(m.sent_at, "sent_at") for m in rows]
         received = sqlite_text(received_at)
+        seqs: dict[str, int] = {}
         with self._cursor(write=True) as cur:
-            for message in batch.values():
-                cur.execute(_INSERT_NEW, _params(message, received))
-                if cur.rowcount == 1:
-                    stored.append(message._replace(seq=_seq(cur)))
-        return stored
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = zip(rows[start : start + _ROWS_PER_INSERT], sent[start:], strict=False)
+                params: list[object] = []
+                for m, at in chunk:
+                    text = sqlite_text(at)
+                    params += (m.id, m.sender, "in", m.sender, m.recipient, m.body, text, received)
+                    params.append("received")
+                cur.execute(_insert_rows(len(params) // 9, _INSERT_NEW), params)
+                seqs.update((id, seq) for seq, id in cur.fetchall())
+        in_, received_status = Direction.IN, Status.RECEIVED
+        return [
+            StoredMessage(
+                m.id,
+                m.sender,
+                in_,
+                m.sender,
+                m.recipient,
+                m.body,
+                at,
+                received_at,
+                None,
+                received_status,
+                seqs[m.id],
+            )
+            for m, at in zip(rows, sent, strict=True)
+            if m.id in seqs
+        ]
 
     def mark_delivered(self, peer: str, ids: Sequence[str], delivered_at: datetime) -> list[str]:
         """Marks pending outgoing messages to `peer` delivered, in one transaction. Returns the
@@ -455,30 +483,46 @@ def _check_limit(limit: int) -> None:
         raise ValueError(f"limit must be positive: {limit}")
 
 
-def _chunks(items: list[str]) -> Iterator[list[str]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
+def _chunks(items: list[T], size: int = _CHUNK) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
-def _params(m: StoredMessage, received: str | None = None) -> tuple[object, ...]:
-    """The INSERT values of `m`; `received` is its received_at as text (the same for a batch)."""
+@functools.cache
+def _insert_rows(count: int, insert: str) -> str:
+    """`insert` for `count` rows, returning the seq and id of each row it inserts."""
+    return insert + ", ".join([_ROW_MARKS] * count) + " RETURNING seq, id"
+
+
+def _flat_params(rows: list[StoredMessage]) -> list[object]:
+    return [value for row in rows for value in _params(row)]
+
+
+def _duplicate(cur: sqlite3.Cursor, rows: list[StoredMessage]) -> str:
+    """The first id of `rows` that is already stored or repeated among them."""
+    seen: set[str] = set()
+    for row in rows:
+        if row.id in seen:
+            return row.id
+        seen.add(row.id)
+        if cur.execute("SELECT 1 FROM messages WHERE id = ?", (row.id,)).fetchone():
+            return row.id
+    return "(unknown)"
+
+
+def _params(m: StoredMessage) -> tuple[object, ...]:
+    """The INSERT values of an outgoing message (the enums are str: sqlite3 stores their text)."""
     return (
         m.id,
         m.peer,
-        m.direction.value,
+        m.direction,
         m.sender,
         m.recipient,
         m.body,
         sqlite_text(m.sent_at),
-        received,
-        m.status.value,
+        None,
+        m.status,
     )
-
-
-def _seq(cursor: sqlite3.Cursor) -> int:
-    seq = cursor.lastrowid
-    assert seq is not None
-    return seq
 
 
 _DIRECTIONS = {d.value: d for d in Direction}
@@ -499,18 +543,16 @@ def _from_tuple(row: tuple[Any, ...]) -> StoredMessage:
         delivered_at,
         status,
     ) = row
-    sent = sqlite_time(sent_at)
-    assert sent is not None
-    return StoredMessage(
-        id=id,
-        peer=peer,
-        direction=_DIRECTIONS[direction],
-        sender=sender,
-        recipient=recipient,
-        body=body,
-        sent_at=sent,
-        received_at=sqlite_time(received_at),
-        delivered_at=sqlite_time(delivered_at),
-        status=_STATUSES[status],
-        seq=seq,
+    return StoredMessage(  # positional: several times faster than keywords for a NamedTuple
+        id,
+        peer,
+        _DIRECTIONS[direction],
+        sender,
+        recipient,
+        body,
+        datetime.fromisoformat(sent_at + "+00:00"),
+        None if received_at is None else datetime.fromisoformat(received_at + "+00:00"),
+        None if delivered_at is None else datetime.fromisoformat(delivered_at + "+00:00"),
+        _STATUSES[status],
+        seq,
     )

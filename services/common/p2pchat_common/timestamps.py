@@ -29,14 +29,15 @@ def from_timestamp(ts: Timestamp) -> datetime:
     return EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
-# How SQLAlchemy's DateTime stores a (naive UTC) time on SQLite. Code that reads or writes such
-# columns in plain SQL uses the two below, so that its values compare and sort with SQLAlchemy's.
-_SQLITE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+# How SQLAlchemy's DateTime stores a (naive UTC) time on SQLite: "YYYY-MM-DD HH:MM:SS.ffffff".
+# Code that reads or writes such columns in plain SQL uses the two below, so that its values
+# compare and sort with SQLAlchemy's.
 
 
 def sqlite_text(value: datetime) -> str:
     """An aware time as SQLAlchemy stores it in a SQLite DateTime column."""
-    return value.astimezone(UTC).strftime(_SQLITE_FORMAT)
+    # isoformat is twice as fast as strftime, and pads years below 1000 as SQLAlchemy does.
+    return value.astimezone(UTC).isoformat(" ", "microseconds")[:26]
 
 
 def sqlite_time(value: str | None) -> datetime | None:
