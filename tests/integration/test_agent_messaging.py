@@ -130,3 +130,36 @@ def test_status_says_when_the_directory_is_unreachable(
     client = make_agent("alice", directory=f"localhost:{free_port()}").client()
     status = client.status()
     assert not status.logged_in and not status.directory_reachable
+
+
+def test_received_messages_are_indexed_in_the_background_and_found_by_a_search_at_once(
+    make_agent: Callable[[str], InProcessAgent],
+) -> None:
+    import sqlite3
+
+    a, b = make_agent("alice"), make_agent("bob")
+    alice, bob = a.client(), b.client()
+    for c, n in ((alice, "alice"), (bob, "bob")):
+        c.register(n)
+        c.login(n)
+    alice.add_contact("bob")
+    bob.add_contact("alice")
+    db = str(b.settings.data_dir / "bob.db")
+
+    def index_lag() -> int:
+        with sqlite3.connect(db) as conn:
+            (lag,) = conn.execute(
+                "SELECT (SELECT max(seq) FROM messages) - indexed_seq FROM fts_progress"
+            ).fetchone()
+        conn.close()
+        return int(lag)
+
+    for i in range(40):
+        alice.send("bob", f"walrus {i}")
+    wait_until(lambda: len(bob.history("alice")) == 40)
+    # A search right away finds all of them, whether the indexer has been by or not...
+    assert len(bob.history("alice", query="walrus")) == 40
+    alice.send("bob", "narwhal", wait=10)
+    # ...and without any search the background indexer catches up within a few rounds.
+    wait_until(lambda: index_lag() == 0, timeout=10)
+    assert [m.body for m in bob.history("alice", query="narwhal")] == ["narwhal"]

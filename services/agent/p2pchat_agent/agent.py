@@ -40,6 +40,10 @@ T = TypeVar("T")
 HISTORY_MAX = 1000
 CHECKPOINT_INTERVAL = 1.0  # seconds
 INDEX_INTERVAL = 0.5  # seconds between rounds of full-text indexing
+# The indexer waits for a lull: while messages are committed it skips rounds (a flood of
+# deliveries goes first), but never lets the index fall more than INDEX_MAX_LAG seconds behind.
+INDEX_IDLE = 0.25
+INDEX_MAX_LAG = 5.0
 # Messages indexed per write: ~2.5 ms of the writer thread, so commits on the delivery path never
 # wait behind the indexer for longer than that.
 INDEX_BATCH = 256
@@ -72,6 +76,7 @@ class Agent:
         # All writes to <username>.db go through one thread: SQLite has one writer anyway, and
         # queueing here is cheaper than its busy-wait between competing connections.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-write")
+        self._last_write = 0.0  # loop time of the latest write other than indexing
         self._lock = asyncio.Lock()
         self._contacts: set[str] = set()
 
@@ -83,6 +88,7 @@ class Agent:
     async def writing(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs a database write in the single writer thread."""
         loop = asyncio.get_running_loop()
+        self._last_write = loop.time()
         return await loop.run_in_executor(self._writer, functools.partial(fn, *args))
 
     @property
@@ -248,19 +254,29 @@ class Agent:
                 log.debug("checkpoint skipped", exc_info=True)
 
     async def _indexing(self, store: MessageStore) -> None:
-        """Background full-text indexing of new messages, off the commit path (schema v2)."""
+        """Background full-text indexing of new messages, off the commit path (schema v2), in
+        the lulls between commits (at least every INDEX_MAX_LAG seconds)."""
+        loop = asyncio.get_running_loop()
+        indexed_at = loop.time()
         while True:
             await asyncio.sleep(INDEX_INTERVAL)
+            now = loop.time()
+            if now - self._last_write < INDEX_IDLE and now - indexed_at < INDEX_MAX_LAG:
+                continue
             try:
                 await self._index_all(store)
+                indexed_at = now
             except Exception:  # a busy database: the next round will do
                 log.debug("indexing skipped", exc_info=True)
 
     async def _index_all(self, store: MessageStore) -> None:
         """Indexes every message committed so far, one bounded batch per write, so that
         deliveries queued for the writer meanwhile go in between."""
-        while await self.writing(store.index_pending, INDEX_BATCH) == INDEX_BATCH:
-            pass
+        loop = asyncio.get_running_loop()
+        while True:
+            done = await loop.run_in_executor(self._writer, store.index_pending, INDEX_BATCH)
+            if done < INDEX_BATCH:
+                return
 
     async def _renew_certificate_if_due(self) -> None:
         active = self.active
