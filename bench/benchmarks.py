@@ -238,7 +238,7 @@ def baseline_figures(before: Figures, after: Figures) -> Figures:
         "baseline_calls_per_s_after": after["calls_per_s"],
         "baseline_call_p50_ms": (before["call_p50_ms"] + after["call_p50_ms"]) / 2,
         "baseline_server_cpu_us_per_call": (
-            before["server_cpu_us_per_call"] + after["server_cpu_us_per_call"]
+            before.get("server_cpu_us_per_call", 0.0) + after.get("server_cpu_us_per_call", 0.0)
         )
         / 2,
     }

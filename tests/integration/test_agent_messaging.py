@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 
 from p2pchat.v1 import agent_pb2 as apb
@@ -46,8 +47,6 @@ def test_history_pages_and_searches_the_conversation(
 def test_both_user_databases_hold_the_same_conversation(
     make_agent: Callable[[str], InProcessAgent],
 ) -> None:
-    import sqlite3
-
     a, b = make_agent("alice"), make_agent("bob")
     alice, bob = a.client(), b.client()
     for c, n in ((alice, "alice"), (bob, "bob")):
@@ -135,8 +134,6 @@ def test_status_says_when_the_directory_is_unreachable(
 def test_received_messages_are_indexed_in_the_background_and_found_by_a_search_at_once(
     make_agent: Callable[[str], InProcessAgent],
 ) -> None:
-    import sqlite3
-
     a, b = make_agent("alice"), make_agent("bob")
     alice, bob = a.client(), b.client()
     for c, n in ((alice, "alice"), (bob, "bob")):

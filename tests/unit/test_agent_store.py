@@ -21,6 +21,7 @@ from p2pchat_agent.store import (
     DuplicateMessageError,
     IncomingMessage,
     MessageStore,
+    OutgoingMessage,
     Status,
     StoredMessage,
     UnknownMessageError,
@@ -99,6 +100,29 @@ def test_add_outgoing_with_a_used_id_raises_and_keeps_the_first(store: MessageSt
     assert isinstance(caught.value, ValueError) and isinstance(caught.value, AlreadyExists)
     assert store.get("m1") == first
     assert store.count_pending() == 1
+
+
+def test_a_duplicate_deep_in_a_large_batch_is_named_and_nothing_of_the_batch_is_stored(
+    store: MessageStore,
+) -> None:
+    taken = _send(store, "bob", "already here")
+    batch = [
+        OutgoingMessage(taken.id if n == 130 else new_message_id(), "alice", "bob", f"b{n}", T0)
+        for n in range(150)  # the duplicate is in the second INSERT of the batch
+    ]
+
+    with pytest.raises(DuplicateMessageError, match=f"message {taken.id} already exists"):
+        store.add_outgoing_many(batch)
+
+    assert store.count_pending() == 1
+
+
+def test_a_repeat_within_one_batch_is_named(store: MessageStore) -> None:
+    batch = [OutgoingMessage(id, "alice", "bob", "x", T0) for id in ("r1", "r2", "r1")]
+
+    with pytest.raises(DuplicateMessageError, match="message r1 already exists"):
+        store.add_outgoing_many(batch)
+    assert store.count_pending() == 0
 
 
 @pytest.mark.parametrize("bad_id", ["", "a b", "x" * 65, 'a"'])
@@ -642,3 +666,67 @@ def test_checkpoint_moves_committed_messages_into_the_main_file(
     shutil.copy(db_path, copy)
     with sqlite3.connect(copy) as after:
         assert after.execute("SELECT count(*) FROM messages").fetchone()[0] == 50
+
+
+# -- connections and transactions --------------------------------------------------------------
+
+
+def test_a_failed_commit_leaves_the_kept_open_connection_usable(tmp_path: Path) -> None:
+    conn = schema_module.connect(tmp_path / "scratch.db")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute(
+        "CREATE TABLE child (parent INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)"
+    )
+    with pytest.raises(sqlite3.IntegrityError):  # the deferred check fails at COMMIT
+        with schema_module.transaction(conn, write=True) as cur:
+            cur.execute("INSERT INTO child VALUES (42)")
+
+    assert not conn.in_transaction
+    with schema_module.transaction(conn, write=True) as cur:
+        cur.execute("INSERT INTO parent VALUES (42)")
+        cur.execute("INSERT INTO child VALUES (42)")
+    assert conn.execute("SELECT count(*) FROM child").fetchone() == (1,)
+    conn.close()
+
+
+def test_closing_waits_for_a_statement_running_in_another_thread_then_refuses_use() -> None:
+    import threading
+
+    from p2pchat_common.sqlite import ThreadConnections
+
+    connections = ThreadConnections(
+        lambda: sqlite3.connect(":memory:", check_same_thread=False), "the test db"
+    )
+    in_use, release = threading.Event(), threading.Event()
+    results: list[object] = []
+
+    def reader() -> None:
+        with connections.use() as conn:
+            in_use.set()
+            release.wait(5)
+            results.append(conn.execute("SELECT 1").fetchone())
+
+    worker = threading.Thread(target=reader)
+    worker.start()
+    assert in_use.wait(5)
+    closer = threading.Thread(target=connections.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waiting for the reader's statement
+    release.set()
+    worker.join(5)
+    closer.join(5)
+    assert results == [(1,)] and not closer.is_alive()
+    with pytest.raises(RuntimeError, match="the test db is closed"):
+        with connections.use():
+            pass
+
+
+def test_a_closed_store_refuses_every_call(db_path: Path) -> None:
+    store = MessageStore.open(db_path)
+    _send(store, "bob", "before")
+    store.close()
+
+    with pytest.raises(RuntimeError, match="is closed"):
+        store.pending_for("bob")

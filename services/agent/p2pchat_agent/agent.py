@@ -418,7 +418,7 @@ class Agent:
             await self._index_all(active.store)
         try:
             return await self.blocking(
-                active.store.history, peer, limit or 50, before_id or None, query or None
+                active.store.history, peer, limit or 50, before_id or None, query or None, False
             )
         except (KeyError, ValueError) as exc:
             raise InvalidArgument(str(exc).strip("'\"")) from None

@@ -21,7 +21,7 @@ from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.link import PeerLink
 from p2pchat_agent.store import IncomingMessage, MessageStore, StoredMessage
 from p2pchat_common.errors import InvalidArgument, PermissionDenied
-from p2pchat_common.timestamps import EPOCH, from_timestamp, valid_timestamp
+from p2pchat_common.timestamps import from_timestamp, timestamp_parts, valid_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,8 @@ def messages_frame(messages: list[StoredMessage]) -> pb.Frame:
     frame = pb.Frame()
     add = frame.messages.messages.add
     for m in messages:
-        delta = m.sent_at - EPOCH
         sent_at = add(id=m.id, sender=m.sender, recipient=m.recipient, body=m.body).sent_at
-        sent_at.seconds = delta.days * 86_400 + delta.seconds
-        sent_at.nanos = delta.microseconds * 1000
+        sent_at.seconds, sent_at.nanos = timestamp_parts(m.sent_at)
     return frame
 
 

@@ -136,11 +136,13 @@ def transaction(conn: sqlite3.Connection, write: bool) -> Iterator[sqlite3.Curso
         cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield cursor
+            cursor.execute("COMMIT")
         except BaseException:
+            # Also after a failed COMMIT (a full disk): the kept-open connection must not stay
+            # inside the transaction, holding the write lock for every later one.
             if conn.in_transaction:
                 cursor.execute("ROLLBACK")
             raise
-        cursor.execute("COMMIT")
     finally:
         cursor.close()
 

@@ -14,7 +14,6 @@ import functools
 import logging
 import os
 import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, NamedTuple, TypeVar
 from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.schema import connect, migrate, transaction
 from p2pchat_common.errors import AlreadyExists, NotFound
+from p2pchat_common.sqlite import ThreadConnections
 from p2pchat_common.timestamps import sqlite_text, sqlite_time
 
 log = logging.getLogger(__name__)
@@ -151,10 +151,7 @@ class MessageStore:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
-        self._closed = False
+        self._connections = ThreadConnections(lambda: connect(path), f"the message store {path}")
 
     @classmethod
     def open(cls, path: Path) -> MessageStore:
@@ -168,7 +165,8 @@ class MessageStore:
         os.chmod(path, 0o600)  # SQLite gives its -wal and -shm files the same mode
         store = cls(path)
         try:
-            version = migrate(store._connection(), path)
+            with store._connections.use() as conn:
+                version = migrate(conn, path)
         except BaseException:
             store.close()
             raise
@@ -176,28 +174,13 @@ class MessageStore:
         return store
 
     def close(self) -> None:
-        """Closes every connection (those of other threads too); the store is unusable after."""
-        with self._lock:
-            self._closed = True
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            with self._lock:
-                if self._closed:
-                    raise RuntimeError(f"the message store {self._path} is closed")
-                conn = connect(self._path)
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
+        """Closes every connection (other threads' too, once their statement has ended); the
+        store is unusable after."""
+        self._connections.close()
 
     @contextmanager
     def _cursor(self, write: bool) -> Iterator[sqlite3.Cursor]:
-        with transaction(self._connection(), write) as cursor:
+        with self._connections.use() as conn, transaction(conn, write) as cursor:
             yield cursor
 
     # -- the full-text index (filled off the hot path; see schema._SCHEMA_V2) ----------------
@@ -233,7 +216,8 @@ class MessageStore:
     def checkpoint(self) -> None:
         """Copies the write-ahead log into the database without blocking readers or writers
         (PASSIVE), so that commits on the hot path never pay for it."""
-        self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        with self._connections.use() as conn:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -274,7 +258,7 @@ class MessageStore:
                     cur.execute(_insert_rows(len(chunk), _INSERT), _flat_params(chunk))
                 except sqlite3.IntegrityError:
                     raise DuplicateMessageError(
-                        f"message {_duplicate(cur, rows)} already exists"
+                        f"message {_duplicate(cur, chunk)} already exists"
                     ) from None
                 seqs.update((id, seq) for seq, id in cur.fetchall())
         return [row._replace(seq=seqs[row.id]) for row in rows]
@@ -380,14 +364,17 @@ class MessageStore:
         limit: int = 50,
         before_id: str | None = None,
         query: str | None = None,
+        catch_up: bool = True,
     ) -> tuple[list[StoredMessage], bool]:
         """The newest `limit` messages with `peer` (both directions), older than `before_id` if
         given, matching `query` if given (full text: whole words first, prefixes when that finds
         fewer than `limit`); oldest first, and whether older ones (matching) exist.
         Unknown `before_id` → UnknownMessageError. A search first indexes what is not yet in the
-        full-text index (a write; the agent does it in its writer thread beforehand)."""
+        full-text index: a write, which `catch_up=False` leaves to the caller (the agent does it
+        in its writer thread just before, and reads in other threads)."""
         _check_limit(limit)
-        if fts_query(query) is not None:
+        searching = fts_query(query) is not None
+        if searching and catch_up:
             with self._cursor(write=False) as cur:
                 behind = self._unindexed(cur)
             if behind:
@@ -400,7 +387,7 @@ class MessageStore:
                 if found is None:
                     raise UnknownMessageError(f"no message {before_id} with {peer}")
                 before = int(found[0])
-            if fts_query(query) is None:
+            if not searching:
                 cur.execute(
                     f"SELECT {_SELECT_COLUMNS} FROM messages WHERE peer = ? AND seq < ? "
                     "ORDER BY seq DESC LIMIT ?",
@@ -499,7 +486,8 @@ def _flat_params(rows: list[StoredMessage]) -> list[object]:
 
 
 def _duplicate(cur: sqlite3.Cursor, rows: list[StoredMessage]) -> str:
-    """The first id of `rows` that is already stored or repeated among them."""
+    """The first id of `rows` (the chunk whose INSERT failed) that was stored before it or is
+    repeated in it."""
     seen: set[str] = set()
     for row in rows:
         if row.id in seen:

@@ -15,9 +15,15 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z, the largest a datetime holds
 
 
-def to_timestamp(value: datetime) -> Timestamp:
+def timestamp_parts(value: datetime) -> tuple[int, int]:
+    """The seconds and nanos of the Timestamp for an aware `value`."""
     delta = value - EPOCH
-    return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
+    return delta.days * 86_400 + delta.seconds, delta.microseconds * 1000
+
+
+def to_timestamp(value: datetime) -> Timestamp:
+    seconds, nanos = timestamp_parts(value)
+    return Timestamp(seconds=seconds, nanos=nanos)
 
 
 def valid_timestamp(ts: Timestamp) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from p2pchat_common.errors import StartupError
+from p2pchat_common.sqlite import ThreadConnections
 from p2pchat_directory.models import ContactsBase, UsersBase
 
 log = logging.getLogger(__name__)
@@ -50,42 +50,21 @@ def create_schema(engine: Engine, base: type[DeclarativeBase]) -> None:
         base.metadata.create_all(conn)
 
 
-class SqliteReader:
-    """Plain sqlite3 connections to one SQLite file, one per thread and kept open, for the reads
-    every authenticated call makes: an SQLAlchemy checkout and statement cost ten times the
-    query itself. Autocommit, so that each SELECT reads the latest commit (WAL: never waits)."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._opened: list[sqlite3.Connection] = []
-
-    def connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=10000")
-            conn.execute("PRAGMA query_only=ON")
-            self._local.conn = conn
-            with self._lock:
-                self._opened.append(conn)
-        return conn
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._opened:
-                conn.close()
-            self._opened.clear()
-        self._local = threading.local()
-
-
-def sqlite_reader(engine: Engine) -> SqliteReader | None:
-    """A reader for the engine's database when it is a SQLite file; None otherwise."""
+def sqlite_reader(engine: Engine) -> ThreadConnections | None:
+    """For the reads every authenticated call makes, when the engine's database is a SQLite
+    file: plain sqlite3 connections, one per thread, read-only, in autocommit (each SELECT sees
+    the latest commit; in WAL it never waits). None for any other database."""
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         return None
-    return SqliteReader(database)
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    return ThreadConnections(connect, f"the database {database}")
 
 
 @dataclass
@@ -94,8 +73,8 @@ class Databases:
     contacts_engine: Engine
     users: sessionmaker[Session]
     contacts: sessionmaker[Session]
-    users_reader: SqliteReader | None = None
-    contacts_reader: SqliteReader | None = None
+    users_reader: ThreadConnections | None = None
+    contacts_reader: ThreadConnections | None = None
 
     @classmethod
     def open(cls, users_url: str, contacts_url: str) -> Databases:

@@ -52,11 +52,8 @@ _SQLITE_PINNED_ADDRESS = "SELECT pinned_address FROM contacts WHERE owner = ? AN
 def session_owner(dbs: Databases, token_hash: str, now: datetime) -> str | None:
     """The user of a live session."""
     if dbs.users_reader is not None:
-        row = (
-            dbs.users_reader.connection()
-            .execute(_SQLITE_SESSION_OWNER, (token_hash, sqlite_text(now)))
-            .fetchone()
-        )
+        with dbs.users_reader.use() as db:
+            row = db.execute(_SQLITE_SESSION_OWNER, (token_hash, sqlite_text(now))).fetchone()
         return None if row is None else str(row[0])
     with dbs.users_engine.connect() as conn:
         return _session_owner(conn, token_hash, now)
@@ -68,11 +65,9 @@ def owner_and_user(
     """The user of a live session (None: no such session) and the summary of `username` (None:
     no such user), in one read."""
     if dbs.users_reader is not None:
-        row = (
-            dbs.users_reader.connection()
-            .execute(_SQLITE_OWNER_AND_USER, (username, token_hash, sqlite_text(now)))
-            .fetchone()
-        )
+        with dbs.users_reader.use() as db:
+            params = (username, token_hash, sqlite_text(now))
+            row = db.execute(_SQLITE_OWNER_AND_USER, params).fetchone()
         if row is None:
             return None, None
         owner, found, address, last_seen, online_until, key_sha256, cert = row
@@ -92,11 +87,8 @@ def owner_and_user(
 def pinned_address(dbs: Databases, owner: str, contact: str) -> str | None:
     """The contact's pinned address ("" when none), or None when not a contact."""
     if dbs.contacts_reader is not None:
-        row = (
-            dbs.contacts_reader.connection()
-            .execute(_SQLITE_PINNED_ADDRESS, (owner, contact))
-            .fetchone()
-        )
+        with dbs.contacts_reader.use() as db:
+            row = db.execute(_SQLITE_PINNED_ADDRESS, (owner, contact)).fetchone()
         return None if row is None else str(row[0])
     with dbs.contacts_engine.connect() as conn:
         params = {"owner": owner, "contact": contact}

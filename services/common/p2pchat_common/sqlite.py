@@ -1,0 +1,58 @@
+"""Plain sqlite3 connections kept open, one per thread: the hot paths of both services use them
+instead of an SQLAlchemy checkout and statement, which cost several times a short query."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Slot:
+    conn: sqlite3.Connection
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+class ThreadConnections:
+    """One connection per thread to one database, opened by `connect` on first use and kept
+    open. `use()` holds the connection's lock while the caller works with it and `close()`
+    takes each lock before closing, so no connection is ever closed under a running statement,
+    another thread's included; after `close()`, `use()` raises RuntimeError."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], what: str) -> None:
+        self._connect = connect
+        self._what = what
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._slots: list[_Slot] = []
+        self._closed = False
+
+    @contextmanager
+    def use(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, for the duration of the block."""
+        slot: _Slot | None = getattr(self._local, "slot", None)
+        if slot is None:
+            with self._lock:
+                self._check_open()
+                slot = _Slot(self._connect())
+                self._slots.append(slot)
+            self._local.slot = slot
+        with slot.lock:
+            self._check_open()
+            yield slot.conn
+
+    def close(self) -> None:
+        """Closes every connection, waiting for statements running on them to end."""
+        with self._lock:
+            self._closed = True
+            slots, self._slots = self._slots, []
+        for slot in slots:
+            with slot.lock:
+                slot.conn.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self._what} is closed")
