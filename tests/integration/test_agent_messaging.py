@@ -7,7 +7,24 @@ from collections.abc import Callable
 
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import directory_pb2 as dpb
-from tests.support.agent import InProcessAgent, logged_in, wait_until
+from tests.support.agent import AgentClient, InProcessAgent, logged_in, wait_until
+
+
+def _contacts(
+    make_agent: Callable[[str], InProcessAgent], *names: str
+) -> list[tuple[InProcessAgent, AgentClient]]:
+    """Agents (with their clients) for `names`, logged in, each the others' contact; for tests
+    that look into the agents' files too."""
+    agents = [make_agent(name) for name in names]
+    clients = [agent.client() for agent in agents]
+    for client, name in zip(clients, names, strict=True):
+        client.register(name)
+        client.login(name)
+    for client, name in zip(clients, names, strict=True):
+        for other in names:
+            if other != name:
+                client.add_contact(other)
+    return list(zip(agents, clients, strict=True))
 
 
 def test_alice_and_bob_exchange_messages_both_ways(
@@ -47,13 +64,7 @@ def test_history_pages_and_searches_the_conversation(
 def test_both_user_databases_hold_the_same_conversation(
     make_agent: Callable[[str], InProcessAgent],
 ) -> None:
-    a, b = make_agent("alice"), make_agent("bob")
-    alice, bob = a.client(), b.client()
-    for c, n in ((alice, "alice"), (bob, "bob")):
-        c.register(n)
-        c.login(n)
-    alice.add_contact("bob")
-    bob.add_contact("alice")
+    (a, alice), (b, bob) = _contacts(make_agent, "alice", "bob")
     for i in range(5):
         alice.send("bob", f"a{i}")
         bob.send("alice", f"b{i}")
@@ -134,13 +145,7 @@ def test_status_says_when_the_directory_is_unreachable(
 def test_received_messages_are_indexed_in_the_background_and_found_by_a_search_at_once(
     make_agent: Callable[[str], InProcessAgent],
 ) -> None:
-    a, b = make_agent("alice"), make_agent("bob")
-    alice, bob = a.client(), b.client()
-    for c, n in ((alice, "alice"), (bob, "bob")):
-        c.register(n)
-        c.login(n)
-    alice.add_contact("bob")
-    bob.add_contact("alice")
+    (a, alice), (b, bob) = _contacts(make_agent, "alice", "bob")
     db = str(b.settings.data_dir / "bob.db")
 
     def index_lag() -> int:
