@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
+from typing import Any
 
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import directory_pb2 as dpb
@@ -11,11 +13,11 @@ from tests.support.agent import AgentClient, InProcessAgent, logged_in, wait_unt
 
 
 def _contacts(
-    make_agent: Callable[[str], InProcessAgent], *names: str
+    make_agent: Callable[..., InProcessAgent], *names: str, **settings: Any
 ) -> list[tuple[InProcessAgent, AgentClient]]:
-    """Agents (with their clients) for `names`, logged in, each the others' contact; for tests
-    that look into the agents' files too."""
-    agents = [make_agent(name) for name in names]
+    """Agents (with their clients) for `names`, logged in, each the others' contact, with
+    `settings` overridden; for tests that look into the agents' files or restart them."""
+    agents = [make_agent(name, **settings) for name in names]
     clients = [agent.client() for agent in agents]
     for client, name in zip(clients, names, strict=True):
         client.register(name)
@@ -165,3 +167,59 @@ def test_received_messages_are_indexed_in_the_background_and_found_by_a_search_a
     # ...and without any search the background indexer catches up within a few rounds.
     wait_until(lambda: index_lag() == 0, timeout=10)
     assert [m.body for m in bob.history("alice", query="narwhal")] == ["narwhal"]
+
+
+def test_a_backlog_of_large_messages_reaches_the_agent_whose_dial_holds_the_link(
+    make_agent: Callable[[str], InProcessAgent],
+) -> None:
+    (a, alice), (_b, bob) = _contacts(make_agent, "alice", "bob")
+    alice.send("bob", "hello", wait=10)  # keys pinned both ways
+    a.stop()
+    body = "x" * 16_000  # the largest default body, nearly: 300 of them fill one 4.8 MB frame
+    for i in range(300):
+        bob.send("alice", f"{i:03d} {body}")
+    a.start()
+    alice = a.client()
+    # alice keeps sending, so her dial (the smaller name's) is the link that stays: bob's backlog
+    # travels on it as responses, to the side that dialled.
+    deadline = time.monotonic() + 30
+    while bob.status().pending_messages and time.monotonic() < deadline:
+        alice.send("bob", "still here")
+        time.sleep(0.2)
+    assert bob.status().pending_messages == 0
+    # 300 x 16 KB is more than a History response may hold (4 MiB): it comes in pages, newest
+    # first, each trimmed to fit and saying there is more.
+    pages: list[list[apb.ChatMessage]] = []
+    before = ""
+    while True:
+        page = alice.stub.History(apb.HistoryRequest(peer="bob", limit=1000, before_id=before))
+        pages.insert(0, list(page.messages))
+        if not page.has_more:
+            break
+        before = page.messages[0].id
+    assert len(pages) > 1 and all(len(p) < 1000 for p in pages)
+    received = [m for p in pages for m in p if m.direction == apb.DIRECTION_INCOMING]
+    assert [m.body[:3] for m in received] == [f"{i:03d}" for i in range(300)]
+
+
+def test_messages_of_the_largest_body_limit_travel_on_the_link_the_receiver_dialled(
+    make_agent: Callable[..., InProcessAgent],
+) -> None:
+    limit = 4 * 1024 * 1024
+    (a, alice), (b, bob) = _contacts(make_agent, "alice", "bob", body_limit=limit)
+    alice.send("bob", "hello", wait=10)
+    a.stop()
+    for letter in "vwxyz":  # 4 MiB of body each: 20 MiB pending, more than one gRPC message holds
+        bob.send("alice", letter * limit)
+    a.start()
+    alice = a.client()
+    deadline = time.monotonic() + 30
+    while bob.status().pending_messages and time.monotonic() < deadline:
+        alice.send("bob", "still here")  # alice's dial is the link that stays
+        time.sleep(0.2)
+    assert bob.status().pending_messages == 0
+    query = "SELECT substr(body, 1, 1), length(body) FROM messages WHERE sender = 'bob'"
+    with sqlite3.connect(a.settings.data_dir / "alice.db") as db:
+        received = db.execute(query + " ORDER BY seq").fetchall()
+    db.close()
+    assert received == [(letter, limit) for letter in "vwxyz"]

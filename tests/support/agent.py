@@ -40,7 +40,9 @@ class AgentClient:
     """A control-port client: what the CLI does, as plain calls."""
 
     def __init__(self, port: int) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        # As the CLI: a reply may carry one body of the largest allowed size (4 MiB).
+        options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
 
     def register(self, name: str, password: str = PASSWORD) -> str:

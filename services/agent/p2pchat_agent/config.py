@@ -27,6 +27,7 @@ DEFAULT_DIRECTORY = "localhost:50051"
 DEFAULT_PEER_LISTEN = "0.0.0.0:50052"
 DEFAULT_CONTROL_LISTEN = "127.0.0.1:50053"
 DEFAULT_BODY_LIMIT = 16 * 1024
+MAX_BODY_LIMIT = 4 * 1024 * 1024  # one such body still fits a peer frame and a control call
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--body-limit",
         type=positive_int,
         default=env(environ, "BODY_LIMIT", str(d.body_limit)),
-        help="largest message body in bytes of UTF-8 [P2PCHAT_BODY_LIMIT] (default %(default)s)",
+        help="largest message body in bytes of UTF-8, at most 4 MiB [P2PCHAT_BODY_LIMIT] "
+        "(default %(default)s)",
     )
     add(
         "--heartbeat-interval",
@@ -180,6 +182,8 @@ def load_settings(
             f"--control-listen {ns.control_listen} is not a loopback address; the control port "
             "gives full control of the account (add --allow-remote-control to force it)"
         )
+    if int(ns.body_limit) > MAX_BODY_LIMIT:
+        parser.error(f"--body-limit must be at most {MAX_BODY_LIMIT} bytes (4 MiB)")
     return Settings(
         directory=ns.directory,
         directory_ca=ns.directory_ca,

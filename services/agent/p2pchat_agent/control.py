@@ -45,6 +45,22 @@ def chat_message(m: StoredMessage) -> pb.ChatMessage:
     return msg
 
 
+# A History response stays under gRPC's default 4 MiB receive limit, so that any client can read
+# it: a page of large messages holds fewer of them (the newest; has_more says there is more).
+HISTORY_PAGE_BYTES = 3 * 1024 * 1024
+_MESSAGE_OVERHEAD = 256  # ids, names, times and framing of one ChatMessage, generously
+
+
+def fit_page(messages: list[StoredMessage]) -> list[StoredMessage]:
+    """The newest of `messages` (oldest first) that fit in HISTORY_PAGE_BYTES; at least one."""
+    size = 0
+    for i in range(len(messages) - 1, -1, -1):
+        size += len(messages[i].body.encode()) + _MESSAGE_OVERHEAD
+        if size > HISTORY_PAGE_BYTES and i < len(messages) - 1:
+            return messages[i + 1 :]
+    return messages
+
+
 def chat_events(event: Event) -> list[pb.ChatEvent]:
     """What the CLI streams show of an event: one ChatEvent per message concerned."""
     if isinstance(event, MessageEvent):
@@ -155,7 +171,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         messages, has_more = await self._agent.history(
             request.peer, request.limit, request.before_id, request.query
         )
-        return pb.HistoryResponse(messages=map(chat_message, messages), has_more=has_more)
+        page = fit_page(messages)
+        has_more = has_more or len(page) < len(messages)
+        return pb.HistoryResponse(messages=map(chat_message, page), has_more=has_more)
 
     async def Chat(
         self, request_iterator: AsyncIterator[pb.ChatInput], context: Context

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
 from p2pchat_agent.ids import valid_message_id
-from p2pchat_agent.link import PeerLink
+from p2pchat_agent.link import FRAME_BODY_BYTES, PeerLink
 from p2pchat_agent.store import IncomingMessage, MessageStore, StoredMessage
 from p2pchat_common.errors import InvalidArgument, PermissionDenied
 from p2pchat_common.timestamps import from_timestamp, timestamp_parts, valid_timestamp
@@ -26,6 +26,22 @@ from p2pchat_common.timestamps import from_timestamp, timestamp_parts, valid_tim
 log = logging.getLogger(__name__)
 
 BATCH = 500
+
+
+def frame_chunks(messages: list[StoredMessage]) -> Iterator[list[StoredMessage]]:
+    """`messages` cut into frames of at most FRAME_BODY_BYTES of bodies (4 bytes per character
+    at most in UTF-8: a bound, no encoding), at least one message each."""
+    chunk: list[StoredMessage] = []
+    size = 0
+    for m in messages:
+        bound = 4 * len(m.body)
+        if chunk and size + bound > FRAME_BODY_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(m)
+        size += bound
+    if chunk:
+        yield chunk
 
 
 def messages_frame(messages: list[StoredMessage]) -> pb.Frame:
@@ -156,10 +172,10 @@ class Delivery:
                 link.take_fresh()  # what it holds is in the database: read below
                 pending = await self._read_db(self._store.pending_for, link.peer, after, BATCH)
                 caught_up = len(pending) < BATCH
-            if pending:
-                await link.reserve(len(pending))
-                await link.send(messages_frame(pending))
-                after = pending[-1].seq
+            for chunk in frame_chunks(pending):
+                await link.reserve(len(chunk))
+                await link.send(messages_frame(chunk))
+                after = chunk[-1].seq
 
 
 class _StreamEnded(Exception):

@@ -17,6 +17,11 @@ PROTOCOL_VERSION = 1
 RECEIVE_QUEUE_BATCHES = 16  # message batches read from the stream but not yet committed
 SEND_WINDOW = 4096  # messages sent but not yet acknowledged
 FRESH_LIMIT = 4096  # messages handed over in memory before the sender reads the outbox again
+# Bytes of message bodies in one frame at most (a frame always carries at least one message),
+# and the largest gRPC message a link accepts either way: one body at the largest allowed size
+# (config.MAX_BODY_LIMIT) plus the rest of the frame fits with room to spare.
+FRAME_BODY_BYTES = 4 * 1024 * 1024
+MAX_PEER_MESSAGE = 16 * 1024 * 1024
 
 
 class PeerLink:

@@ -31,7 +31,7 @@ from p2pchat_agent.delivery import Delivery
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import EventHub, KeyChangedEvent
 from p2pchat_agent.identity import Identity, spki_sha256
-from p2pchat_agent.link import PROTOCOL_VERSION, PeerLink
+from p2pchat_agent.link import MAX_PEER_MESSAGE, PROTOCOL_VERSION, PeerLink
 from p2pchat_agent.store import MessageStore, StoredMessage
 from p2pchat_common.errors import (
     AlreadyExists,
@@ -50,6 +50,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # Both ends of a link, dialled or accepted, take frames of the same size.
+    ("grpc.max_receive_message_length", MAX_PEER_MESSAGE),
+    ("grpc.max_send_message_length", MAX_PEER_MESSAGE),
 ]
 HELLO_TIMEOUT = 10.0
 

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 PEER_SERVICE = peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-MAX_PEER_MESSAGE = 16 * 1024 * 1024  # a frame holds up to 500 messages of at most 16 KiB
+# Control calls carry one message body at most (Send, a Chat event) or a History page trimmed to
+# fit the default 4 MiB (control.HISTORY_PAGE_BYTES); the largest body still has to fit.
+MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 
 
 def _placeholder_config() -> grpc.ServerCertificateConfiguration:
@@ -95,8 +97,6 @@ async def create_agent(settings: Settings) -> AgentServer:
         options=[
             *CHANNEL_OPTIONS,
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-            ("grpc.max_receive_message_length", MAX_PEER_MESSAGE),
-            ("grpc.max_send_message_length", MAX_PEER_MESSAGE),
         ],
     )
     add_service(
@@ -108,7 +108,12 @@ async def create_agent(settings: Settings) -> AgentServer:
     peer_port = bind(peer, settings.peer_listen, _PeerCredentials(agent).credentials(), "peer port")
     agent.peer_port = peer_port
 
-    control = grpc.aio.server()
+    control = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_CONTROL_MESSAGE),
+            ("grpc.max_send_message_length", MAX_CONTROL_MESSAGE),
+        ]
+    )
     add_service(control, agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(agent))
     control_health = await _health_and_reflection(control, AGENT_SERVICE)
     control_port = bind(control, settings.control_listen, None, "control port")

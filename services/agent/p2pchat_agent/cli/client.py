@@ -45,7 +45,10 @@ def cli_error(err: grpc.RpcError, agent: str) -> CliError:
 class AgentConnection:
     def __init__(self, address: str) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address)
+        # A chat event carries one message body, up to the agent's limit (4 MiB at most).
+        self._channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        )
         self.stub = agent_pb2_grpc.AgentServiceStub(self._channel)
 
     async def close(self) -> None:
