@@ -80,6 +80,28 @@ def test_chat_prints_history_first_then_live_messages_and_delivery(
         chat.close()
 
 
+def test_a_chat_whose_input_ends_shows_what_it_sent_then_ends_cleanly(
+    make_agent: Callable[[str], InProcessAgent],
+) -> None:
+    alice, bob = logged_in(make_agent, "alice", "bob")
+    chat = ChatSession(alice, "bob")
+    chat.next("history_end")
+    for i in range(20):  # a script piping lines, then closing its side at once
+        chat.say(f"piped {i}")
+    chat.say("")
+    chat._inputs.put(None)
+    chat._reader.join(15)
+    events = list(chat.events.queue)
+    assert not any(isinstance(e, grpc.RpcError) for e in events)  # ended with OK
+    kinds = [e.WhichOneof("kind") for e in events if not isinstance(e, grpc.RpcError)]
+    echoed = [
+        e.message.body for e in events if not isinstance(e, grpc.RpcError) and e.HasField("message")
+    ]
+    assert echoed == [f"piped {i}" for i in range(20)]
+    assert "notice" in kinds  # the empty line's refusal, shown before the end
+    wait_until(lambda: len(bob.history("alice")) == 20)
+
+
 def test_chat_history_limit_and_non_contact(make_agent: Callable[[str], InProcessAgent]) -> None:
     alice, bob = logged_in(make_agent, "alice", "bob")
     for i in range(5):

@@ -203,13 +203,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             async def read_inputs() -> None:
                 # Texts are queued in order without waiting for each commit: a fast typist (or a
                 # script) is limited by group commit, not by one transaction per message.
+                submitted: set[asyncio.Future[StoredMessage]] = set()
                 async for item in request_iterator:
                     if item.WhichOneof("kind") != "text":
                         continue
                     try:
-                        agent.submit(peer, item.text.body).add_done_callback(stored)
+                        future = agent.submit(peer, item.text.body)
                     except DomainError as exc:
                         refused(exc)
+                        continue
+                    future.add_done_callback(stored)
+                    submitted.add(future)
+                    future.add_done_callback(submitted.discard)
+                # The CLI closed its side: the chat ends once what it sent is committed (or
+                # refused, with its notice shown first).
+                await asyncio.gather(*submitted, return_exceptions=True)
 
             def input_ended(task: asyncio.Task[None]) -> None:
                 sub.put(InputEnded(None if task.cancelled() else task.exception()))
