@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -94,6 +95,59 @@ def test_impersonation_with_a_valid_certificate_is_refused_and_nothing_stored(
     bob.add_contact("alice")
     bob.add_contact("mallory")
     assert bob.history("alice") == [] and bob.history("mallory") == []
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("", "empty"),
+        ("x" * 16_385, "one byte over the 16 KiB limit"),
+        ("é" * 8_193, "8,193 characters but 16,386 bytes of UTF-8"),
+    ],
+)
+def test_a_peer_message_outside_the_body_limit_is_refused_and_not_stored(
+    make_agent: Callable[[str], InProcessAgent],
+    agent_directory: InProcessDirectory,
+    tmp_path: Path,
+    body: str,
+    why: str,
+) -> None:
+    (bob,) = logged_in(make_agent, "bob", befriend=False)
+    key, cert = certificate_for(agent_directory, "mallory", tmp_path)
+    sent = frames(hello("mallory"), message("mallory", "bob", body))
+    with pytest.raises(grpc.RpcError) as err:
+        link_call(bob_peer_port(make_agent, bob), agent_directory.ca_pem, key, cert, sent)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, why
+    assert "1-16384 bytes of UTF-8" in (err.value.details() or "")
+    bob.add_contact("mallory")
+    assert bob.history("mallory") == []
+
+
+def test_a_peer_message_of_exactly_the_limit_in_multibyte_text_is_stored(
+    make_agent: Callable[[str], InProcessAgent], agent_directory: InProcessDirectory, tmp_path: Path
+) -> None:
+    (bob,) = logged_in(make_agent, "bob", befriend=False)
+    key, cert = certificate_for(agent_directory, "mallory", tmp_path)
+    body = "é" * 8_192  # 16,384 bytes: at the limit
+    acked = threading.Event()
+
+    def sent() -> Iterator[ppb.Frame]:
+        yield hello("mallory")
+        yield message("mallory", "bob", body)
+        acked.wait(10)  # the link stays open until bob acknowledges
+
+    creds = grpc.ssl_channel_credentials(agent_directory.ca_pem, key, cert)
+    target = f"127.0.0.1:{bob_peer_port(make_agent, bob)}"
+    options = [("grpc.ssl_target_name_override", "bob")]
+    with grpc.secure_channel(target, creds, options=options) as channel:
+        for frame in peer_pb2_grpc.PeerServiceStub(channel).Link(sent(), timeout=10):
+            if frame.HasField("acks"):
+                assert list(frame.acks.ids) == ["01TESTID"]
+                acked.set()
+                break
+    assert acked.is_set()
+    bob.add_contact("mallory")
+    assert [m.body for m in bob.history("mallory")] == [body]
 
 
 def bob_peer_port(make_agent: Callable[[str], InProcessAgent], bob: AgentClient) -> int:

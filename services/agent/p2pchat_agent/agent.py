@@ -399,8 +399,10 @@ class Agent:
         if active is None:
             return
         by_peer: dict[str, list[StoredMessage]] = {}
+        listening = self.events.listening
         for message in messages:
-            self.events.publish(MessageEvent(message))
+            if listening:
+                self.events.publish(MessageEvent(message))
             by_peer.setdefault(message.peer, []).append(message)
         for peer, batch in by_peer.items():
             active.links.deliver(peer, batch)

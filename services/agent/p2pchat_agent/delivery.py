@@ -119,8 +119,10 @@ class Delivery:
             raise InvalidArgument("message id must be 1-64 characters of [0-9A-Za-z_-]")
         if not valid_timestamp(m.sent_at):
             raise InvalidArgument("message sent_at must be between 1970 and 9999")
-        size = len(m.body.encode("utf-8"))
-        if size == 0 or size > self._body_limit:
+        length = len(m.body)  # characters: the UTF-8 size is 1 to 4 times that
+        if length == 0 or (
+            4 * length > self._body_limit and len(m.body.encode()) > self._body_limit
+        ):
             raise InvalidArgument(f"message body must be 1-{self._body_limit} bytes of UTF-8")
 
     async def _commit_received(self, link: PeerLink) -> None:
@@ -141,8 +143,9 @@ class Delivery:
             stored: list[StoredMessage] = await self._write_db(
                 self._store.store_incoming, incoming, datetime.now(UTC)
             )
-            for message in stored:
-                self._events.publish(MessageEvent(message))
+            if self._events.listening:
+                for message in stored:
+                    self._events.publish(MessageEvent(message))
             await link.send(pb.Frame(acks=pb.AckBatch(ids=[m.id for m in batch])))
 
     async def _acknowledged(self, link: PeerLink, ids: list[str]) -> None:

@@ -128,6 +128,11 @@ class EventHub:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
 
+    @property
+    def listening(self) -> bool:
+        """Whether anyone subscribes: a flood with no one watching makes no event objects."""
+        return bool(self._subs)
+
     def publish(self, event: Event) -> None:
         """Called on the event loop thread."""
         if not self._subs:
