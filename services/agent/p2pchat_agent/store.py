@@ -63,9 +63,6 @@ class UnknownPeerKeyError(_Missing):
 
 
 _NO_SEQ_LIMIT = 2**63 - 1
-# Driven by the full-text index (CROSS JOIN fixes the order in SQLite): FTS5 yields the hits newest
-# first, so the search stops after limit + 1 hits in this conversation. The other way round
-# (walking the conversation, matching each row) costs a full FTS5 query per row.
 _COLUMN_NAMES = (
     "seq",
     "id",
@@ -80,6 +77,9 @@ _COLUMN_NAMES = (
     "status",
 )
 _SELECT_COLUMNS = ", ".join(_COLUMN_NAMES)
+# Driven by the full-text index (CROSS JOIN fixes the order in SQLite): FTS5 yields the hits newest
+# first, so the search stops after limit + 1 hits in this conversation. The other way round
+# (walking the conversation, matching each row) costs a full FTS5 query per row.
 _SEARCH = (
     f"SELECT {', '.join('messages.' + c for c in _COLUMN_NAMES)} FROM messages_fts "
     "CROSS JOIN messages ON messages.seq = messages_fts.rowid WHERE messages_fts MATCH ? "
