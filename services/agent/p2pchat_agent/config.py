@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from p2pchat_common.flags import (
-    LOG_LEVELS,
+    add_lifecycle_flags,
     address,
     env,
     env_flag,
-    log_level,
     parse,
     positive_float,
     positive_int,
@@ -156,18 +155,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="longest wait in seconds between delivery retries [P2PCHAT_RETRY_MAX] "
         "(default %(default)s)",
     )
-    add(
-        "--grace-period",
-        type=positive_float,
-        default=env(environ, "GRACE_PERIOD", str(d.grace_period)),
-        help="seconds to finish work on SIGTERM [P2PCHAT_GRACE_PERIOD] (default %(default)s)",
-    )
-    add(
-        "--log-level",
-        type=log_level,
-        default=env(environ, "LOG_LEVEL", d.log_level),
-        help=f"one of {', '.join(LOG_LEVELS)} [P2PCHAT_LOG_LEVEL] (default %(default)s)",
-    )
+    add_lifecycle_flags(p, environ, d.grace_period, d.log_level)
     return p
 
 

@@ -73,6 +73,28 @@ def address(what: str, *, allow_port_zero: bool = False) -> Callable[[str], str]
     return parse
 
 
+def add_lifecycle_flags(
+    parser: argparse.ArgumentParser,
+    environ: Mapping[str, str],
+    grace_period: float,
+    level: str,
+) -> None:
+    """The flags every service has: --grace-period and --log-level (with their P2PCHAT_* vars)."""
+    parser.add_argument(
+        "--grace-period",
+        type=positive_float,
+        default=env(environ, "GRACE_PERIOD", str(grace_period)),
+        help="seconds in-flight work gets to finish on SIGTERM [P2PCHAT_GRACE_PERIOD] "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=log_level,
+        default=env(environ, "LOG_LEVEL", level),
+        help=f"one of {', '.join(LOG_LEVELS)} [P2PCHAT_LOG_LEVEL] (default %(default)s)",
+    )
+
+
 def parse(
     build: Callable[[Mapping[str, str]], argparse.ArgumentParser],
     prog: str,

@@ -13,11 +13,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from p2pchat_common.flags import (
-    LOG_LEVELS,
+    add_lifecycle_flags,
     address,
     env,
     env_flag,
-    log_level,
     parse,
     positive_float,
     positive_int,
@@ -152,25 +151,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     p.add_argument(
-        "--grace-period",
-        type=positive_float,
-        default=env(environ, "GRACE_PERIOD", str(d.grace_period)),
-        help="seconds in-flight calls get to finish on SIGTERM [P2PCHAT_GRACE_PERIOD] "
-        "(default %(default)s)",
-    )
-    p.add_argument(
         "--workers",
         type=positive_int,
         default=env(environ, "WORKERS", str(d.workers)),
         help="threads for database work and password hashing [P2PCHAT_WORKERS] "
         "(default %(default)s)",
     )
-    p.add_argument(
-        "--log-level",
-        type=log_level,
-        default=env(environ, "LOG_LEVEL", d.log_level),
-        help=f"one of {', '.join(LOG_LEVELS)} [P2PCHAT_LOG_LEVEL] (default %(default)s)",
-    )
+    add_lifecycle_flags(p, environ, d.grace_period, d.log_level)
     return p
 
 
