@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from p2pchat_agent.cli import chat
 from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
 from p2pchat_agent.cli.console import Console
@@ -13,6 +16,20 @@ MAIN_MENU = "\n1. Register\n2. Log in\n3. Exit"
 USER_MENU = (
     "\n1. View contacts\n2. Add contact\n3. Connect to user\n4. Set up as server\n5. Log out"
 )
+
+
+@contextmanager
+def _carry_on(console: Console) -> Iterator[None]:
+    """A menu action that fails is reported and the menu goes on; an unreachable agent ends the
+    program (exit code 3). Ctrl-C or Ctrl-D inside an action only abandons that action."""
+    try:
+        yield
+    except CliError as exc:
+        if exc.code == Exit.UNREACHABLE:
+            raise
+        console.error(str(exc))
+    except (EOFError, KeyboardInterrupt):
+        console.say("")
 
 
 async def ask_new_password(console: Console) -> str | None:
@@ -51,7 +68,7 @@ async def _user_menu(conn: AgentConnection, console: Console, me: str) -> bool:
             choice = (await console.ask("Choose an option: ")).strip()
         except (EOFError, KeyboardInterrupt):
             return False
-        try:
+        with _carry_on(console):
             if choice == "1":
                 contacts = await conn.contacts()
                 console.say("Your contacts:")
@@ -74,12 +91,6 @@ async def _user_menu(conn: AgentConnection, console: Console, me: str) -> bool:
                 return True
             else:
                 console.error(f"{choice!r} is not an option: choose 1-5")
-        except CliError as exc:
-            if exc.code == Exit.UNREACHABLE:
-                raise
-            console.error(str(exc))
-        except (EOFError, KeyboardInterrupt):
-            console.say("")
 
 
 async def run_menu(conn: AgentConnection, console: Console) -> int:
@@ -94,7 +105,7 @@ async def run_menu(conn: AgentConnection, console: Console) -> int:
             choice = (await console.ask("Choose an option: ")).strip()
         except (EOFError, KeyboardInterrupt):
             return Exit.OK
-        try:
+        with _carry_on(console):
             if choice == "1":
                 await _register(conn, console)
             elif choice == "2":
@@ -106,9 +117,3 @@ async def run_menu(conn: AgentConnection, console: Console) -> int:
                 return Exit.OK
             else:
                 console.error(f"{choice!r} is not an option: choose 1-3")
-        except CliError as exc:
-            if exc.code == Exit.UNREACHABLE:
-                raise
-            console.error(str(exc))
-        except (EOFError, KeyboardInterrupt):
-            console.say("")
