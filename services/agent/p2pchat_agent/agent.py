@@ -32,7 +32,7 @@ from p2pchat_common.errors import (
     Unavailable,
 )
 from p2pchat_common.timestamps import from_timestamp
-from p2pchat_common.validation import normalize_username
+from p2pchat_common.validation import normalize_username, utf8_size_over
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class Agent:
         # queueing here is cheaper than its busy-wait between competing connections.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-write")
         self._last_write = 0.0  # loop time of the latest write other than indexing
+        self._last_index = 0.0  # loop time of the latest write of the indexer
         self._lock = asyncio.Lock()
         self._contacts: set[str] = set()
 
@@ -245,9 +246,15 @@ class Agent:
                 )
 
     async def _checkpoints(self, store: MessageStore) -> None:
-        """Background WAL checkpoints, off the commit path (see schema.AUTOCHECKPOINT_PAGES)."""
+        """Background WAL checkpoints, off the commit path (see schema.AUTOCHECKPOINT_PAGES);
+        a round with nothing written since the last one is skipped."""
+        loop = asyncio.get_running_loop()
+        checkpointed_at = loop.time()
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL)
+            if max(self._last_write, self._last_index) < checkpointed_at:
+                continue
+            checkpointed_at = loop.time()
             try:
                 await self.blocking(store.checkpoint)
             except Exception:  # a busy database: the next round will do
@@ -255,12 +262,15 @@ class Agent:
 
     async def _indexing(self, store: MessageStore) -> None:
         """Background full-text indexing of new messages, off the commit path (schema v2), in
-        the lulls between commits (at least every INDEX_MAX_LAG seconds)."""
+        the lulls between commits (at least every INDEX_MAX_LAG seconds); a round with nothing
+        written since the last one is skipped."""
         loop = asyncio.get_running_loop()
-        indexed_at = loop.time()
+        indexed_at = -INDEX_MAX_LAG  # the first round indexes what an earlier run left behind
         while True:
             await asyncio.sleep(INDEX_INTERVAL)
             now = loop.time()
+            if self._last_write < indexed_at:
+                continue
             if now - self._last_write < INDEX_IDLE and now - indexed_at < INDEX_MAX_LAG:
                 continue
             try:
@@ -275,6 +285,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         while True:
             done = await loop.run_in_executor(self._writer, store.index_pending, INDEX_BATCH)
+            if done:
+                self._last_index = loop.time()
             if done < INDEX_BATCH:
                 return
 
@@ -351,8 +363,8 @@ class Agent:
     def check_body(self, body: str) -> None:
         if not body.strip():
             raise InvalidArgument("message is empty")
-        size = len(body.encode("utf-8"))
-        if size > self.settings.body_limit:
+        size = utf8_size_over(body, self.settings.body_limit)
+        if size is not None:
             raise InvalidArgument(
                 f"message is too long: {size} bytes of UTF-8; the limit is "
                 f"{self.settings.body_limit} bytes"

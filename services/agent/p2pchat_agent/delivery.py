@@ -22,6 +22,7 @@ from p2pchat_agent.link import FRAME_BODY_BYTES, PeerLink
 from p2pchat_agent.store import IncomingMessage, MessageStore, StoredMessage
 from p2pchat_common.errors import InvalidArgument, PermissionDenied
 from p2pchat_common.timestamps import from_timestamp, timestamp_parts, valid_timestamp
+from p2pchat_common.validation import utf8_size_over
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,7 @@ class Delivery:
             raise InvalidArgument("message id must be 1-64 characters of [0-9A-Za-z_-]")
         if not valid_timestamp(m.sent_at):
             raise InvalidArgument("message sent_at must be between 1970 and 9999")
-        length = len(m.body)  # characters: the UTF-8 size is 1 to 4 times that
-        if length == 0 or (
-            4 * length > self._body_limit and len(m.body.encode()) > self._body_limit
-        ):
+        if not m.body or utf8_size_over(m.body, self._body_limit) is not None:
             raise InvalidArgument(f"message body must be 1-{self._body_limit} bytes of UTF-8")
 
     async def _commit_received(self, link: PeerLink) -> None:

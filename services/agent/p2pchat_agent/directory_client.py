@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from p2pchat.v1 import directory_pb2 as pb
 from p2pchat.v1 import directory_pb2_grpc
 from p2pchat_agent.config import Settings
-from p2pchat_common.errors import FailedPrecondition, from_rpc_error
+from p2pchat_common.errors import FailedPrecondition, Unavailable, from_rpc_error
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,9 @@ class DirectoryClient:
         try:
             result = await rpc(request, metadata=self._metadata(), timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as err:
-            self.reachable = err.code() not in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            )
-            raise from_rpc_error(err, f"directory at {self.address}") from None
+            error = from_rpc_error(err, f"directory at {self.address}")
+            self.reachable = not isinstance(error, Unavailable)
+            raise error from None
         self.reachable = True
         return result
 

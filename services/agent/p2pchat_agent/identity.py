@@ -9,6 +9,7 @@ Files in the data dir (secrets 0600):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -78,13 +79,17 @@ class Identity:
     cert_pem: bytes
     ca_pem: bytes
 
+    @functools.cached_property
+    def _certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
     @property
     def cert_expires_at(self) -> datetime:
-        return x509.load_pem_x509_certificate(self.cert_pem).not_valid_after_utc
+        return self._certificate.not_valid_after_utc
 
     @property
     def cert_issued_at(self) -> datetime:
-        return x509.load_pem_x509_certificate(self.cert_pem).not_valid_before_utc
+        return self._certificate.not_valid_before_utc
 
     def save(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -45,10 +45,6 @@ class Outbox:
         self._wake.set()
         return future
 
-    async def add(self, message: OutgoingMessage) -> StoredMessage:
-        """Stores `message` as pending (committed when this returns) and hands it on."""
-        return await asyncio.shield(self.submit(message))
-
     async def _run(self) -> None:
         while True:
             await self._wake.wait()

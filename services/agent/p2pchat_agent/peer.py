@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import socket
@@ -57,10 +58,10 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 HELLO_TIMEOUT = 10.0
 
 
-def probe_peer_certificate(address: str, peer: str, identity: Identity, timeout: float) -> bytes:
-    """The DER certificate the agent at `address` presents, verified to chain to our CA and to
-    name `peer` (blocking). Used to compare the real key with the pinned one before linking."""
-    target = parse_address(address)
+@functools.lru_cache(maxsize=2)  # the identity in use, and the one before a renewal
+def _probe_context(identity: Identity) -> ssl.SSLContext:
+    """A client TLS context with our certificate, trusting only our CA: made once per identity
+    (ssl loads a key only from a file), not on every dial and retry."""
     ctx = ssl.create_default_context(cadata=identity.ca_pem.decode())
     ctx.set_alpn_protocols(["h2"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,6 +69,14 @@ def probe_peer_certificate(address: str, peer: str, identity: Identity, timeout:
         cert.write_bytes(identity.cert_pem)
         key.write_bytes(identity.key_pem)
         ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def probe_peer_certificate(address: str, peer: str, identity: Identity, timeout: float) -> bytes:
+    """The DER certificate the agent at `address` presents, verified to chain to our CA and to
+    name `peer` (blocking). Used to compare the real key with the pinned one before linking."""
+    target = parse_address(address)
+    ctx = _probe_context(identity)
     with socket.create_connection((target.host, target.port), timeout=timeout) as raw:
         with ctx.wrap_socket(raw, server_hostname=peer) as tls:
             der = tls.getpeercert(binary_form=True)
@@ -191,9 +200,7 @@ class LinkManager:
             self._detach(link)
             log.info("link closed: %r", link)
             if not self._closing:
-                pending = await self._read(self._store.pending_for, link.peer, 0, 1)
-                if pending:
-                    self.ensure_dialer(link.peer)
+                self.ensure_dialer(link.peer)  # it returns at once when nothing is pending
 
     # -- accepting ------------------------------------------------------------------------------
 

@@ -100,3 +100,17 @@ def parse_address(raw: str, *, what: str = "address", allow_port_zero: bool = Fa
 def normalize_address(raw: str, *, what: str = "address") -> str:
     """The canonical "host:port" text of an address; empty input stays empty (no address)."""
     return str(parse_address(raw, what=what)) if raw else ""
+
+
+def utf8_size_over(text: str, limit: int) -> int | None:
+    """The size of `text` in UTF-8 when it is over `limit` bytes, else None. A character takes
+    1 to 4 bytes, so the text is encoded only when its length says it could be over."""
+    if 4 * len(text) <= limit:
+        return None
+    size = len(text.encode())
+    return size if size > limit else None
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether a listen host (brackets allowed) means every interface: no one dials it."""
+    return host.strip("[]") in ("", "0.0.0.0", "::")
