@@ -14,7 +14,7 @@ import grpc
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import agent_pb2_grpc
 from p2pchat.v1 import directory_pb2 as dpb
-from p2pchat_agent.config import Settings
+from p2pchat_agent.config import MAX_CONTROL_MESSAGE, Settings
 from p2pchat_agent.server import AgentServer, create_agent
 from tests.support.directory import PASSWORD
 from tests.support.loop_thread import LoopThread
@@ -40,8 +40,7 @@ class AgentClient:
     """A control-port client: what the CLI does, as plain calls."""
 
     def __init__(self, port: int) -> None:
-        # As the CLI: a reply may carry one body of the largest allowed size (4 MiB).
-        options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        options = [("grpc.max_receive_message_length", MAX_CONTROL_MESSAGE)]  # as the CLI
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
 

@@ -21,12 +21,16 @@ from p2pchat_common.flags import (
     positive_float,
     positive_int,
 )
+from p2pchat_common.validation import is_wildcard
 
 DEFAULT_DIRECTORY = "localhost:50051"
 DEFAULT_PEER_LISTEN = "0.0.0.0:50052"
 DEFAULT_CONTROL_LISTEN = "127.0.0.1:50053"
 DEFAULT_BODY_LIMIT = 16 * 1024
 MAX_BODY_LIMIT = 4 * 1024 * 1024  # one such body still fits a peer frame and a control call
+# The largest control message either way (agent and CLI): one body at MAX_BODY_LIMIT in a reply
+# or a chat event, with room to spare. History pages are trimmed to fit gRPC's default 4 MiB.
+MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class Settings:
         if self.advertise:
             return self.advertise
         host, _, port = self.peer_listen.rpartition(":")
-        if host.strip("[]") in ("0.0.0.0", "::"):
+        if is_wildcard(host):
             return f"localhost:{port}"
         return self.peer_listen
 

@@ -13,28 +13,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from p2pchat.v1 import agent_pb2, agent_pb2_grpc, peer_pb2, peer_pb2_grpc
 from p2pchat_agent.agent import Agent
-from p2pchat_agent.config import Settings
+from p2pchat_agent.config import MAX_CONTROL_MESSAGE, Settings
 from p2pchat_agent.control import AgentServicer
 from p2pchat_agent.identity import Identity
 from p2pchat_agent.peer import CHANNEL_OPTIONS, PeerServicer
 from p2pchat_common.errors import add_service
-from p2pchat_common.serving import bind, serve_until_signal
+from p2pchat_common.serving import (
+    add_health_and_reflection,
+    bind,
+    serve_until_signal,
+    set_serving,
+)
 from p2pchat_common.tls import self_signed
 
 log = logging.getLogger(__name__)
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 PEER_SERVICE = peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name
-HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# Control calls carry one message body at most (Send, a Chat event) or a History page trimmed to
-# fit the default 4 MiB (control.HISTORY_PAGE_BYTES); the largest body still has to fit.
-MAX_CONTROL_MESSAGE = 16 * 1024 * 1024
 
 
 def _placeholder_config() -> grpc.ServerCertificateConfiguration:
@@ -68,13 +67,6 @@ class _PeerCredentials:
         )
 
 
-async def _health_and_reflection(server: grpc.aio.Server, service: str) -> HealthServicer:
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection([service, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
-    return health
-
-
 @dataclass
 class AgentServer:
     agent: Agent
@@ -104,7 +96,7 @@ async def create_agent(settings: Settings) -> AgentServer:
         peer_pb2_grpc.add_PeerServiceServicer_to_server,
         PeerServicer(lambda: agent.active.links if agent.active else None),
     )
-    peer_health = await _health_and_reflection(peer, PEER_SERVICE)
+    peer_health = add_health_and_reflection(peer, PEER_SERVICE)
     peer_port = bind(peer, settings.peer_listen, _PeerCredentials(agent).credentials(), "peer port")
     agent.peer_port = peer_port
 
@@ -115,15 +107,14 @@ async def create_agent(settings: Settings) -> AgentServer:
         ]
     )
     add_service(control, agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(agent))
-    control_health = await _health_and_reflection(control, AGENT_SERVICE)
+    control_health = add_health_and_reflection(control, AGENT_SERVICE)
     control_port = bind(control, settings.control_listen, None, "control port")
 
     await agent.resume()
     await peer.start()
     await control.start()
     for health, service in ((peer_health, PEER_SERVICE), (control_health, AGENT_SERVICE)):
-        await health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await set_serving(health, service)
     log.info(
         "agent serving: control port %d, peer port %d, reachable at %s",
         control_port,

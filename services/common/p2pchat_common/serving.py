@@ -10,8 +10,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
 from p2pchat_common.errors import StartupError
+
+_HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def bind(
@@ -31,6 +36,21 @@ def bind(
     if port == 0:
         raise StartupError(f"cannot listen on {address} ({what})")
     return port
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service: str) -> HealthServicer:
+    """The standard health service and server reflection for `service` (full name) and
+    themselves; the health says SERVING once `set_serving` is called."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([service, _HEALTH, reflection.SERVICE_NAME], server)
+    return health
+
+
+async def set_serving(health: HealthServicer, service: str) -> None:
+    """Health SERVING for the server as a whole and for `service`."""
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
 def run_service(name: str, log_level: str, main: Coroutine[Any, Any, None]) -> int:

@@ -12,13 +12,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from p2pchat.v1 import directory_pb2, directory_pb2_grpc
 from p2pchat_common.errors import StartupError, add_service
-from p2pchat_common.serving import bind, serve_until_signal
+from p2pchat_common.serving import (
+    add_health_and_reflection,
+    bind,
+    serve_until_signal,
+    set_serving,
+)
+from p2pchat_common.validation import is_wildcard
 from p2pchat_directory.ca import CertificateAuthority
 from p2pchat_directory.config import Settings
 from p2pchat_directory.db import Databases
@@ -52,8 +56,8 @@ def _server_credentials(settings: Settings, ca: CertificateAuthority) -> grpc.Se
     if settings.tls_cert is not None and settings.tls_key is not None:
         cert_pem, key_pem = settings.tls_cert.read_bytes(), settings.tls_key.read_bytes()
     else:
-        host = settings.listen.rpartition(":")[0].strip("[]")
-        names = [*settings.tls_names, *([host] if host not in ("0.0.0.0", "::") else [])]
+        host = settings.listen.rpartition(":")[0]
+        names = [*settings.tls_names, *([] if is_wildcard(host) else [host.strip("[]")])]
         cert_pem, key_pem = ca.issue_server_certificate(names)
     return grpc.ssl_server_credentials([(key_pem, cert_pem)])
 
@@ -76,16 +80,7 @@ async def create_server(settings: Settings) -> DirectoryServer:
         directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
         DirectoryServicer(service, executor, inline_reads=databases.local_only),
     )
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        [
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
+    health = add_health_and_reflection(server, SERVICE_NAME)
     if settings.insecure:
         log.warning(
             "INSECURE MODE: serving without TLS on %s; passwords and tokens travel in clear. "
@@ -103,8 +98,7 @@ async def create_server(settings: Settings) -> DirectoryServer:
         databases.dispose()
         raise
     await server.start()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await set_serving(health, SERVICE_NAME)
     log.info("directory serving on port %d (%s)", port, "insecure" if settings.insecure else "TLS")
     return DirectoryServer(server, port, health, databases, executor, ca)
 

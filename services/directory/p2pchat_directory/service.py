@@ -67,6 +67,25 @@ class ContactView:
     last_seen: datetime | None
 
 
+def contact_view(
+    username: str,
+    pinned_address: str,
+    registered_address: str,
+    online_until: datetime | None,
+    last_seen: datetime | None,
+    now: datetime,
+) -> ContactView:
+    """How a contact looks to its owner: the pinned address wins over the registered one, and
+    online means a heartbeat within the presence TTL (online_until still ahead)."""
+    return ContactView(
+        username=username,
+        address=pinned_address or registered_address,
+        pinned_address=pinned_address,
+        online=online_until is not None and online_until > now,
+        last_seen=last_seen,
+    )
+
+
 @dataclass(frozen=True)
 class LookupView:
     contact: ContactView
@@ -218,14 +237,15 @@ class DirectoryService:
     # -- contacts ------------------------------------------------------------------------------
 
     def _view(self, row: Contact, user: User | None) -> ContactView:
-        now = self._now()
-        registered = user.address if user is not None else ""
-        return ContactView(
-            username=row.contact,
-            address=row.pinned_address or registered,
-            pinned_address=row.pinned_address,
-            online=bool(user and user.online_until and user.online_until > now),
-            last_seen=user.last_seen if user is not None else None,
+        if user is None:
+            return contact_view(row.contact, row.pinned_address, "", None, None, self._now())
+        return contact_view(
+            row.contact,
+            row.pinned_address,
+            user.address,
+            user.online_until,
+            user.last_seen,
+            self._now(),
         )
 
     def _existing_user(self, username: str) -> User:
@@ -267,21 +287,17 @@ class DirectoryService:
     def lookup(self, token: str, username: str) -> LookupView:
         """Where a contact's agent is. The hottest call: two short reads, no ORM objects."""
         name = normalize_username(username)
-        owner, user = repo.owner_and_user(self._dbs, _checked_token_hash(token), self._now(), name)
+        now = self._now()
+        owner, user = repo.owner_and_user(self._dbs, _checked_token_hash(token), now, name)
         owner = _owner(owner)
         if user is None:
             raise NotFound(f"no such user: {name!r}")
         pinned = repo.pinned_address(self._dbs, owner, name)
         if pinned is None:
             raise FailedPrecondition(f"{name!r} is not in your contacts: add them first")
-        online_until = user.online_until
         return LookupView(
-            contact=ContactView(
-                username=name,
-                address=pinned or user.address,
-                pinned_address=pinned,
-                online=bool(online_until and online_until > self._now()),
-                last_seen=user.last_seen,
+            contact=contact_view(
+                name, pinned, user.address, user.online_until, user.last_seen, now
             ),
             public_key_sha256=user.public_key_sha256,
             certificate_pem=user.certificate_pem or b"",

@@ -133,7 +133,8 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
     async def ListContacts(
         self, request: directory_pb2.ListContactsRequest, context: Context
     ) -> directory_pb2.ListContactsResponse:
-        views = await self._read(self._svc.list_contacts, bearer_token(context))
+        # Through the ORM (not the plain-SQL reads of Lookup): in a worker thread.
+        views = await self._run(self._svc.list_contacts, bearer_token(context))
         return directory_pb2.ListContactsResponse(contacts=[contact_pb(v) for v in views])
 
     async def Lookup(

@@ -11,6 +11,7 @@ import grpc
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import agent_pb2_grpc, common_pb2
 from p2pchat.v1 import directory_pb2 as dpb
+from p2pchat_agent.config import MAX_CONTROL_MESSAGE
 
 T = TypeVar("T")
 CALL_TIMEOUT = 30.0
@@ -45,9 +46,8 @@ def cli_error(err: grpc.RpcError, agent: str) -> CliError:
 class AgentConnection:
     def __init__(self, address: str) -> None:
         self.address = address
-        # A chat event carries one message body, up to the agent's limit (4 MiB at most).
         self._channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+            address, options=[("grpc.max_receive_message_length", MAX_CONTROL_MESSAGE)]
         )
         self.stub = agent_pb2_grpc.AgentServiceStub(self._channel)
 

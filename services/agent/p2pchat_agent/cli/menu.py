@@ -52,7 +52,7 @@ async def _register(conn: AgentConnection, console: Console) -> None:
     console.say(f"Registered {name}. You can log in now.")
 
 
-async def _login(conn: AgentConnection, console: Console) -> str | None:
+async def _login(conn: AgentConnection, console: Console) -> str:
     username = (await console.ask("Username: ")).strip()
     password = await console.ask_secret("Password: ")
     response = await conn.login(username, password)
@@ -110,7 +110,7 @@ async def run_menu(conn: AgentConnection, console: Console) -> int:
                 await _register(conn, console)
             elif choice == "2":
                 me = await _login(conn, console)
-                if me is not None and not await _user_menu(conn, console, me):
+                if not await _user_menu(conn, console, me):
                     return Exit.OK
             elif choice == "3":
                 console.say("Goodbye.")

@@ -24,7 +24,7 @@ def local_time(ts: Timestamp, with_date: bool = False) -> str:
     return moment.strftime("%Y-%m-%d %H:%M" if with_date else "%H:%M:%S")
 
 
-def message_line(m: apb.ChatMessage, me: str = "") -> str:
+def message_line(m: apb.ChatMessage) -> str:
     """`[12:01:05] bob: hello` or `[12:01:06] you: hi  (pending)`."""
     outgoing = m.direction == apb.DIRECTION_OUTGOING
     who = "you" if outgoing else m.sender
