@@ -717,13 +717,6 @@ def _store_direct(db: Path, queries: list[str], n: int) -> tuple[list[float], li
 # -- memory ----------------------------------------------------------------------------------------
 
 
-def _vm(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 async def memory(ctx: Context, lazy: Lazy) -> Figures:
     p = ctx.params
     world = lazy.world
@@ -749,7 +742,7 @@ async def memory(ctx: Context, lazy: Lazy) -> Figures:
             await asyncio.sleep(0.1)
         await asyncio.sleep(2.0)
         with_links = rss_mb(agent.pid)
-        peak = _vm(agent.pid, "VmHWM")
+        peak = rss_mb(agent.pid, "VmHWM")
     finally:
         await links.close()
         await ch.close()

@@ -38,12 +38,12 @@ def free_port() -> int:
         return port
 
 
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process (VmRSS), in MiB."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident set size of a process (VmRSS; VmHWM: its peak), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -106,9 +106,6 @@ class Child:
         except OSError:
             return ""
 
-    def rss_mb(self) -> float:
-        return rss_mb(self.pid)
-
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (graceful), SIGKILL after `timeout`."""
         if self.proc.poll() is None:
@@ -163,10 +160,6 @@ class Directory:
     def target(self) -> str:
         return f"localhost:{self.port}"
 
-    def channel(self) -> grpc.aio.Channel:
-        creds = grpc.ssl_channel_credentials(self.ca_pem)
-        return grpc.aio.secure_channel(self.target, creds)
-
     def sync_stub(self) -> tuple[grpc.Channel, directory_pb2_grpc.DirectoryServiceStub]:
         ch = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(self.ca_pem))
         return ch, directory_pb2_grpc.DirectoryServiceStub(ch)
@@ -182,7 +175,6 @@ class Agent:
     peer_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
     child: Child | None = None
-    starts: int = 0
 
     _READY = re.compile(r"agent serving: control port (\d+), peer port (\d+)")
 
@@ -196,7 +188,6 @@ class Agent:
 
     def start(self) -> Agent:
         assert self.child is None or not self.child.running, "already running"
-        self.starts += 1
         self.child = Child(
             [
                 sys.executable,
@@ -232,9 +223,6 @@ class Agent:
     def pid(self) -> int:
         assert self.child is not None
         return self.child.pid
-
-    def channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(f"127.0.0.1:{self.control_port}")
 
     def sync_client(self) -> SyncControl:
         return SyncControl(self.control_port)
