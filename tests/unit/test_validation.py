@@ -1,16 +1,24 @@
-"""The shared input rules: usernames, passwords and host:port addresses."""
+"""The shared input rules: usernames, passwords, host:port addresses, no control characters in
+any text of a request, and how an error message shows what it was given."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
+from google.protobuf.struct_pb2 import Struct, Value
 
-from p2pchat_common.errors import InvalidArgument
+from p2pchat.v1 import agent_pb2 as apb
+from p2pchat.v1 import common_pb2 as cpb
+from p2pchat.v1 import directory_pb2 as dpb
+from p2pchat_common.errors import InvalidArgument, from_rpc_error
+from p2pchat_common.text import control_refusal
 from p2pchat_common.validation import (
     ADDRESS_MAX,
     HostPort,
     normalize_address,
     normalize_username,
     parse_address,
+    shown,
     validate_password,
 )
 
@@ -87,7 +95,9 @@ def test_validate_password_accepts_8_to_1024_characters(password: str) -> None:
         ("", "required"),
         ("p" * 7, "too short"),
         ("p" * 1025, "too long"),
-        ("pass\x00word", "NUL"),
+        ("pass\x00word", "control characters"),
+        ("pass\x1bword", "control characters"),
+        ("pass\tword", "control characters"),
     ],
 )
 def test_validate_password_rejects_bad_passwords(password: str, fragment: str) -> None:
@@ -185,3 +195,131 @@ def test_normalize_address_keeps_empty_as_no_address_and_canonicalises_others() 
     assert normalize_address("EXAMPLE.com:9") == "example.com:9"
     with pytest.raises(InvalidArgument, match="pinned"):
         normalize_address("x", what="pinned address")
+
+
+@pytest.mark.parametrize(
+    ("raw", "host"),
+    [
+        ("[fe80::1%eth0]:80", "fe80::1%eth0"),
+        ("[fe80::1%3]:80", "fe80::1%3"),
+        ("[fe80::1%wlp2s0.100]:80", "fe80::1%wlp2s0.100"),
+        ("[fe80::1%br-lan_1]:80", "fe80::1%br-lan_1"),
+        ("[fe80::1%" + "a" * 16 + "]:80", "fe80::1%" + "a" * 16),
+    ],
+)
+def test_parse_address_accepts_a_zone_id_that_is_an_interface_name(raw: str, host: str) -> None:
+    assert parse_address(raw).host == host
+    assert str(parse_address(raw)) == raw
+
+
+@pytest.mark.parametrize(
+    "zone",
+    [
+        "",  # "[::1%]"
+        "a b",
+        "a\x00b",
+        "a\x1b[31m",
+        "a\nb",
+        "a%b",
+        "a/b",
+        "-eth0",
+        ".eth0",
+        "a" * 17,
+        "\u00e9th0",
+        "eth0\u202e",
+    ],
+)
+def test_parse_address_refuses_any_other_zone_id(zone: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_address(f"[::1%{zone}]:80")
+    message = str(caught.value)
+    assert "zone id" in message
+    assert not any(ch in message for ch in "\x00\x1b\n\u202e")  # escaped, not echoed raw
+
+
+def test_shown_quotes_cuts_and_escapes_what_it_echoes() -> None:
+    assert shown("alice") == "'alice'"
+    assert shown("x" * 41) == repr("x" * 40 + "…")
+    assert len(shown("x" * 1_000_000)) < 50
+    escaped = shown("\x1b[2J\x00\x7f\x85\u202e\u2066\n")
+    assert escaped == "'\\x1b[2J\\x00\\x7f\\x85\\u202e\\u2066\\n'"
+    assert escaped.isprintable()
+    assert shown("caf\u00e9 \U0001f600") == "'caf\u00e9 \U0001f600'"  # ordinary text stays
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x1b", "\x7f", "\x85", "\x9b", "\t", "\n", "\r"])
+def test_a_control_character_in_any_request_text_is_refused_naming_the_field(char: str) -> None:
+    assert control_refusal(dpb.RegisterRequest(username="bob", address=f"h{char}:1")) == (
+        "address must not contain control characters"
+    )
+    assert control_refusal(apb.HistoryRequest(peer="bob", before_id=f"01{char}")) == (
+        "before_id must not contain control characters"
+    )
+
+
+def test_a_body_may_hold_tab_and_line_breaks_but_no_other_control_character() -> None:
+    assert control_refusal(apb.SendRequest(peer="bob", body="one\ttwo\r\nthree\n")) is None
+    for char in ("\x00", "\x08", "\x0b", "\x0c", "\x1b", "\x7f", "\x9f"):
+        assert control_refusal(apb.SendRequest(peer="bob", body=f"a{char}b")) == (
+            "body must not contain control characters other than tab and line breaks"
+        ), repr(char)
+    assert control_refusal(apb.SendRequest(peer="bob\n", body="ok")) == (
+        "peer must not contain control characters"
+    )
+
+
+def test_the_check_goes_through_nested_repeated_recursive_and_map_fields() -> None:
+    fine = apb.ChatInput(text=apb.ChatText(body="line one\nline two \u202e \U0001f600"))
+    assert control_refusal(fine) is None
+    assert control_refusal(apb.ChatInput(text=apb.ChatText(body="\x1b[2J"))) == (
+        "text.body must not contain control characters other than tab and line breaks"
+    )
+    assert control_refusal(apb.ChatInput(open=apb.ChatOpen(peer="b\x00b"))) == (
+        "open.peer must not contain control characters"
+    )
+    contacts = dpb.ListContactsResponse(
+        contacts=[cpb.Contact(username="ann"), cpb.Contact(username="bob", address="h\x1b:1")]
+    )
+    assert control_refusal(contacts) == "contacts.address must not contain control characters"
+    assert control_refusal(apb.StatusResponse(linked_peers=["ann", "b\x07"])) == (
+        "linked_peers must not contain control characters"
+    )
+    assert control_refusal(dpb.LoginRequest(csr_pem=b"\x00\x1b")) is None  # bytes are not text
+    assert control_refusal(apb.StatusRequest()) is None
+    # google.protobuf.Struct: a map of Values, which hold Structs again.
+    nested = Struct()
+    nested.update({"outer": {"inner": ["ok", "not\x1bok"]}})
+    assert control_refusal(nested) == (
+        "fields.struct_value.fields.list_value.values.string_value must not contain control "
+        "characters"
+    )
+    assert control_refusal(Struct(fields={"k\x00": Value(string_value="v")})) == (
+        "fields key must not contain control characters"
+    )
+    clean = Struct()
+    clean.update({"outer": {"inner": ["ok", 1, True, None]}})
+    assert control_refusal(clean) is None
+
+
+def test_shown_unquoted_escapes_and_cuts_the_same_way() -> None:
+    assert shown("it's \x1b[2J fine", quoted=False) == "it's \\x1b[2J fine"
+    assert shown("y" * 100, 10, quoted=False) == "y" * 10 + "…"
+
+
+class _Failed(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_another_services_error_message_is_passed_on_escaped_and_cut() -> None:
+    refused = from_rpc_error(_Failed(grpc.StatusCode.NOT_FOUND, "no \x1b[31muser\n"), "directory")
+    assert refused.code == grpc.StatusCode.NOT_FOUND
+    assert str(refused) == "no \\x1b[31muser\\n"
+    down = from_rpc_error(_Failed(grpc.StatusCode.UNAVAILABLE, "x" * 100_000), "directory")
+    assert str(down).startswith("directory unreachable: xxx") and len(str(down)) < 600

@@ -2,7 +2,9 @@
 
 Layers below the servicers raise these; `add_service` wraps every handler so that they become
 statuses at the edge and servicers stay free of try/except boilerplate. Anything else becomes
-INTERNAL with the traceback logged and a generic message sent.
+INTERNAL with the traceback logged and a generic message sent. The same wrapper refuses malformed
+requests before a handler sees them: undecodable ones, and text with control characters in any
+string field (p2pchat_common.text).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from p2pchat_common.text import control_refusal, shown
+
 log = logging.getLogger(__name__)
+
+REMOTE_DETAILS_MAX = 500  # characters of another service's error message passed on
 
 
 class StartupError(Exception):
@@ -55,6 +61,12 @@ class RateLimited(DomainError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class TooLarge(DomainError):
+    """Over a documented size or count limit (e.g. too much in one peer frame)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -70,7 +82,9 @@ class RemoteError(DomainError):
 def from_rpc_error(err: grpc.RpcError, service: str) -> DomainError:
     """The domain error for a failed call to another service (`service` names it in messages)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    details = (err.details() if hasattr(err, "details") else None) or str(code)
+    # What the other side said, escaped and cut: it goes on into our own messages and logs.
+    raw = (err.details() if hasattr(err, "details") else None) or str(code)
+    details = shown(raw, REMOTE_DETAILS_MAX, quoted=False)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(f"{service} unreachable: {details}")
     if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
@@ -109,13 +123,42 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext[Any, 
 
 _BAD_REQUEST = "malformed request: strings must be valid UTF-8 and fields well-formed"
 
+_Check = Callable[[Any], str | None]
 
-def _wrap_unary_request(
+
+def _undecodable(request: Any) -> str | None:
+    """Why a request is refused before its handler runs (it could not be parsed), or None."""
+    return _BAD_REQUEST if isinstance(request, _Undecodable) else None
+
+
+def _malformed(request: Any) -> str | None:
+    """`_undecodable`, and a string field holding a control character (p2pchat_common.text)."""
+    if isinstance(request, _Undecodable):
+        return _BAD_REQUEST
+    return control_refusal(request)
+
+
+async def _iterate_checked(requests: AsyncIterator[Any], check: _Check) -> AsyncIterator[Any]:
+    """A request stream that raises InvalidArgument on a refused message."""
+    async for request in requests:
+        refusal = check(request)
+        if refusal is not None:
+            raise InvalidArgument(refusal)
+        yield request
+
+
+def _wrap_unary_response(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+    check: _Check,
+    streaming_request: bool,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _BAD_REQUEST)
+        if streaming_request:
+            request = _iterate_checked(request, check)
+        else:
+            refusal = check(request)
+            if refusal is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -128,12 +171,18 @@ def _wrap_unary_request(
 
 def _wrap_streaming_response(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+    check: _Check,
+    streaming_request: bool,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _BAD_REQUEST)
+        if streaming_request:
+            request = _iterate_checked(request, check)
+        else:
+            refusal = check(request)
+            if refusal is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
         try:
-            async for response in behavior(_checked(request), context):
+            async for response in behavior(request, context):
                 yield response
         except grpc.aio.AbortError:
             raise
@@ -143,41 +192,32 @@ def _wrap_streaming_response(
     return streaming
 
 
-def _checked(requests: Any) -> Any:
-    """A request stream that raises InvalidArgument on a malformed message; a message as it is."""
-    if not hasattr(requests, "__aiter__"):
-        return requests
-    return _iterate_checked(requests)
-
-
-async def _iterate_checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    async for request in requests:
-        if isinstance(request, _Undecodable):
-            raise InvalidArgument(_BAD_REQUEST)
-        yield request
-
-
-def map_errors(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    """`handler` with DomainError (and malformed requests) mapped to status codes."""
+def map_errors(
+    handler: grpc.RpcMethodHandler[Any, Any], check_strings: bool = True
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with DomainError mapped to status codes, and malformed requests refused with
+    INVALID_ARGUMENT before it runs: undecodable ones, and (with `check_strings`) any whose
+    string fields hold control characters (p2pchat_common.text)."""
     # The typeshed stubs describe sync handlers; on an aio server they are coroutines.
     h: Any = handler
+    check = _malformed if check_strings else _undecodable
     deserializer = _safe_deserializer(h.request_deserializer)
     serializer = h.response_serializer
     if h.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary_request(h.unary_unary), deserializer, serializer
+            _wrap_unary_response(h.unary_unary, check, False), deserializer, serializer
         )
     if h.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_streaming_response(h.unary_stream), deserializer, serializer
+            _wrap_streaming_response(h.unary_stream, check, False), deserializer, serializer
         )
     if h.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary_request(_with_checked_stream(h.stream_unary)), deserializer, serializer
+            _wrap_unary_response(h.stream_unary, check, True), deserializer, serializer
         )
     if h.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_streaming_response(h.stream_stream), deserializer, serializer
+            _wrap_streaming_response(h.stream_stream, check, True), deserializer, serializer
         )
     return handler
 
@@ -186,8 +226,9 @@ class _MappingRegistrar:
     """What a generated `add_*Servicer_to_server` sees instead of the server: it registers the
     service's handlers on the real server, each wrapped by `map_errors`."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, check_strings: bool) -> None:
         self._server = server
+        self._check_strings = check_strings
         self.registered: list[str] = []
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
@@ -196,7 +237,9 @@ class _MappingRegistrar:
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
-        wrapped = {name: map_errors(handler) for name, handler in handlers.items()}
+        wrapped = {
+            name: map_errors(handler, self._check_strings) for name, handler in handlers.items()
+        }
         generic = grpc.method_handlers_generic_handler(service, wrapped)
         self._server.add_generic_rpc_handlers((generic,))
         self._server.add_registered_method_handlers(service, wrapped)
@@ -204,21 +247,20 @@ class _MappingRegistrar:
 
 
 def add_service(
-    server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: object
+    server: grpc.aio.Server,
+    add_to_server: Callable[[Any, Any], None],
+    servicer: object,
+    *,
+    check_strings: bool = True,
 ) -> None:
     """Registers `servicer` through its generated `add_*Servicer_to_server` with the error map
     applied to every method once, here, rather than by an interceptor on every call (an aio
-    interceptor costs a coroutine and new handler objects per call: ~15 % of a short call)."""
-    registrar = _MappingRegistrar(server)
+    interceptor costs a coroutine and new handler objects per call: ~15 % of a short call).
+
+    Every string field of every request is checked for control characters unless
+    `check_strings` is False: for a hot stream whose handler checks its fields itself (the
+    peer link: delivery.Delivery)."""
+    registrar = _MappingRegistrar(server, check_strings)
     add_to_server(servicer, registrar)
     if not registrar.registered:
         raise RuntimeError(f"{add_to_server.__name__} registered no handlers by name")
-
-
-def _with_checked_stream(
-    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
-) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
-    async def run(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await behavior(_checked(requests), context)
-
-    return run

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable, Mapping, Sequence
 
 from p2pchat_common.errors import InvalidArgument
-from p2pchat_common.validation import parse_address
+from p2pchat_common.validation import parse_address, shown
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("1", "true", "yes", "on")
@@ -29,18 +29,17 @@ def env_flag(environ: Mapping[str, str], name: str) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(
-        f"P2PCHAT_{name}={value!r} is not a boolean (use one of {', '.join(_TRUE + _FALSE[1:])})"
-    )
+    choices = ", ".join(_TRUE + _FALSE[1:])
+    raise ValueError(f"P2PCHAT_{name}={shown(value)} is not a boolean (use one of {choices})")
 
 
 def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number: {shown(text)}") from None
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be positive: {shown(text)}")
     return value
 
 
@@ -48,16 +47,16 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a whole number: {shown(text)}") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be positive: {shown(text)}")
     return value
 
 
 def log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not one of {', '.join(LOG_LEVELS)}")
     return level
 
 

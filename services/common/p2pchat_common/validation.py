@@ -2,7 +2,10 @@
 
 Usernames become file names (`<username>.db`) and certificate names, so their alphabet is strict:
 3 to 32 characters, a lower-case ASCII letter first, then lower-case letters, digits, '_' or '-'.
-Input is case-insensitive and normalised to lower case.
+Input is case-insensitive and normalised to lower case. Addresses are "host:port" with a DNS name,
+an IPv4 address or a bracketed IPv6 address (a zone id only as a short interface name: "%eth0").
+No text anywhere may hold control characters (p2pchat_common.text, checked for every request),
+and an error message shows a client's text only through `shown`: cut short and escaped.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import re
 from dataclasses import dataclass
 
 from p2pchat_common.errors import InvalidArgument
+from p2pchat_common.text import CONTROL, control_message
+from p2pchat_common.text import shown as shown  # the one way to echo a value: see there
 
 USERNAME_MIN = 3
 USERNAME_MAX = 32
@@ -24,11 +29,7 @@ USERNAME_RULE = (
 
 _USERNAME = re.compile(r"[a-z][a-z0-9_-]*")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-def _shown(value: str, limit: int = 40) -> str:
-    """A value quoted for an error message, cut so a huge input cannot flood a log or a screen."""
-    return repr(value if len(value) <= limit else value[:limit] + "…")
+_ZONE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}")  # an interface name ("eth0") or index
 
 
 def normalize_username(raw: str) -> str:
@@ -40,7 +41,7 @@ def normalize_username(raw: str) -> str:
     # Check ASCII before lower-casing: some characters (the Kelvin sign) lower-case to ASCII.
     name = raw.lower() if raw.isascii() else ""
     if len(name) < USERNAME_MIN or not _USERNAME.fullmatch(name):
-        raise InvalidArgument(f"invalid username {_shown(raw)}: {USERNAME_RULE}")
+        raise InvalidArgument(f"invalid username {shown(raw)}: {USERNAME_RULE}")
     return name
 
 
@@ -51,8 +52,8 @@ def validate_password(password: str) -> str:
         raise InvalidArgument(f"password is too short (at least {PASSWORD_MIN} characters)")
     if len(password) > PASSWORD_MAX:
         raise InvalidArgument(f"password is too long (at most {PASSWORD_MAX} characters)")
-    if "\x00" in password:
-        raise InvalidArgument("password must not contain NUL characters")
+    if CONTROL.search(password):
+        raise InvalidArgument(control_message("password"))
     return password
 
 
@@ -76,24 +77,30 @@ def parse_address(raw: str, *, what: str = "address", allow_port_zero: bool = Fa
         raise InvalidArgument(f"{what} is too long (at most {ADDRESS_MAX} characters)")
     host, sep, port_text = raw.rpartition(":")
     if not sep or not host:
-        raise InvalidArgument(f"invalid {what} {_shown(raw)}: expected host:port")
+        raise InvalidArgument(f"invalid {what} {shown(raw)}: expected host:port")
     lowest = 0 if allow_port_zero else 1
     if not (port_text.isascii() and port_text.isdigit()) or not lowest <= int(port_text) <= 65535:
-        raise InvalidArgument(f"invalid {what} {_shown(raw)}: port must be {lowest}-65535")
+        raise InvalidArgument(f"invalid {what} {shown(raw)}: port must be {lowest}-65535")
     if host.startswith("[") and host.endswith("]"):
+        ip, percent, zone = host[1:-1].partition("%")
+        if percent and not _ZONE_ID.fullmatch(zone):
+            raise InvalidArgument(
+                f"invalid {what} {shown(raw)}: an IPv6 zone id is an interface name "
+                "(a letter or digit, then up to 15 letters, digits, '_', '.' or '-')"
+            )
         try:
-            return HostPort(str(ipaddress.IPv6Address(host[1:-1])), int(port_text))
+            return HostPort(str(ipaddress.IPv6Address(ip)) + percent + zone, int(port_text))
         except ValueError:
-            raise InvalidArgument(f"invalid {what} {_shown(raw)}: bad IPv6 address") from None
+            raise InvalidArgument(f"invalid {what} {shown(raw)}: bad IPv6 address") from None
     if ":" in host:
-        raise InvalidArgument(f"invalid {what} {_shown(raw)}: put an IPv6 address in [brackets]")
+        raise InvalidArgument(f"invalid {what} {shown(raw)}: put an IPv6 address in [brackets]")
     try:
         return HostPort(str(ipaddress.IPv4Address(host)), int(port_text))
     except ValueError:
         pass
     labels = host.rstrip(".").split(".")
     if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
-        raise InvalidArgument(f"invalid {what} {_shown(raw)}: bad host name")
+        raise InvalidArgument(f"invalid {what} {shown(raw)}: bad host name")
     return HostPort(host.lower(), int(port_text))
 
 
