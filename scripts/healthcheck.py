@@ -5,8 +5,9 @@
                                names a writable folder, also copies ca.pem there (atomically, only
                                when it changed): the public CA certificate, never the key, for the
                                agents to trust (docker-compose.yml shares that folder read-only).
-    healthcheck.py agent       plaintext to the agent's control port (P2PCHAT_CONTROL_LISTEN),
-                               which is loopback-only.
+    healthcheck.py agent       plaintext to the agent's control API: P2PCHAT_CONTROL_LISTEN
+                               (unix:PATH or HOST:PORT) when set, else its default, the socket
+                               unix:$P2PCHAT_DATA_DIR/control.sock (as the agent's config.py).
 
 Exit status 0 healthy, 1 not (the reason on stderr). Runs inside the image's venv.
 """
@@ -66,8 +67,20 @@ def check_directory() -> None:
         _publish_ca(ca_pem, Path(publish))
 
 
+def _agent_target() -> str:
+    """Where the agent serves its control API, derived as p2pchat_agent.config does."""
+    listen = os.environ.get("P2PCHAT_CONTROL_LISTEN", "")
+    if not listen:
+        return f"unix:{Path(os.environ.get('P2PCHAT_DATA_DIR') or 'data') / 'control.sock'}"
+    if listen.startswith("unix:"):
+        return listen
+    if "/" in listen:
+        return f"unix:{listen}"
+    return _dial_target(listen)
+
+
 def check_agent() -> None:
-    target = _dial_target(os.environ.get("P2PCHAT_CONTROL_LISTEN", "127.0.0.1:50053"))
+    target = _agent_target()
     with grpc.insecure_channel(target) as channel:
         _check(channel)
 

@@ -6,10 +6,11 @@ Everything it makes carries the labels `p2pchat.test.pid=<pid of pytest>` and
 the named volumes, the network), and `sweep_stale()` removes what a killed test run on this host
 left behind (its pid is gone), never another live run's.
 
-The agents' control ports stay on loopback inside their containers, as in production: the
-tests drive them with `docker exec <agent> p2pchat ...` (the CLI in the image), except
-`remote_control=True` agents, whose control port is published on the host's 127.0.0.1 so the
-tests can use the gRPC API directly. The directory's port is published on 127.0.0.1 too.
+The agents serve their control API on /data/control.sock inside their containers, as in
+production: the tests drive them with `docker exec <agent> p2pchat ...` (the CLI in the image,
+which finds the socket through P2PCHAT_DATA_DIR), except `remote_control=True` agents, which
+serve it on TCP port 50053, published on the host's 127.0.0.1 so the tests can use the gRPC API
+directly. The directory's port is published on 127.0.0.1 too.
 """
 
 from __future__ import annotations

@@ -183,13 +183,55 @@ def test_history_lives_in_each_containers_own_database(deployment: Deployment) -
         assert count.stdout.strip() == "1", count.stderr
 
 
+def modes_under(d: Deployment, service: str, folder: str) -> dict[str, str]:
+    """The mode of `folder` and of everything under it (dot files and sub-folders too) inside
+    `service`, as `stat -c '%a'` shows it; folders get a trailing "/"."""
+    listing = d.exec(service, "find", folder, "-printf", "%m %y %p\\n")
+    assert listing.returncode == 0, listing.stderr
+    modes = {}
+    for line in listing.stdout.splitlines():
+        mode, kind, path = line.split(" ", 2)
+        modes[path + ("/" if kind == "d" else "")] = mode
+    return modes
+
+
+@pytest.mark.parametrize("service", ["directory", "alice", "carol"])
+def test_data_volumes_are_0700_with_0600_files_but_the_public_ca_certificate(
+    deployment: Deployment, service: str
+) -> None:
+    d = deployment
+    modes = modes_under(d, service, "/data")
+    folders = {path: mode for path, mode in modes.items() if path.endswith("/")}
+    assert folders.pop("/data/") == "700", modes
+    assert {path: mode for path, mode in folders.items() if mode != "700"} == {}  # ~/.local: CLI
+    files = {path: mode for path, mode in modes.items() if not path.endswith("/")}
+    if service == "directory":
+        assert files.pop("/data/ca.pem") == "644", modes
+        for name in ("ca-key.pem", "users.db", "users.db-wal", "users.db-shm", "contacts.db"):
+            assert f"/data/{name}" in files, modes
+        # Other CA certificates the directory keeps are public by design too; never a key.
+        public = {n: files.pop(n) for n in list(files) if n.endswith(".pem") and "key" not in n}
+        assert set(public.values()) <= {"644"}, modes
+        # The folder the healthcheck publishes ca.pem into, for the agents to read.
+        published = modes_under(d, "directory", "/ca")
+        assert published.pop("/ca/") == "755" and "/ca/ca.pem" in published, published
+        assert set(published.values()) == {"644"}, published
+    else:
+        for name in (".key", ".crt", ".db", ".db-wal", ".db-shm"):
+            assert f"/data/{service}{name}" in files, modes
+        assert "/data/session.json" in files, modes
+        # alice serves her control API on the socket; carol (remote control) on TCP.
+        assert ("/data/control.sock" in files) == (service not in d.remote_control), modes
+    assert files and {path: mode for path, mode in files.items() if mode != "600"} == {}
+
+
 # -- failures ------------------------------------------------------------------------------------
 
 
 def test_a_burst_to_bob_whose_container_stops_midway_is_delivered_exactly_once(
     deployment: Deployment,
 ) -> None:
-    """alice (a script in her container, on her control port) and carol (from the host) each
+    """alice (a script in her container, on her control socket) and carol (from the host) each
     send BURST messages to bob; bob's container is stopped (SIGTERM) while carol's messages are
     flowing, and started again after the burst. bob's database then holds every message once,
     in each sender's order, and the senders hold every message as delivered."""
@@ -199,7 +241,8 @@ def test_a_burst_to_bob_whose_container_stops_midway_is_delivered_exactly_once(
     alice_script = (
         "import sys, time, grpc\n"
         "from p2pchat.v1 import agent_pb2, agent_pb2_grpc\n"
-        "stub = agent_pb2_grpc.AgentServiceStub(grpc.insecure_channel('127.0.0.1:50053'))\n"
+        "channel = grpc.insecure_channel('unix:/data/control.sock')\n"
+        "stub = agent_pb2_grpc.AgentServiceStub(channel)\n"
         "n, prefix = int(sys.argv[1]), sys.argv[2]\n"
         "for i in range(n):\n"
         "    if i == n // 2:\n"

@@ -37,11 +37,13 @@ def agent_settings(data_dir: Path, directory_port: int, directory_ca: Path) -> S
 
 
 class AgentClient:
-    """A control-port client: what the CLI does, as plain calls."""
+    """A control API client: what the CLI does, as plain calls. `control`: a loopback port, or
+    an address to dial ("unix:PATH" or HOST:PORT)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, control: int | str) -> None:
         options = [("grpc.max_receive_message_length", MAX_CONTROL_MESSAGE)]  # as the CLI
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        target = f"127.0.0.1:{control}" if isinstance(control, int) else control
+        self.channel = grpc.insecure_channel(target, options=options)
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
 
     def register(self, name: str, password: str = PASSWORD) -> str:
@@ -80,11 +82,12 @@ class InProcessAgent:
 
     def start(self) -> None:
         self._running = self.loop.run(create_agent(self.settings))
-        # Keep the ports across restarts so that addresses stay valid.
+        # Keep the ports across restarts so that addresses stay valid (a socket path stays).
+        control = self._running.control_port
         self.settings = dataclasses.replace(
             self.settings,
             peer_listen=f"127.0.0.1:{self._running.peer_port}",
-            control_listen=f"127.0.0.1:{self._running.control_port}",
+            control_listen=f"127.0.0.1:{control}" if control else self.settings.control_listen,
         )
 
     def stop(self) -> None:
@@ -100,25 +103,47 @@ class InProcessAgent:
         assert self._running is not None
         return self._running
 
+    @property
+    def control(self) -> str:
+        """The address to dial for the control API: "unix:PATH" or 127.0.0.1:PORT."""
+        socket = self.server.control_socket
+        return f"unix:{socket}" if socket is not None else f"127.0.0.1:{self.server.control_port}"
+
     def client(self) -> AgentClient:
-        client = AgentClient(self.server.control_port)
+        client = AgentClient(self.control)
         self._clients.append(client)
         return client
 
 
 class AgentProcess(ServiceProcess):
-    """`p2pchat-agent` as a child process; its ports are read from its log."""
+    """`p2pchat-agent` as a child process; its control address and peer port are read from its
+    log ("control port N" for TCP, "control socket PATH" for a Unix socket)."""
 
     MODULE = "p2pchat_agent"
-    READY = re.compile(r"agent serving: control port (\d+), peer port (\d+)")
+    READY = re.compile(
+        r"agent serving: control (?:port (?P<control_port>\d+)|socket (?P<control_socket>.+?)), "
+        r"peer port (?P<peer_port>\d+)"
+    )
 
     @property
     def control_port(self) -> int:
-        return self.ports[0]
+        """The control port; 0 when the control API is on a Unix socket."""
+        return int(self.ready["control_port"] or 0)
+
+    @property
+    def control_socket(self) -> Path | None:
+        found = self.ready["control_socket"]
+        return Path(found) if found is not None else None
+
+    @property
+    def control(self) -> str:
+        """The address to dial for the control API: "unix:PATH" or 127.0.0.1:PORT."""
+        socket = self.control_socket
+        return f"unix:{socket}" if socket is not None else f"127.0.0.1:{self.control_port}"
 
     @property
     def peer_port(self) -> int:
-        return self.ports[1]
+        return int(self.ready["peer_port"])
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 20, interval: float = 0.05) -> T:

@@ -58,19 +58,32 @@ class Terminal(fdspawn):  # type: ignore[misc]
         self.closed = True
 
 
+def agent_flag(agent: int | str | None) -> list[str]:
+    """`--agent 127.0.0.1:PORT` for a port, `--agent ADDRESS` for an address, none for None."""
+    if agent is None:
+        return []
+    return ["--agent", f"127.0.0.1:{agent}" if isinstance(agent, int) else agent]
+
+
 def spawn_menu(agent_port: int, tmp_path: Path) -> Terminal:
     """`p2pchat --agent 127.0.0.1:PORT` (the menu) on a 40x140 pseudo-terminal."""
-    return Terminal([*CLI, "--agent", f"127.0.0.1:{agent_port}"], cli_env(tmp_path))
+    return Terminal([*CLI, *agent_flag(agent_port)], cli_env(tmp_path))
 
 
 def run_cli(
-    agent_port: int, tmp_path: Path, *args: str, stdin: str = "", timeout: float = 60
+    agent: int | str | None,
+    tmp_path: Path,
+    *args: str,
+    stdin: str = "",
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """`p2pchat [--agent ...] ARGS`; `agent` as for `agent_flag`, `env` added to cli_env's."""
     return subprocess.run(
-        [*CLI, "--agent", f"127.0.0.1:{agent_port}", *args],
+        [*CLI, *agent_flag(agent), *args],
         input=stdin,
         capture_output=True,
         text=True,
-        env=cli_env(tmp_path),
+        env={**cli_env(tmp_path), **(env or {})},
         timeout=timeout,
     )

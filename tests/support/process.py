@@ -1,5 +1,6 @@
 """A p2pchat service as a child process: started with `python -m MODULE ARGS`, ready once its
-log prints a line matching READY (whose numbers are the ports it bound), stopped by signal."""
+log prints a line matching READY (kept as `ready`; by default its groups are the ports it bound),
+stopped by signal."""
 
 from __future__ import annotations
 
@@ -33,11 +34,15 @@ class ServiceProcess:
             env={**os.environ, **(env or {})},
         )
         self.log: list[str] = []
-        self.ports = self._wait_ready()
+        self.ready = self._wait_ready()
         self._drain = threading.Thread(target=self._read_rest, daemon=True)
         self._drain.start()
 
-    def _wait_ready(self, timeout: float = 30) -> tuple[int, ...]:
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return tuple(int(group) for group in self.ready.groups())
+
+    def _wait_ready(self, timeout: float = 30) -> re.Match[str]:
         assert self.proc.stderr is not None
         timer = threading.Timer(timeout, self.proc.kill)
         timer.start()
@@ -46,7 +51,7 @@ class ServiceProcess:
                 self.log.append(line)
                 found = self.READY.search(line)
                 if found:
-                    return tuple(int(group) for group in found.groups())
+                    return found
         finally:
             timer.cancel()
         raise RuntimeError(f"{self.MODULE} exited before serving:\n" + "".join(self.log))
@@ -69,3 +74,10 @@ class ServiceProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    def close(self) -> None:
+        """Kills the child if it still runs, reads its log to the end and closes the pipe."""
+        self.kill()
+        if self.proc.stderr is not None:
+            self._drain.join(5)
+            self.proc.stderr.close()

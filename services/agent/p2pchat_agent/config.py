@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,11 @@ from p2pchat_common.validation import is_wildcard
 
 DEFAULT_DIRECTORY = "localhost:50051"
 DEFAULT_PEER_LISTEN = "0.0.0.0:50052"
-DEFAULT_CONTROL_LISTEN = "127.0.0.1:50053"
+# The control API's default: a Unix socket in the data dir (0600, in the 0700 data dir), so that
+# only the user the agent runs as can drive it. Loopback TCP stays available as an option.
+CONTROL_SOCKET_FILE = "control.sock"
+UNIX_PREFIX = "unix:"
+MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108 with the terminating NUL
 DEFAULT_BODY_LIMIT = 16 * 1024
 MAX_BODY_LIMIT = 4 * 1024 * 1024  # one such body still fits a peer frame and a control call
 # The largest control message either way (agent and CLI): one body at MAX_BODY_LIMIT in a reply
@@ -41,11 +45,14 @@ class Settings:
     data_dir: Path = Path("./data")
     peer_listen: str = DEFAULT_PEER_LISTEN
     advertise: str = ""  # the address other agents dial; "" = derived from peer_listen
-    control_listen: str = DEFAULT_CONTROL_LISTEN
+    control_listen: str = ""  # "unix:PATH" or HOST:PORT; "" = unix:DATA_DIR/control.sock
     allow_remote_control: bool = False
     body_limit: int = DEFAULT_BODY_LIMIT
     heartbeat_interval: float = 10.0
     retry_max: float = 30.0
+    # How long a peer certificate found good is trusted before the directory is asked again,
+    # and how often open links are checked: the delay with which a logout closes links.
+    revocation_interval: float = 30.0
     grace_period: float = 5.0
     log_level: str = "INFO"
 
@@ -59,6 +66,64 @@ class Settings:
         if is_wildcard(host):
             return f"localhost:{port}"
         return self.peer_listen
+
+    @property
+    def control_address(self) -> str:
+        """Where the control API is served: "unix:PATH" or HOST:PORT."""
+        return self.control_listen or default_control_listen(self.data_dir)
+
+    @property
+    def control_socket(self) -> Path | None:
+        """The control API's Unix socket, or None when it is served on TCP."""
+        return socket_path(self.control_address)
+
+
+def default_control_listen(data_dir: Path) -> str:
+    """The agent's control address when none is given: its socket in its data dir. The one
+    place that says so, for the agent and the CLI alike."""
+    return f"{UNIX_PREFIX}{data_dir / CONTROL_SOCKET_FILE}"
+
+
+def default_agent_address(environ: Mapping[str, str]) -> str:
+    """The CLI's default --agent: P2PCHAT_AGENT, else where an agent started in this same
+    environment serves (as the image's healthcheck finds it): P2PCHAT_CONTROL_LISTEN (a wildcard
+    host dialled on loopback), else the socket in P2PCHAT_DATA_DIR (as in the image), else the
+    socket of an agent run with the defaults."""
+    if environ.get("P2PCHAT_AGENT"):
+        return environ["P2PCHAT_AGENT"]
+    listen = environ.get("P2PCHAT_CONTROL_LISTEN", "")
+    if listen and socket_path(listen) is None:
+        host, _, port = listen.rpartition(":")
+        if is_wildcard(host):
+            return f"{'[::1]' if ':' in host else '127.0.0.1'}:{port}"
+        return listen
+    return listen or default_control_listen(
+        Path(environ.get("P2PCHAT_DATA_DIR") or Settings.data_dir)
+    )
+
+
+def socket_path(address: str) -> Path | None:
+    """The Unix socket path of a control address ("unix:PATH", "unix:///PATH", or any path with
+    a "/" in it), None for HOST:PORT."""
+    if address.startswith(UNIX_PREFIX):
+        path = address[len(UNIX_PREFIX) :]
+        return Path("/" + path.lstrip("/") if path.startswith("/") else path)
+    return Path(address) if "/" in address else None
+
+
+def control_address(what: str, *, allow_port_zero: bool = False) -> Callable[[str], str]:
+    """An argparse type for control addresses: a Unix socket, as "unix:PATH", or HOST:PORT."""
+    tcp = address(what, allow_port_zero=allow_port_zero)
+
+    def parse(text: str) -> str:
+        path = socket_path(text)
+        if path is None:
+            return tcp(text)
+        if not str(path) or str(path) == ".":
+            raise argparse.ArgumentTypeError(f"{what} {text!r}: the socket path is missing")
+        return f"{UNIX_PREFIX}{path}"
+
+    return parse
 
 
 def is_loopback(address: str) -> bool:
@@ -78,8 +143,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         description=(
             "The p2pchat agent: keeps one user's messages in <data-dir>/<username>.db, talks to "
             "other agents directly over mutual TLS, and is driven by the `p2pchat` CLI over its "
-            "loopback control port. Starts logged out (or resumes a stored session). Every flag "
-            "has an environment variable (in brackets)."
+            "control socket (DATA_DIR/control.sock, for this user only). Starts logged out (or "
+            "resumes a stored session). Every flag has an environment variable (in brackets)."
         ),
     )
     add = p.add_argument
@@ -126,17 +191,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     add(
         "--control-listen",
-        type=address("control listen address", allow_port_zero=True),
-        default=env(environ, "CONTROL_LISTEN", d.control_listen),
-        help="HOST:PORT for the CLI; loopback only unless --allow-remote-control "
-        "[P2PCHAT_CONTROL_LISTEN] (default %(default)s)",
+        metavar="unix:PATH|HOST:PORT",
+        type=control_address("control listen address", allow_port_zero=True),
+        default=env(environ, "CONTROL_LISTEN", "") or None,
+        help="where the CLI drives the agent: a Unix socket (mode 0600), or loopback TCP "
+        "HOST:PORT, which any local user can reach (non-loopback only with "
+        "--allow-remote-control) [P2PCHAT_CONTROL_LISTEN] (default unix:DATA_DIR/control.sock)",
     )
     add(
         "--allow-remote-control",
         action="store_true",
         default=env_flag(environ, "ALLOW_REMOTE_CONTROL"),
-        help="let --control-listen bind a non-loopback address: anyone who reaches it controls "
-        "this user's account [P2PCHAT_ALLOW_REMOTE_CONTROL=1]",
+        help="let --control-listen bind a non-loopback HOST:PORT: anyone who reaches it "
+        "controls this user's account [P2PCHAT_ALLOW_REMOTE_CONTROL=1]",
     )
     add(
         "--body-limit",
@@ -159,6 +226,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="longest wait in seconds between delivery retries [P2PCHAT_RETRY_MAX] "
         "(default %(default)s)",
     )
+    add(
+        "--revocation-interval",
+        type=positive_float,
+        default=env(environ, "REVOCATION_INTERVAL", str(d.revocation_interval)),
+        help="seconds between asking the directory whether linked peers' certificates are "
+        "still good; a logged-out peer's links close within this [P2PCHAT_REVOCATION_INTERVAL] "
+        "(default %(default)s)",
+    )
     add_lifecycle_flags(p, environ, d.grace_period, d.log_level)
     return p
 
@@ -169,9 +244,11 @@ def load_settings(
     """Settings from flags over environment over defaults; exits with a usage error when invalid."""
     environ = os.environ if environ is None else environ
     parser, ns = parse(build_parser, "p2pchat-agent", argv, environ)
-    if not ns.allow_remote_control and not is_loopback(ns.control_listen):
+    control_listen: str = ns.control_listen or ""
+    tcp = bool(control_listen) and socket_path(control_listen) is None
+    if tcp and not ns.allow_remote_control and not is_loopback(control_listen):
         parser.error(
-            f"--control-listen {ns.control_listen} is not a loopback address; the control port "
+            f"--control-listen {control_listen} is not a loopback address; the control port "
             "gives full control of the account (add --allow-remote-control to force it)"
         )
     if int(ns.body_limit) > MAX_BODY_LIMIT:
@@ -183,11 +260,12 @@ def load_settings(
         data_dir=ns.data_dir,
         peer_listen=ns.peer_listen,
         advertise=ns.advertise or "",
-        control_listen=ns.control_listen,
+        control_listen=control_listen,
         allow_remote_control=ns.allow_remote_control,
         body_limit=int(ns.body_limit),
         heartbeat_interval=float(ns.heartbeat_interval),
         retry_max=float(ns.retry_max),
+        revocation_interval=float(ns.revocation_interval),
         grace_period=float(ns.grace_period),
         log_level=ns.log_level,
     )

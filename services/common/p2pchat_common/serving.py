@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -15,6 +16,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from p2pchat_common.errors import StartupError
+from p2pchat_common.files import PRIVATE_UMASK
 
 _HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -54,8 +56,13 @@ async def set_serving(health: HealthServicer, service: str) -> None:
 
 
 def run_service(name: str, log_level: str, main: Coroutine[Any, Any, None]) -> int:
-    """Configures logging once and runs a service's main coroutine; a startup failure becomes
-    one error line and exit code 1."""
+    """Configures logging and the umask once and runs a service's main coroutine; a startup
+    failure becomes one error line and exit code 1.
+
+    The umask (0077) is a second line of defence: what the service creates without saying a mode
+    is readable by its own user only. Public files (the directory's ca.pem) chmod themselves.
+    """
+    os.umask(PRIVATE_UMASK)
     logging.basicConfig(
         level=log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

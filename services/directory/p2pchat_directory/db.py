@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from p2pchat_common.errors import StartupError
+from p2pchat_common.files import private_dir, private_file
 from p2pchat_common.sqlite import ThreadConnections
 from p2pchat_directory.models import ContactsBase, UsersBase
 
@@ -35,7 +36,10 @@ def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # 0600 before SQLite opens it: its -wal and -shm files take the same mode.
+            path = Path(parsed.database)
+            private_dir(path.parent)
+            private_file(path)
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

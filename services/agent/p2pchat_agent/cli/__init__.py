@@ -1,1 +1,1 @@
-"""`p2pchat`: the terminal client that drives one agent over its control port."""
+"""`p2pchat`: the terminal client that drives one agent over its control socket."""

@@ -13,7 +13,8 @@ from pathlib import Path
 from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
 from p2pchat_agent.cli.commands import COMMANDS, cmd_menu
 from p2pchat_agent.cli.console import Console
-from p2pchat_agent.config import DEFAULT_CONTROL_LISTEN
+from p2pchat_agent.config import control_address, default_agent_address
+from p2pchat_common.files import private_dir, private_file
 
 EPILOG = """\
 exit codes: 0 ok, 1 usage error, 2 refused by the agent or the directory (reason printed),
@@ -46,9 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--agent",
-        metavar="HOST:PORT",
-        default=os.environ.get("P2PCHAT_AGENT", DEFAULT_CONTROL_LISTEN),
-        help="the agent's control port [P2PCHAT_AGENT] (default %(default)s)",
+        metavar="unix:PATH|HOST:PORT",
+        type=control_address("agent address"),
+        default=default_agent_address(os.environ),
+        help="the agent's control socket (unix:PATH, or any PATH with a /), or HOST:PORT for "
+        "an agent run with --control-listen HOST:PORT [P2PCHAT_AGENT] (default %(default)s: "
+        "where an agent with this environment serves, P2PCHAT_CONTROL_LISTEN, else "
+        "P2PCHAT_DATA_DIR/control.sock, else data/control.sock)",
     )
     parser.set_defaults(handler=cmd_menu)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -62,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _log_to_file() -> None:
-    """The CLI logs to a file so that the terminal stays clean."""
+    """The CLI logs to a file so that the terminal stays clean; a private one (0600 in 0700)."""
     state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
     try:
-        (state / "p2pchat").mkdir(parents=True, exist_ok=True)
+        log_file = private_file(private_dir(state / "p2pchat") / "cli.log")
         logging.basicConfig(
-            filename=state / "p2pchat" / "cli.log",
+            filename=log_file,
             level=logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )

@@ -11,6 +11,7 @@ import grpc
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import agent_pb2_grpc, common_pb2
 from p2pchat.v1 import directory_pb2 as dpb
+from p2pchat_agent.cli.render import safe
 from p2pchat_agent.config import MAX_CONTROL_MESSAGE
 
 T = TypeVar("T")
@@ -31,11 +32,16 @@ class CliError(Exception):
 
 
 def cli_error(err: grpc.RpcError, agent: str) -> CliError:
+    """What the CLI says about a failed call: the details the agent sent, made safe to print."""
     code = err.code() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else None
-    details = err.details() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else str(err)
-    if code == grpc.StatusCode.UNAVAILABLE and "directory" not in (details or ""):
+    raw = err.details() if isinstance(err, grpc.aio.AioRpcError | grpc.Call) else str(err)
+    details = safe(raw or "")
+    # The agent's own UNAVAILABLE for its directory says "directory at ... unreachable: ..."; a
+    # missing socket's says "No such file or directory", and is about the agent.
+    if code == grpc.StatusCode.UNAVAILABLE and not (details or "").startswith("directory"):
         return CliError(
-            f"cannot reach the agent at {agent} (is p2pchat-agent running? use --agent HOST:PORT)",
+            f"cannot reach the agent at {agent} (is p2pchat-agent running? use --agent "
+            "unix:PATH for its control socket, or --agent HOST:PORT)",
             Exit.UNREACHABLE,
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
