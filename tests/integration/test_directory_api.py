@@ -35,7 +35,8 @@ def test_register_login_contacts_lookup_logout_flow(directory: InProcessDirector
     assert login.username == "alice"
     assert len(login.session_token) >= 32
     assert login.session_expires_at.seconds > time.time()
-    assert login.ca_certificate_pem == directory.ca_pem
+    assert login.ca_certificate_pem == directory.users_ca_pem
+    assert login.directory_ca_pem == directory.ca_pem
     token = login.session_token
 
     added = stub.AddContact(pb.AddContactRequest(username="Bob"), metadata=auth(token))

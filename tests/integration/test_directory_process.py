@@ -211,12 +211,12 @@ def test_restart_on_the_same_data_dir_keeps_ca_users_contacts_and_sessions(
                 pb.AddContactRequest(username="bob"), metadata=auth(token), timeout=RPC_TIMEOUT
             )
         assert first.terminate() == 0
-        assert "created a new CA" in log_text(first)
+        assert "created the directory root and users CA" in log_text(first)
     assert {"ca.pem", "users.db", "contacts.db"} <= data_dir_files(data)
 
     with directory_process(args) as second:
         assert (data / "ca.pem").read_bytes() == ca_before
-        assert "loaded CA" in log_text(second)
+        assert "loaded the directory root and users CA" in log_text(second)
         # The new process's server certificate still chains to the CA clients already trust.
         with channel_to(second.port, ca_before) as channel:
             stub = Stub(channel)

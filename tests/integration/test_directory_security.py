@@ -24,8 +24,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from p2pchat.v1 import directory_pb2 as pb
 from p2pchat.v1 import directory_pb2_grpc
+from p2pchat_common.tls import user_identity
 from p2pchat_directory.ca import CertificateAuthority
-from p2pchat_directory.models import Contact, LoginFailure, User, UserSession
+from p2pchat_directory.models import Contact, FailedLogin, User, UserSession
 from tests.support.directory import PASSWORD, InProcessDirectory, auth, expect_error
 
 Stub = directory_pb2_grpc.DirectoryServiceStub
@@ -63,7 +64,7 @@ def engine(url: str) -> Iterator[sqlalchemy.Engine]:
 def row_counts(directory: InProcessDirectory) -> dict[str, int]:
     counts: dict[str, int] = {}
     with engine(directory.settings.users_url) as users, users.connect() as conn:
-        for model in (User, UserSession, LoginFailure):
+        for model in (User, UserSession, FailedLogin):
             query = sqlalchemy.select(sqlalchemy.func.count()).select_from(model)
             counts[model.__tablename__] = int(conn.scalar(query) or 0)
     with engine(directory.settings.contacts_url) as contacts, contacts.connect() as conn:
@@ -91,9 +92,10 @@ def test_login_csr_gives_a_ca_signed_certificate_naming_the_user_not_the_csr_sub
     ca = x509.load_pem_x509_certificate(login.ca_certificate_pem)
     cert = x509.load_pem_x509_certificate(login.certificate_pem)
     cert.verify_directly_issued_by(ca)
-    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "alice"
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "p2pchat user alice"
+    assert user_identity(cert) == ("alice", spki_sha256(key)[:16])
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["alice"]
+    assert san.get_values_for_type(x509.DNSName) == ["alice.users.p2pchat.invalid"]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH} <= set(eku)
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -131,7 +133,7 @@ def test_renew_certificate_for_a_new_key_changes_the_fingerprint_and_rejects_bad
     assert renewed.ca_certificate_pem == login.ca_certificate_pem
     cert = x509.load_pem_x509_certificate(renewed.certificate_pem)
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(renewed.ca_certificate_pem))
-    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "carol"
+    assert user_identity(cert) == ("carol", spki_sha256(new_key)[:16])
     after = stub.Lookup(pb.LookupRequest(username="carol"), metadata=auth(dave))
     assert after.public_key_sha256 == spki_sha256(new_key) != before.public_key_sha256
     assert after.certificate_pem == renewed.certificate_pem
@@ -370,8 +372,10 @@ def test_ca_files_are_private_and_survive_a_restart_with_users_and_contacts(
     directory: InProcessDirectory,
 ) -> None:
     data_dir = directory.settings.data_dir
-    key_path, cert_path = data_dir / "ca-key.pem", data_dir / "ca.pem"
+    key_path, cert_path = data_dir / "users-ca-key.pem", data_dir / "users-ca.pem"
     assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(data_dir / "ca-key.pem").st_mode) == 0o600
+    root_before = directory.ca_pem
     ca_before = cert_path.read_bytes()
     stub = directory.stub()
     stub.Register(pb.RegisterRequest(username="kim", password=PASSWORD))
@@ -384,6 +388,7 @@ def test_ca_files_are_private_and_survive_a_restart_with_users_and_contacts(
     directory.start()
 
     assert cert_path.read_bytes() == ca_before
+    assert directory.ca_pem == root_before
     assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
     stub = directory.stub()
     again = stub.Login(

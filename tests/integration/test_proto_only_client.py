@@ -67,7 +67,7 @@ CLIENT = textwrap.dedent(
         "username": login.username,
         "token_length": len(login.session_token),
         "expires_at": login.session_expires_at.seconds,
-        "ca_is_the_directory_ca": login.ca_certificate_pem == ca,
+        "directory_root_is_the_trusted_ca": login.directory_ca_pem == ca,
     }
     added = stub.AddContact(
         pb.AddContactRequest(username="Yann"), metadata=md, timeout=T
@@ -179,7 +179,7 @@ def test_client_generated_only_from_the_proto_files_uses_the_directory(tmp_path:
     assert report["login"]["username"] == "zoe"
     assert report["login"]["token_length"] >= 32
     assert report["login"]["expires_at"] > time.time()
-    assert report["login"]["ca_is_the_directory_ca"] is True
+    assert report["login"]["directory_root_is_the_trusted_ca"] is True
     assert report["added"] == ["yann", "10.1.2.3:6000"]
     assert report["contacts"] == [["yann", "10.1.2.3:6000", False]]
     assert report["lookup"] == {

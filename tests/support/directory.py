@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import grpc
 from p2pchat.v1 import directory_pb2_grpc
 from p2pchat_directory.config import Settings
 from p2pchat_directory.server import DirectoryServer, create_server
+from p2pchat_directory.service import utcnow
 from tests.support.loop_thread import LoopThread
 from tests.support.process import ServiceProcess
 
@@ -30,7 +32,10 @@ def auth(token: str) -> tuple[tuple[str, str], ...]:
 class InProcessDirectory:
     """A directory served from this test process on a private loop; stop/start keeps its data."""
 
-    def __init__(self, loop: LoopThread, settings: Settings) -> None:
+    def __init__(
+        self, loop: LoopThread, settings: Settings, clock: Callable[[], datetime] = utcnow
+    ) -> None:
+        self.clock = clock
         self.loop = loop
         self.settings = settings
         self._running: DirectoryServer | None = None
@@ -38,8 +43,9 @@ class InProcessDirectory:
         self.start()
 
     def start(self) -> None:
-        self._running = self.loop.run(create_server(self.settings))
-        self.settings = dataclasses.replace(self.settings, listen=f"127.0.0.1:{self.port}")
+        self._running = self.loop.run(create_server(self.settings, self.clock))
+        host = self.settings.listen.rpartition(":")[0]  # a restart binds the same host and port
+        self.settings = dataclasses.replace(self.settings, listen=f"{host}:{self.port}")
 
     def stop(self) -> None:
         for ch in self._channels:
@@ -56,15 +62,22 @@ class InProcessDirectory:
 
     @property
     def ca_pem(self) -> bytes:
+        """The directory root: what clients trust for the directory channel."""
         return (self.settings.data_dir / "ca.pem").read_bytes()
 
-    def channel(self) -> grpc.Channel:
-        ch = channel_to(self.port, self.ca_pem)
+    @property
+    def users_ca_pem(self) -> bytes:
+        """The users CA: what agents trust for peer links."""
+        return (self.settings.data_dir / "users-ca.pem").read_bytes()
+
+    def channel(self, host: str = "localhost") -> grpc.Channel:
+        ch = channel_to(self.port, self.ca_pem, host)
         self._channels.append(ch)
         return ch
 
-    def stub(self) -> directory_pb2_grpc.DirectoryServiceStub:
-        return directory_pb2_grpc.DirectoryServiceStub(self.channel())
+    def stub(self, host: str = "localhost") -> directory_pb2_grpc.DirectoryServiceStub:
+        """A stub over a channel to `host` ("127.0.0.1" or "[::1]" to pick a source address)."""
+        return directory_pb2_grpc.DirectoryServiceStub(self.channel(host))
 
 
 class DirectoryProcess(ServiceProcess):

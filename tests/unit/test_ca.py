@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from p2pchat_common.errors import InvalidArgument
+from p2pchat_common.tls import user_identity
 from p2pchat_directory.ca import CA_CERT_FILE, CA_KEY_FILE, MAX_CSR_BYTES, CertificateAuthority
 
 DAY = timedelta(days=1)
@@ -43,9 +44,10 @@ def test_load_or_create_twice_in_one_dir_gives_the_same_ca(tmp_path: Path) -> No
     second = CertificateAuthority.load_or_create(tmp_path / "dir")
     assert second.cert_pem == first.cert_pem
     assert (tmp_path / "dir" / CA_CERT_FILE).read_bytes() == first.cert_pem
+    assert second.users_cert_pem == first.users_cert_pem
     # The reloaded key is the same key: what it signs verifies against the first CA.
     issued = second.sign_agent_csr(make_csr(ec.generate_private_key(ec.SECP256R1())), "amy", DAY)
-    x509.load_pem_x509_certificate(issued.pem).verify_directly_issued_by(first.cert)
+    x509.load_pem_x509_certificate(issued.pem).verify_directly_issued_by(first.users.cert)
 
 
 def test_another_data_dir_gets_another_ca(tmp_path: Path) -> None:
@@ -61,13 +63,27 @@ def test_the_ca_key_file_is_private_and_the_certificate_public(tmp_path: Path) -
     assert b"PRIVATE KEY" not in (tmp_path / CA_CERT_FILE).read_bytes()
 
 
-def test_the_ca_certificate_is_a_self_signed_ca_for_ten_years(ca: CertificateAuthority) -> None:
-    cert = ca.cert
+@pytest.mark.parametrize("which", ["root", "users"])
+def test_each_ca_certificate_is_a_self_signed_ca_for_ten_years(
+    ca: CertificateAuthority, which: str
+) -> None:
+    cert = ca.root.cert if which == "root" else ca.users.cert
     cert.verify_directly_issued_by(cert)
     constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert constraints.ca and constraints.path_length == 0
     assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
     assert cert.not_valid_after_utc - datetime.now(UTC) > timedelta(days=3640)
+
+
+def test_the_directory_root_and_the_users_ca_are_separate_keys(ca: CertificateAuthority) -> None:
+    assert ca.root.cert.public_key() != ca.users.cert.public_key()
+    issued = ca.sign_agent_csr(make_csr(ec.generate_private_key(ec.SECP256R1())), "localhost", DAY)
+    user_cert = x509.load_pem_x509_certificate(issued.pem)
+    with pytest.raises((ValueError, TypeError)):  # no user certificate chains to the root
+        user_cert.verify_directly_issued_by(ca.root.cert)
+    server_pem, _ = ca.issue_server_certificate([])
+    with pytest.raises((ValueError, TypeError)):
+        x509.load_pem_x509_certificate(server_pem).verify_directly_issued_by(ca.users.cert)
 
 
 def test_server_certificate_names_localhost_loopback_and_the_extra_names(
@@ -77,7 +93,7 @@ def test_server_certificate_names_localhost_loopback_and_the_extra_names(
         ["directory.example", "10.1.2.3", "[fd00::7]", "localhost", " ", ""]
     )
     cert = x509.load_pem_x509_certificate(cert_pem)
-    cert.verify_directly_issued_by(ca.cert)
+    cert.verify_directly_issued_by(ca.root.cert)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     dns = san.get_values_for_type(x509.DNSName)
     ips = san.get_values_for_type(x509.IPAddress)
@@ -115,10 +131,20 @@ def test_sign_agent_csr_certifies_the_csr_key_for_the_username_not_the_csr_subje
     key = make_key()
     issued = ca.sign_agent_csr(make_csr(key, common_name="admin"), "bob_smith", timedelta(hours=2))
     cert = x509.load_pem_x509_certificate(issued.pem)
-    cert.verify_directly_issued_by(ca.cert)
-    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "bob_smith"
+    cert.verify_directly_issued_by(ca.users.cert)
+    # Named as no host is: spaces in the common name, URIs, and one DNS name under .invalid.
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == (
+        "p2pchat user bob_smith"
+    )
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["bob_smith"]
+    assert san.get_values_for_type(x509.DNSName) == ["bob_smith.users.p2pchat.invalid"]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "p2pchat:user:bob_smith",
+        f"p2pchat:device:bob_smith/{issued.device}",
+    ]
+    assert user_identity(cert) == ("bob_smith", issued.device)
+    assert issued.device == issued.public_key_sha256[:16]
+    assert issued.sha256 == cert.fingerprint(hashes.SHA256()).hex()
     eku = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     assert eku == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca

@@ -48,6 +48,8 @@ ENV = {
     "P2PCHAT_PRESENCE_TTL": "12.5",
     "P2PCHAT_CERTIFICATE_TTL": "3600",
     "P2PCHAT_LOGIN_MAX_FAILURES": "3",
+    "P2PCHAT_LOGIN_MAX_FAILURES_PER_SOURCE": "30",
+    "P2PCHAT_LOGIN_MAX_FAILURES_PER_ACCOUNT": "300",
     "P2PCHAT_LOGIN_FAILURE_WINDOW": "90",
     "P2PCHAT_GRACE_PERIOD": "2",
     "P2PCHAT_WORKERS": "16",
@@ -67,6 +69,8 @@ def test_environment_is_used_when_no_flag_is_given() -> None:
     assert s.presence_ttl == timedelta(seconds=12.5)
     assert s.certificate_ttl == timedelta(hours=1)
     assert s.login_max_failures == 3
+    assert s.login_max_failures_per_source == 30
+    assert s.login_max_failures_per_account == 300
     assert s.login_failure_window == timedelta(seconds=90)
     assert s.grace_period == 2.0
     assert s.workers == 16
@@ -91,6 +95,10 @@ def test_flags_override_the_environment() -> None:
         "9",
         "--login-failure-window",
         "10",
+        "--login-max-failures-per-source",
+        "40",
+        "--login-max-failures-per-account",
+        "400",
         "--grace-period",
         "0.5",
         "--workers",
@@ -107,6 +115,7 @@ def test_flags_override_the_environment() -> None:
     assert s.presence_ttl == timedelta(seconds=5)
     assert s.certificate_ttl == timedelta(hours=2)
     assert (s.login_max_failures, s.login_failure_window) == (9, timedelta(seconds=10))
+    assert (s.login_max_failures_per_source, s.login_max_failures_per_account) == (40, 400)
     assert (s.grace_period, s.workers, s.log_level) == (0.5, 2, "WARNING")
 
 
@@ -137,6 +146,8 @@ def test_insecure_is_switched_on_by_flag_or_by_a_true_environment_value(value: s
         (["--workers", "0"], {}, "must be positive"),
         (["--workers", "many"], {}, "not a whole number"),
         (["--login-max-failures", "-1"], {}, "must be positive"),
+        (["--login-max-failures-per-source", "0"], {}, "must be positive"),
+        ([], {"P2PCHAT_LOGIN_MAX_FAILURES_PER_ACCOUNT": "lots"}, "not a whole number"),
         (["--session-ttl", "0"], {}, "must be positive"),
         (["--presence-ttl", "soon"], {}, "not a number"),
         (["--grace-period", "-5"], {}, "must be positive"),
@@ -191,3 +202,15 @@ def test_settings_are_frozen() -> None:
     s = load_settings([], environ={})
     with pytest.raises(AttributeError):
         s.workers = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["bob.users.p2pchat.invalid", "invalid", "X.INVALID."])
+def test_a_tls_name_under_invalid_is_refused_where_users_are_named(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert ".invalid" in expect_usage_error(["--tls-name", name], {}, capsys)
+    assert ".invalid" in expect_usage_error([], {"P2PCHAT_TLS_NAMES": f"ok.example,{name}"}, capsys)
+
+
+def test_certificates_live_hours_by_default() -> None:
+    assert load_settings([], environ={}).certificate_ttl == timedelta(hours=12)

@@ -1,7 +1,18 @@
-"""The directory's certificate authority: made once, kept in the data dir, signs agents' keys.
+"""The directory's two certificate authorities, made once and kept in the data dir.
 
-Files in the data dir: ``ca-key.pem`` (mode 0600) and ``ca.pem`` (the public CA certificate that
-agents and other clients trust).
+- **The directory root** (``ca.pem``, key ``ca-key.pem``) signs only the directory's own TLS
+  certificate. Clients trust it for the directory channel and for nothing else.
+- **The users CA** (``users-ca.pem``, key ``users-ca-key.pem``) signs only user certificates,
+  which name the user and device as URIs (see p2pchat_common.tls). Agents trust it for peer
+  links: Login returns it as ``ca_certificate_pem``.
+
+So no user certificate chains to what a client trusts for the directory, whatever the username.
+
+Upgrade from the first layout (one CA in ``ca.pem`` that signed both kinds): on first start the
+old CA is retired. A new root and a new users CA are made; the old key certifies the new root
+once (``ca-bridge.pem``, served after the directory's certificate, so clients still configured
+with the old ``ca.pem`` keep reaching the directory) and is then deleted. Agents learn the new
+root at login (``directory_ca_pem``); certificates the old CA issued expire on their own.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,30 +34,60 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from p2pchat_common.errors import InvalidArgument
-from p2pchat_common.tls import private_key_pem, public_key_sha256
+from p2pchat_common.tls import (
+    certificate_sha256,
+    device_id,
+    key_sha256,
+    private_key_pem,
+    public_key_sha256,
+    user_sans,
+)
 
 log = logging.getLogger(__name__)
 
 CA_KEY_FILE = "ca-key.pem"
 CA_CERT_FILE = "ca.pem"
+USERS_CA_KEY_FILE = "users-ca-key.pem"
+USERS_CA_CERT_FILE = "users-ca.pem"
+BRIDGE_FILE = "ca-bridge.pem"
+LEGACY_KEY_FILE = "legacy-ca-key.pem"  # only while an upgrade is under way
+LEGACY_CERT_FILE = "legacy-ca.pem"
 CA_VALIDITY = timedelta(days=3650)
 SERVER_VALIDITY = timedelta(days=365)
 MAX_CSR_BYTES = 16 * 1024
-_CLOCK_SKEW = timedelta(minutes=5)
+# Every certificate is valid from an hour before it is made: an agent whose clock is behind by
+# up to that much still accepts the directory's certificate and its peers' (RFC 5280 leaves the
+# margin to the issuer; an hour is what public CAs commonly use).
+NOT_BEFORE_MARGIN = timedelta(hours=1)
+
+Clock = Callable[[], datetime]
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, 0o600)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _san_entries(names: Iterable[str]) -> list[x509.GeneralName]:
@@ -64,152 +105,247 @@ def _san_entries(names: Iterable[str]) -> list[x509.GeneralName]:
     return entries
 
 
-@dataclass(frozen=True)
-class IssuedCertificate:
-    pem: bytes
-    expires_at: datetime
-    public_key_sha256: str
+def _key_usage(*, sign_certs: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=sign_certs,
+        crl_sign=sign_certs,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
-class CertificateAuthority:
-    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-        self._key = key
+class Authority:
+    """One CA: its key and self-signed certificate."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, clock: Clock):
+        self.key = key
         self.cert = cert
-        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self.cert_pem = _pem(cert)
+        self._now = clock
 
     @classmethod
-    def load_or_create(cls, data_dir: Path) -> CertificateAuthority:
-        """The CA of this data dir, made on first use; safe when several processes start at once."""
-        data_dir.mkdir(parents=True, exist_ok=True)
-        key_path, cert_path = data_dir / CA_KEY_FILE, data_dir / CA_CERT_FILE
-        with open(data_dir / ".ca.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if key_path.exists() and cert_path.exists():
-                key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-                if not isinstance(key, ec.EllipticCurvePrivateKey):
-                    raise RuntimeError(f"{key_path}: expected an EC private key")
-                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-                log.info("loaded CA %s from %s", cert.subject.rfc4514_string(), data_dir)
-                return cls(key, cert)
-            ca = cls._create()
-            _write_private(key_path, private_key_pem(ca._key))
-            _write_public(cert_path, ca.cert_pem)
-            log.info("created a new CA in %s", data_dir)
-            return ca
-
-    @classmethod
-    def _create(cls) -> CertificateAuthority:
+    def create(cls, title: str, clock: Clock) -> Authority:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "p2pchat"),
-                x509.NameAttribute(
-                    NameOID.COMMON_NAME, f"p2pchat directory CA {os.urandom(4).hex()}"
-                ),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"p2pchat {title} {os.urandom(4).hex()}"),
             ]
         )
-        now = datetime.now(UTC)
-        cert = (
+        return cls(key, cls._ca_certificate(name, key.public_key(), name, key, clock()), clock)
+
+    @staticmethod
+    def _ca_certificate(
+        subject: x509.Name,
+        public_key: ec.EllipticCurvePublicKey,
+        issuer: x509.Name,
+        signer: ec.EllipticCurvePrivateKey,
+        now: datetime,
+    ) -> x509.Certificate:
+        return (
             x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_before(now - NOT_BEFORE_MARGIN)
             .not_valid_after(now + CA_VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .sign(key, hashes.SHA256())
+            .add_extension(_key_usage(sign_certs=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .sign(signer, hashes.SHA256())
         )
-        return cls(key, cert)
 
-    def _leaf(
+    @classmethod
+    def load(cls, key_path: Path, cert_path: Path, clock: Clock) -> Authority:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise RuntimeError(f"{key_path}: expected an EC private key")
+        return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()), clock)
+
+    def save(self, key_path: Path, cert_path: Path) -> None:
+        _write_private(key_path, private_key_pem(self.key))
+        _write_public(cert_path, self.cert_pem)
+
+    def certify(self, other: Authority) -> x509.Certificate:
+        """A certificate for `other`'s key and name, issued by this CA (a bridge)."""
+        return self._ca_certificate(
+            other.cert.subject, other.key.public_key(), self.cert.subject, self.key, self._now()
+        )
+
+    def issue(
         self,
         subject: str,
-        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey,
+        public_key: PublicKey,
         sans: list[x509.GeneralName],
         validity: timedelta,
         usages: list[x509.ObjectIdentifier],
     ) -> x509.Certificate:
-        now = datetime.now(UTC)
+        now = self._now()
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_before(now - NOT_BEFORE_MARGIN)
             .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(sign_certs=False), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
-            .sign(self._key, hashes.SHA256())
+            .sign(self.key, hashes.SHA256())
         )
 
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    pem: bytes
+    expires_at: datetime
+    public_key_sha256: str
+    sha256: str  # of the whole certificate: what revocation checks name
+    device: str
+
+
+def _checked_csr_key(csr_pem: bytes) -> PublicKey:
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise InvalidArgument(f"CSR is too large (at most {MAX_CSR_BYTES} bytes)")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+        valid = csr.is_signature_valid
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise InvalidArgument("CSR is not a valid PEM certificate request") from None
+    if not valid:
+        raise InvalidArgument("CSR signature does not match its public key")
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < 2048:
+            raise InvalidArgument("CSR RSA key is too small (at least 2048 bits)")
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        if not isinstance(public_key.curve, ec.SECP256R1 | ec.SECP384R1):
+            raise InvalidArgument("CSR EC key must be on P-256 or P-384")
+    elif not isinstance(public_key, ed25519.Ed25519PublicKey):
+        raise InvalidArgument("CSR key must be EC (P-256/P-384), Ed25519 or RSA")
+    return public_key
+
+
+class CertificateAuthority:
+    """The directory root and the users CA of one data dir."""
+
+    def __init__(self, root: Authority, users: Authority, bridge: x509.Certificate | None):
+        self.root = root
+        self.users = users
+        self.bridge = bridge
+
+    @property
+    def cert_pem(self) -> bytes:
+        """The directory root: what clients trust for the directory channel."""
+        return self.root.cert_pem
+
+    @property
+    def users_cert_pem(self) -> bytes:
+        """The users CA: what agents trust for peer links."""
+        return self.users.cert_pem
+
+    @classmethod
+    def load_or_create(cls, data_dir: Path, clock: Clock = _utcnow) -> CertificateAuthority:
+        """The authorities of this data dir, made on first use or upgraded from the first
+        layout; safe when several processes start at once."""
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(data_dir / ".ca.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return cls._under_lock(data_dir, clock)
+
+    @classmethod
+    def _under_lock(cls, d: Path, clock: Clock) -> CertificateAuthority:
+        root_files = (d / CA_KEY_FILE, d / CA_CERT_FILE)
+        users_files = (d / USERS_CA_KEY_FILE, d / USERS_CA_CERT_FILE)
+        legacy_files = (d / LEGACY_KEY_FILE, d / LEGACY_CERT_FILE)
+        if users_files[0].exists() and not legacy_files[0].exists():
+            bridge_path = d / BRIDGE_FILE
+            bridge = (
+                x509.load_pem_x509_certificate(bridge_path.read_bytes())
+                if bridge_path.exists()
+                else None
+            )
+            ca = cls(
+                Authority.load(*root_files, clock), Authority.load(*users_files, clock), bridge
+            )
+            log.info("loaded the directory root and users CA from %s", d)
+            return ca
+        if not legacy_files[0].exists() and not root_files[0].exists():
+            root = Authority.create("directory root", clock)
+            users = Authority.create("users CA", clock)
+            root.save(*root_files)
+            users.save(*users_files)
+            log.info("created the directory root and users CA in %s", d)
+            return cls(root, users, None)
+        # The first layout, or an upgrade that stopped half-way: every step is idempotent.
+        if not legacy_files[0].exists():
+            os.replace(root_files[1], legacy_files[1])
+            os.replace(root_files[0], legacy_files[0])
+        legacy = Authority.load(*legacy_files, clock)
+        if root_files[0].exists():
+            root = Authority.load(*root_files, clock)
+        else:
+            root = Authority.create("directory root", clock)
+            root.save(*root_files)
+        bridge = legacy.certify(root)
+        _write_public(d / BRIDGE_FILE, _pem(bridge))
+        users = Authority.create("users CA", clock)
+        users.save(*users_files)
+        legacy_files[0].unlink()  # the retired key never signs again
+        log.warning(
+            "upgraded %s to a separate directory root and users CA; the old CA is retired "
+            "(%s), certified the new root once (%s) and was deleted",
+            d,
+            LEGACY_CERT_FILE,
+            BRIDGE_FILE,
+        )
+        return cls(root, users, bridge)
+
     def issue_server_certificate(self, names: Iterable[str]) -> tuple[bytes, bytes]:
-        """A fresh (certificate PEM, key PEM) for the directory's own TLS, naming `names`."""
+        """A fresh (certificate chain PEM, key PEM) for the directory's own TLS, naming
+        `names`; the chain ends with the bridge after an upgrade."""
         key = ec.generate_private_key(ec.SECP256R1())
         all_names = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *names]
-        cert = self._leaf(
+        cert = self.root.issue(
             "p2pchat directory",
             key.public_key(),
             _san_entries(all_names),
             SERVER_VALIDITY,
             [ExtendedKeyUsageOID.SERVER_AUTH],
         )
-        return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
+        chain = _pem(cert) + (_pem(self.bridge) if self.bridge is not None else b"")
+        return chain, private_key_pem(key)
 
     def sign_agent_csr(
         self, csr_pem: bytes, username: str, validity: timedelta
     ) -> IssuedCertificate:
-        """Certifies the CSR's key for `username` (the CSR's own subject is ignored)."""
-        if len(csr_pem) > MAX_CSR_BYTES:
-            raise InvalidArgument(f"CSR is too large (at most {MAX_CSR_BYTES} bytes)")
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-            valid = csr.is_signature_valid
-            public_key = csr.public_key()
-        except (ValueError, UnsupportedAlgorithm) as exc:
-            raise InvalidArgument(f"CSR is not a valid PEM certificate request: {exc}") from None
-        if not valid:
-            raise InvalidArgument("CSR signature does not match its public key")
-        if isinstance(public_key, rsa.RSAPublicKey):
-            if public_key.key_size < 2048:
-                raise InvalidArgument("CSR RSA key is too small (at least 2048 bits)")
-        elif isinstance(public_key, ec.EllipticCurvePublicKey):
-            if not isinstance(public_key.curve, ec.SECP256R1 | ec.SECP384R1):
-                raise InvalidArgument("CSR EC key must be on P-256 or P-384")
-        elif not isinstance(public_key, ed25519.Ed25519PublicKey):
-            raise InvalidArgument("CSR key must be EC (P-256/P-384), Ed25519 or RSA")
-        cert = self._leaf(
-            username,
+        """Certifies the CSR's key for `username` on the device that key makes (the CSR's own
+        subject is ignored). Client and server use: an agent dials links and accepts them."""
+        public_key = _checked_csr_key(csr_pem)
+        device = device_id(key_sha256(public_key))
+        cert = self.users.issue(
+            f"p2pchat user {username}",
             public_key,
-            [x509.DNSName(username)],
+            user_sans(username, device),
             validity,
             [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
         )
         return IssuedCertificate(
-            pem=cert.public_bytes(serialization.Encoding.PEM),
+            pem=_pem(cert),
             expires_at=cert.not_valid_after_utc,
             public_key_sha256=public_key_sha256(cert),
+            sha256=certificate_sha256(cert),
+            device=device,
         )

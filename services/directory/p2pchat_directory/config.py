@@ -21,6 +21,7 @@ from p2pchat_common.flags import (
     positive_float,
     positive_int,
 )
+from p2pchat_common.tls import is_reserved_name
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
 
@@ -37,9 +38,13 @@ class Settings:
     insecure: bool = False
     session_ttl: timedelta = timedelta(days=7)
     presence_ttl: timedelta = timedelta(seconds=30)
-    certificate_ttl: timedelta = timedelta(days=30)
-    login_max_failures: int = 5
-    login_failure_window: timedelta = timedelta(minutes=5)
+    # Short-lived: renewed by agents while logged in, so a certificate that leaks or outlives its
+    # session (a directory that cannot be asked about revocation) is good for hours at most.
+    certificate_ttl: timedelta = timedelta(hours=12)
+    login_max_failures: int = 5  # per (username, source)
+    login_max_failures_per_source: int = 20  # per source, over all usernames
+    login_max_failures_per_account: int = 100  # per username, from all sources
+    login_failure_window: timedelta = timedelta(hours=1)  # older failures are forgotten
     grace_period: float = 5.0
     workers: int = 8
     log_level: str = "INFO"
@@ -140,15 +145,34 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--login-max-failures",
         type=positive_int,
         default=env(environ, "LOGIN_MAX_FAILURES", str(d.login_max_failures)),
-        help="failed logins per user allowed in the window before RESOURCE_EXHAUSTED "
-        "[P2PCHAT_LOGIN_MAX_FAILURES] (default %(default)s)",
+        help="failed logins per user from one address allowed in the window before that "
+        "address gets RESOURCE_EXHAUSTED for that user, for a wait that doubles with each "
+        "further failure [P2PCHAT_LOGIN_MAX_FAILURES] (default %(default)s)",
+    )
+    p.add_argument(
+        "--login-max-failures-per-source",
+        type=positive_int,
+        default=env(environ, "LOGIN_MAX_FAILURES_PER_SOURCE", str(d.login_max_failures_per_source)),
+        help="failed logins from one address (IPv4, or IPv6 /64), whatever the user, allowed "
+        "in the window before it gets RESOURCE_EXHAUSTED, for a wait that doubles with each "
+        "further failure [P2PCHAT_LOGIN_MAX_FAILURES_PER_SOURCE] (default %(default)s)",
+    )
+    p.add_argument(
+        "--login-max-failures-per-account",
+        type=positive_int,
+        default=env(
+            environ, "LOGIN_MAX_FAILURES_PER_ACCOUNT", str(d.login_max_failures_per_account)
+        ),
+        help="failed logins per user from all addresses allowed in the window before every "
+        "login of that user gets RESOURCE_EXHAUSTED, for a wait that doubles with each "
+        "further failure [P2PCHAT_LOGIN_MAX_FAILURES_PER_ACCOUNT] (default %(default)s)",
     )
     p.add_argument(
         "--login-failure-window",
         type=positive_float,
         default=env(environ, "LOGIN_FAILURE_WINDOW", str(d.login_failure_window.total_seconds())),
-        help="seconds over which failed logins are counted [P2PCHAT_LOGIN_FAILURE_WINDOW] "
-        "(default %(default)s)",
+        help="seconds after which a failed login is forgotten; no wait lasts longer "
+        "[P2PCHAT_LOGIN_FAILURE_WINDOW] (default %(default)s)",
     )
     p.add_argument(
         "--workers",
@@ -170,12 +194,16 @@ def load_settings(
     env_names = tuple(n.strip() for n in env(environ, "TLS_NAMES", "").split(",") if n.strip())
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
+    tls_names = tuple(ns.tls_name) if ns.tls_name is not None else env_names
+    for name in tls_names:
+        if is_reserved_name(name):
+            parser.error(f"--tls-name {name}: names under .invalid are where users are named")
     return Settings(
         listen=ns.listen,
         data_dir=ns.data_dir,
         users_db=ns.users_db,
         contacts_db=ns.contacts_db,
-        tls_names=tuple(ns.tls_name) if ns.tls_name is not None else env_names,
+        tls_names=tls_names,
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,
         insecure=ns.insecure,
@@ -183,6 +211,8 @@ def load_settings(
         presence_ttl=timedelta(seconds=float(ns.presence_ttl)),
         certificate_ttl=timedelta(seconds=float(ns.certificate_ttl)),
         login_max_failures=int(ns.login_max_failures),
+        login_max_failures_per_source=int(ns.login_max_failures_per_source),
+        login_max_failures_per_account=int(ns.login_max_failures_per_account),
         login_failure_window=timedelta(seconds=float(ns.login_failure_window)),
         grace_period=float(ns.grace_period),
         workers=int(ns.workers),

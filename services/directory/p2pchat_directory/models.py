@@ -46,7 +46,8 @@ class UserSession(UsersBase):
 
 
 class LoginFailure(UsersBase):
-    """One failed login; counted per username over a sliding window (shared by all replicas)."""
+    """Unused since failures are counted per source too (FailedLogin). Kept so that existing
+    databases keep the table create_all made for them; nothing reads or writes it any more."""
 
     __tablename__ = "login_failures"
     __table_args__ = (Index("ix_login_failures_username_at", "username", "at"),)
@@ -57,6 +58,26 @@ class LoginFailure(UsersBase):
     at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class FailedLogin(UsersBase):
+    """One failed login, with where it came from: counted per (username, source), per source
+    and per username over a sliding window (shared by all replicas, kept across restarts).
+    A new table rather than a column on login_failures: create_all adds no columns."""
+
+    __tablename__ = "failed_logins"
+    __table_args__ = (
+        Index("ix_failed_logins_username_source_at", "username", "source", "at"),
+        Index("ix_failed_logins_source_at", "source", "at"),
+        Index("ix_failed_logins_username_at", "username", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # Canonical form of whatever name was tried, existing or not (no user enumeration).
+    username: Mapped[str] = mapped_column(String(32))
+    # The client's IPv4 address, the /64 of its IPv6 address, or "unknown" (servicer.client_source).
+    source: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class Contact(ContactsBase):
     __tablename__ = "contacts"
 
@@ -64,3 +85,21 @@ class Contact(ContactsBase):
     contact: Mapped[str] = mapped_column(String(32), primary_key=True)
     pinned_address: Mapped[str] = mapped_column(String(261), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class IssuedCertificateRow(UsersBase):
+    """A user certificate this directory issued: what CertificateStatus answers from. Revoked by
+    the logout of its session or by a login with another key (another device replaces it)."""
+
+    __tablename__ = "certificates"
+
+    # Hex SHA-256 of the DER certificate.
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(32), index=True)
+    device: Mapped[str] = mapped_column(String(64))
+    public_key_sha256: Mapped[str] = mapped_column(String(64))
+    # The session it was issued to (hash of its token), so that logout revokes it.
+    session_hash: Mapped[str] = mapped_column(String(64), index=True)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

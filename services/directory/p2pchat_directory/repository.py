@@ -8,14 +8,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, delete, func, select
+from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from p2pchat_common.errors import AlreadyExists
 from p2pchat_common.timestamps import sqlite_text, sqlite_time
 from p2pchat_directory.db import Databases
-from p2pchat_directory.models import Contact, LoginFailure, User, UserSession
+from p2pchat_directory.models import (
+    Contact,
+    FailedLogin,
+    IssuedCertificateRow,
+    User,
+    UserSession,
+)
 
 
 @dataclass(frozen=True)
@@ -118,25 +124,60 @@ def users_by_name(s: Session, usernames: Iterable[str]) -> dict[str, User]:
     return {u.username: u for u in s.scalars(select(User).where(User.username.in_(names)))}
 
 
-def recent_failures(s: Session, username: str, since: datetime) -> tuple[int, datetime | None]:
-    """How many failed logins `username` has since `since`, and the oldest of them."""
-    count, oldest = s.execute(
-        select(func.count(), func.min(LoginFailure.at)).where(
-            LoginFailure.username == username, LoginFailure.at > since
-        )
+@dataclass(frozen=True)
+class Failures:
+    """Failed logins in a window: how many, and when the latest was (None when none)."""
+
+    count: int
+    latest: datetime | None
+
+
+@dataclass(frozen=True)
+class RecentFailures:
+    account_and_source: Failures  # this username from this source
+    source: Failures  # this source, whatever the username
+    account: Failures  # this username, from any source
+
+
+def recent_failures(s: Session, username: str, source: str, since: datetime) -> RecentFailures:
+    """The failed logins since `since` of `username` from `source`, of `source` and of
+    `username`, in one SELECT (conditional aggregates over the rows of either)."""
+    by_both = and_(FailedLogin.username == username, FailedLogin.source == source)
+    by_source = FailedLogin.source == source
+    by_name = FailedLogin.username == username
+    latest = func.max(FailedLogin.at)
+    row = s.execute(
+        select(
+            func.count().filter(by_both),
+            latest.filter(by_both),
+            func.count().filter(by_source),
+            latest.filter(by_source),
+            func.count().filter(by_name),
+            latest.filter(by_name),
+        ).where(FailedLogin.at > since, or_(by_source, by_name))
     ).one()
-    return int(count), oldest
+    return RecentFailures(
+        Failures(int(row[0]), row[1]), Failures(int(row[2]), row[3]), Failures(int(row[4]), row[5])
+    )
 
 
-def record_failure(s: Session, username: str, at: datetime) -> None:
-    s.add(LoginFailure(username=username, at=at))
+def record_failure(s: Session, username: str, source: str, at: datetime, forget: datetime) -> None:
+    """Records a failed login and deletes this username's and this source's failures from
+    before `forget` (out of every window: they only cost space and scan time)."""
+    s.add(FailedLogin(username=username, source=source, at=at))
+    s.execute(
+        delete(FailedLogin).where(
+            FailedLogin.at <= forget,
+            or_(FailedLogin.username == username, FailedLogin.source == source),
+        )
+    )
 
 
-def clear_failures(s: Session, username: str, before: datetime | None = None) -> None:
-    stmt = delete(LoginFailure).where(LoginFailure.username == username)
-    if before is not None:
-        stmt = stmt.where(LoginFailure.at <= before)
-    s.execute(stmt)
+def clear_failures(s: Session, username: str, source: str) -> None:
+    """Forgets the failed logins of `username` from `source` (after a successful login)."""
+    s.execute(
+        delete(FailedLogin).where(FailedLogin.username == username, FailedLogin.source == source)
+    )
 
 
 def add_session(s: Session, session: UserSession) -> None:
@@ -183,3 +224,56 @@ def delete_contact(s: Session, owner: str, contact: str) -> bool:
 
 def list_contacts(s: Session, owner: str) -> Sequence[Contact]:
     return s.scalars(select(Contact).where(Contact.owner == owner).order_by(Contact.contact)).all()
+
+
+# -- issued user certificates ---------------------------------------------------------------
+
+
+def add_certificate(s: Session, row: IssuedCertificateRow) -> None:
+    s.add(row)
+
+
+def revoke_certificates(
+    s: Session,
+    at: datetime,
+    *,
+    session_hash: str = "",
+    username: str = "",
+    other_than_key: str = "",
+) -> int:
+    """Revokes the live certificates of one session, or those of `username` whose key is not
+    `other_than_key`; how many."""
+    stmt = update(IssuedCertificateRow).where(IssuedCertificateRow.revoked_at.is_(None))
+    if session_hash:
+        stmt = stmt.where(IssuedCertificateRow.session_hash == session_hash)
+    if username:
+        stmt = stmt.where(
+            IssuedCertificateRow.username == username,
+            IssuedCertificateRow.public_key_sha256 != other_than_key,
+        )
+    result = s.execute(stmt.values(revoked_at=at))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def forget_certificates(s: Session, username: str, expired_before: datetime) -> None:
+    """Drops the records of `username`'s certificates that expired long ago."""
+    s.execute(
+        delete(IssuedCertificateRow).where(
+            IssuedCertificateRow.username == username,
+            IssuedCertificateRow.expires_at < expired_before,
+        )
+    )
+
+
+def certificate_states(
+    s: Session, sha256s: Sequence[str]
+) -> dict[str, tuple[datetime, datetime | None]]:
+    """(expires_at, revoked_at) of each known certificate among `sha256s`."""
+    rows = s.execute(
+        select(
+            IssuedCertificateRow.sha256,
+            IssuedCertificateRow.expires_at,
+            IssuedCertificateRow.revoked_at,
+        ).where(IssuedCertificateRow.sha256.in_(list(sha256s)))
+    )
+    return {sha: (expires, revoked) for sha, expires, revoked in rows}

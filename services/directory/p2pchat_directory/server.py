@@ -16,6 +16,7 @@ from grpc_health.v1._async import HealthServicer
 
 from p2pchat.v1 import directory_pb2, directory_pb2_grpc
 from p2pchat_common.errors import StartupError, add_service
+from p2pchat_common.files import private_dir
 from p2pchat_common.serving import (
     add_health_and_reflection,
     bind,
@@ -23,10 +24,10 @@ from p2pchat_common.serving import (
     set_serving,
 )
 from p2pchat_common.validation import is_wildcard
-from p2pchat_directory.ca import CertificateAuthority
+from p2pchat_directory.ca import CertificateAuthority, Clock
 from p2pchat_directory.config import Settings
 from p2pchat_directory.db import Databases
-from p2pchat_directory.service import DirectoryService
+from p2pchat_directory.service import DirectoryService, utcnow
 from p2pchat_directory.servicer import DirectoryServicer
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,14 @@ def _server_credentials(settings: Settings, ca: CertificateAuthority) -> grpc.Se
     return grpc.ssl_server_credentials([(key_pem, cert_pem)])
 
 
-async def create_server(settings: Settings) -> DirectoryServer:
-    """Opens the databases and the CA, then starts serving on `settings.listen`."""
+async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryServer:
+    """Makes the data dir private (0700), opens the databases and the CA, then starts serving
+    on `settings.listen`. `clock` is the directory's time (tests move it)."""
+    await asyncio.to_thread(private_dir, settings.data_dir)
     databases = await asyncio.to_thread(Databases.open, settings.users_url, settings.contacts_url)
-    ca = await asyncio.to_thread(CertificateAuthority.load_or_create, settings.data_dir)
+    ca = await asyncio.to_thread(CertificateAuthority.load_or_create, settings.data_dir, clock)
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="directory")
-    service = DirectoryService(settings, databases, ca)
+    service = DirectoryService(settings, databases, ca, clock)
 
     server = grpc.aio.server(
         options=[

@@ -6,13 +6,17 @@ errors of p2pchat_common.errors; nothing here knows about gRPC.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
-import math
+import re
 import secrets
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.orm import Session
 
 from p2pchat_common.errors import (
     FailedPrecondition,
@@ -26,12 +30,18 @@ from p2pchat_directory import repository as repo
 from p2pchat_directory.ca import CertificateAuthority, IssuedCertificate
 from p2pchat_directory.config import Settings
 from p2pchat_directory.db import Databases
-from p2pchat_directory.models import Contact, User, UserSession
+from p2pchat_directory.models import Contact, IssuedCertificateRow, User, UserSession
 from p2pchat_directory.passwords import DUMMY_HASH, hash_password, verify_password
+from p2pchat_directory.throttle import login_refusal
 
 log = logging.getLogger(__name__)
 
 TOKEN_MAX = 256
+MAX_STATUS_QUERIES = 256
+# Records of expired certificates are kept this long (a certificate past its expiry is refused
+# by TLS anyway; the record only turns "unknown" into "revoked").
+FORGET_CERTIFICATES_AFTER = timedelta(days=1)
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _BAD_LOGIN = "wrong username or password"
 
 
@@ -99,13 +109,70 @@ class LoginResult:
     token: str
     session_expires_at: datetime
     certificate: IssuedCertificate | None
-    ca_certificate_pem: bytes
+    ca_certificate_pem: bytes  # the users CA: the trust root of peer links
+    directory_ca_pem: bytes  # the directory root: the trust root of this channel
+    server_time: datetime
 
 
 @dataclass(frozen=True)
 class HeartbeatResult:
     session_expires_at: datetime
     online_until: datetime
+    server_time: datetime
+
+
+# Names that read as the system's own, refused at registration (a second line of defence: no
+# user certificate can pass as the directory's whatever its name, see ca.py).
+RESERVED_USERNAMES = frozenset(
+    {
+        "abuse", "admin", "administrator", "daemon", "directory", "hostmaster", "localhost",
+        "mail", "nobody", "noreply", "no-reply", "operator", "p2pchat", "postmaster", "root",
+        "security", "server", "support", "system", "webmaster", "www",
+    }
+)  # fmt: skip
+
+
+def reserved_usernames(settings: Settings) -> frozenset[str]:
+    """RESERVED_USERNAMES and every name this directory is served under (its host name and
+    --tls-name values, and their first labels)."""
+    names = {socket.gethostname(), *settings.tls_names, settings.listen.rpartition(":")[0]}
+    labels = {n.strip("[]").lower() for n in names} | {
+        n.strip("[]").lower().split(".")[0] for n in names
+    }
+    return RESERVED_USERNAMES | {n for n in labels if n}
+
+
+class CertificateState(enum.Enum):
+    GOOD = "good"
+    REVOKED = "revoked"
+    UNKNOWN = "unknown"
+
+
+def _record_certificate(
+    s: Session, user: User, issued: IssuedCertificate, session_hash: str, now: datetime
+) -> None:
+    """Makes `issued` the user's current certificate. One device per user today: a certificate
+    for another key means the user moved to a new agent, so the old key's are revoked."""
+    revoked = repo.revoke_certificates(
+        s, now, username=user.username, other_than_key=issued.public_key_sha256
+    )
+    if revoked:
+        log.warning("user %s has a new key: revoked %d old certificate(s)", user.username, revoked)
+    repo.forget_certificates(s, user.username, now - FORGET_CERTIFICATES_AFTER)
+    repo.add_certificate(
+        s,
+        IssuedCertificateRow(
+            sha256=issued.sha256,
+            username=user.username,
+            device=issued.device,
+            public_key_sha256=issued.public_key_sha256,
+            session_hash=session_hash,
+            issued_at=now,
+            expires_at=issued.expires_at,
+        ),
+    )
+    user.certificate_pem = issued.pem
+    user.public_key_sha256 = issued.public_key_sha256
 
 
 class DirectoryService:
@@ -120,11 +187,14 @@ class DirectoryService:
         self._dbs = dbs
         self._ca = ca
         self._now = clock
+        self._reserved = reserved_usernames(settings)
 
     # -- accounts and sessions ---------------------------------------------------------------
 
     def register(self, username: str, password: str, address: str) -> str:
         name = normalize_username(username)
+        if name in self._reserved:
+            raise InvalidArgument(f"the username {name!r} is reserved: choose another")
         validate_password(password)
         addr = normalize_address(address)
         row = User(
@@ -139,25 +209,30 @@ class DirectoryService:
         log.info("registered user %s", name)
         return name
 
-    def login(self, username: str, password: str, address: str, csr_pem: bytes) -> LoginResult:
+    def login(
+        self, username: str, password: str, address: str, csr_pem: bytes, source: str
+    ) -> LoginResult:
+        """`source` is where the client connects from (servicer.client_source): failed logins
+        are throttled per (username, source), per source and per username (throttle.py)."""
         name = normalize_username(username)
         if not password:
             raise InvalidArgument("password is required")
         addr = normalize_address(address)
         settings = self._settings
         now = self._now()
+        forget = now - settings.login_failure_window
         with self._dbs.users() as s, s.begin():
-            count, oldest = repo.recent_failures(s, name, now - settings.login_failure_window)
+            recent = repo.recent_failures(s, name, source, forget)
             user = repo.get_user(s, name)
             stored = user.password_hash if user is not None else DUMMY_HASH
-        if count >= settings.login_max_failures and oldest is not None:
-            wait = math.ceil((oldest + settings.login_failure_window - now).total_seconds())
-            log.warning("login for %s refused: %d recent failures", name, count)
-            raise RateLimited(f"too many failed logins for {name!r}; try again in {max(wait, 1)} s")
+        refusal = login_refusal(settings, name, recent, now)
+        if refusal is not None:
+            log.warning("login for %s from %s refused: %s", name, source, refusal)
+            raise RateLimited(refusal)
         if not verify_password(password, stored) or user is None:
             with self._dbs.users() as s, s.begin():
-                repo.record_failure(s, name, now)
-            log.info("failed login for %s", name)
+                repo.record_failure(s, name, source, now, forget)
+            log.info("failed login for %s from %s", name, source)
             raise Unauthenticated(_BAD_LOGIN)
         issued = (
             self._ca.sign_agent_csr(csr_pem, name, settings.certificate_ttl) if csr_pem else None
@@ -165,7 +240,7 @@ class DirectoryService:
         token = secrets.token_urlsafe(32)
         expires = now + settings.session_ttl
         with self._dbs.users() as s, s.begin():
-            repo.clear_failures(s, name)
+            repo.clear_failures(s, name, source)
             repo.delete_expired_sessions(s, name, now)
             repo.add_session(
                 s,
@@ -181,10 +256,11 @@ class DirectoryService:
             user.last_seen = now
             user.online_until = now + settings.presence_ttl
             if issued is not None:
-                user.certificate_pem = issued.pem
-                user.public_key_sha256 = issued.public_key_sha256
+                _record_certificate(s, user, issued, _token_hash(token), now)
         log.info("user %s logged in", name)
-        return LoginResult(name, token, expires, issued, self._ca.cert_pem)
+        return LoginResult(
+            name, token, expires, issued, self._ca.users_cert_pem, self._ca.cert_pem, self._now()
+        )
 
     def authenticate(self, token: str) -> str:
         """The username a bearer token belongs to; Unauthenticated when missing/expired/revoked."""
@@ -195,6 +271,7 @@ class DirectoryService:
         now = self._now()
         with self._dbs.users() as s, s.begin():
             repo.delete_session(s, _token_hash(token))
+            repo.revoke_certificates(s, now, session_hash=_token_hash(token))
             if repo.count_live_sessions(s, name, now) == 0:
                 user = repo.get_user(s, name)
                 if user is not None:
@@ -215,7 +292,7 @@ class DirectoryService:
             if user is not None:
                 user.last_seen = now
                 user.online_until = online_until
-        return HeartbeatResult(expires, online_until)
+        return HeartbeatResult(expires, online_until, self._now())
 
     def renew_certificate(self, token: str, csr_pem: bytes) -> IssuedCertificate:
         name = self.authenticate(token)
@@ -226,12 +303,37 @@ class DirectoryService:
             user = repo.get_user(s, name)
             if user is None:
                 raise Unauthenticated("user no longer exists")
-            user.certificate_pem = issued.pem
-            user.public_key_sha256 = issued.public_key_sha256
+            _record_certificate(s, user, issued, _token_hash(token), self._now())
         return issued
+
+    def certificate_status(self, token: str, sha256s: Sequence[str]) -> list[CertificateState]:
+        """Whether each certificate (by the SHA-256 of its DER) is good, revoked or unknown."""
+        self.authenticate(token)
+        if not 1 <= len(sha256s) <= MAX_STATUS_QUERIES:
+            raise InvalidArgument(f"ask about 1 to {MAX_STATUS_QUERIES} certificates at once")
+        if not all(_SHA256_HEX.fullmatch(sha) for sha in sha256s):
+            raise InvalidArgument("certificate_sha256 must be 64 lower-case hex digits")
+        with self._dbs.users() as s:
+            known = repo.certificate_states(s, sha256s)
+        now = self._now()
+        states = []
+        for sha in sha256s:
+            found = known.get(sha)
+            if found is None:
+                states.append(CertificateState.UNKNOWN)
+            elif found[1] is not None or found[0] <= now:
+                states.append(CertificateState.REVOKED)
+            else:
+                states.append(CertificateState.GOOD)
+        return states
 
     @property
     def ca_certificate_pem(self) -> bytes:
+        """The users CA (the trust root of peer links)."""
+        return self._ca.users_cert_pem
+
+    @property
+    def directory_ca_pem(self) -> bytes:
         return self._ca.cert_pem
 
     # -- contacts ------------------------------------------------------------------------------

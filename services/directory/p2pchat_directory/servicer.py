@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import grpc
 
 from p2pchat.v1 import common_pb2, directory_pb2, directory_pb2_grpc
 from p2pchat_common.timestamps import to_timestamp
-from p2pchat_directory.service import ContactView, DirectoryService
+from p2pchat_directory.service import CertificateState, ContactView, DirectoryService
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -30,6 +32,24 @@ def bearer_token(context: Context) -> str:
             if scheme.lower() == "bearer":
                 return token.strip()
     return ""
+
+
+def client_source(context: Context) -> str:
+    """Where a call comes from, as failed logins are counted: the IPv4 address (also when seen
+    as IPv4-mapped IPv6), the /64 of an IPv6 address (one host usually holds a whole /64: it
+    must not get a fresh count per address), "unknown" for a Unix socket or anything else.
+    Peers look like "ipv4:10.0.0.1:5000", "ipv6:[::1]:5000" or "ipv6:%5B::1%5D:5000"."""
+    scheme, _, rest = unquote(context.peer() or "").partition(":")
+    host = rest.rpartition(":")[0].removeprefix("[").removesuffix("]").partition("%")[0]
+    try:
+        ip = ipaddress.ip_address(host) if scheme in ("ipv4", "ipv6") else None
+    except ValueError:
+        ip = None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is None:
+            return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        ip = ip.ipv4_mapped
+    return "unknown" if ip is None else str(ip)
 
 
 def contact_pb(view: ContactView) -> common_pb2.Contact:
@@ -76,13 +96,20 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
         self, request: directory_pb2.LoginRequest, context: Context
     ) -> directory_pb2.LoginResponse:
         result = await self._run(
-            self._svc.login, request.username, request.password, request.address, request.csr_pem
+            self._svc.login,
+            request.username,
+            request.password,
+            request.address,
+            request.csr_pem,
+            client_source(context),
         )
         response = directory_pb2.LoginResponse(
             username=result.username,
             session_token=result.token,
             session_expires_at=to_timestamp(result.session_expires_at),
             ca_certificate_pem=result.ca_certificate_pem,
+            directory_ca_pem=result.directory_ca_pem,
+            server_time=to_timestamp(result.server_time),
         )
         if result.certificate is not None:
             response.certificate_pem = result.certificate.pem
@@ -102,6 +129,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
         return directory_pb2.HeartbeatResponse(
             session_expires_at=to_timestamp(result.session_expires_at),
             online_until=to_timestamp(result.online_until),
+            server_time=to_timestamp(result.server_time),
         )
 
     async def RenewCertificate(
@@ -114,6 +142,7 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             certificate_pem=issued.pem,
             certificate_expires_at=to_timestamp(issued.expires_at),
             ca_certificate_pem=self._svc.ca_certificate_pem,
+            directory_ca_pem=self._svc.directory_ca_pem,
         )
 
     async def AddContact(
@@ -146,3 +175,18 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             public_key_sha256=view.public_key_sha256,
             certificate_pem=view.certificate_pem,
         )
+
+    async def CertificateStatus(
+        self, request: directory_pb2.CertificateStatusRequest, context: Context
+    ) -> directory_pb2.CertificateStatusResponse:
+        states = await self._run(
+            self._svc.certificate_status, bearer_token(context), list(request.certificate_sha256)
+        )
+        return directory_pb2.CertificateStatusResponse(states=[_STATE[s] for s in states])
+
+
+_STATE = {
+    CertificateState.GOOD: directory_pb2.CERTIFICATE_STATE_GOOD,
+    CertificateState.REVOKED: directory_pb2.CERTIFICATE_STATE_REVOKED,
+    CertificateState.UNKNOWN: directory_pb2.CERTIFICATE_STATE_UNKNOWN,
+}

@@ -27,17 +27,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from p2pchat.v1 import directory_pb2 as p2pchat_dot_v1_dot_directory__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16p2pchat/v1/agent.proto\x12\np2pchat.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ap2pchat/v1/directory.proto\"\xbd\x02\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.p2pchat.v1.Direction\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x11\n\trecipient\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\t\x12+\n\x07sent_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06status\x18\n \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\"7\n\x11\x41gentLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\xab\x01\n\x12\x41gentLoginResponse\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x36\n\x12session_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x16\x63\x65rtificate_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"\x0f\n\rStatusRequest\"\xde\x01\n\x0eStatusResponse\x12\x11\n\tlogged_in\x18\x01 \x01(\x08\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x11\n\tdirectory\x18\x03 \x01(\t\x12\x1b\n\x13\x64irectory_reachable\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x36\n\x12session_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10pending_messages\x18\x07 \x01(\x04\x12\x14\n\x0clinked_peers\x18\x08 \x03(\t\"\'\n\x13TrustPeerKeyRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"1\n\x14TrustPeerKeyResponse\x12\x19\n\x11public_key_sha256\x18\x01 \x01(\t\"R\n\x0bSendRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n\x0cSendResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.p2pchat.v1.ChatMessage\"O\n\x0eHistoryRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\tbefore_id\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\"N\n\x0fHistoryResponse\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.p2pchat.v1.ChatMessage\x12\x10\n\x08has_more\x18\x02 \x01(\x08\"/\n\x08\x43hatOpen\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x15\n\rhistory_limit\x18\x02 \x01(\r\"\x18\n\x08\x43hatText\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\"_\n\tChatInput\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.p2pchat.v1.ChatOpenH\x00\x12$\n\x04text\x18\x02 \x01(\x0b\x32\x14.p2pchat.v1.ChatTextH\x00\x42\x06\n\x04kind\"\x87\x01\n\x0e\x44\x65liveryUpdate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\x12\x30\n\x0c\x64\x65livered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x0c\n\nHistoryEnd\"O\n\x0ePeerKeyChanged\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x15\n\rpinned_sha256\x18\x02 \x01(\t\x12\x18\n\x10presented_sha256\x18\x03 \x01(\t\"\'\n\x06Notice\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0cServeRequest\"\xf7\x01\n\tChatEvent\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x17.p2pchat.v1.ChatMessageH\x00\x12.\n\x08\x64\x65livery\x18\x02 \x01(\x0b\x32\x1a.p2pchat.v1.DeliveryUpdateH\x00\x12-\n\x0bhistory_end\x18\x03 \x01(\x0b\x32\x16.p2pchat.v1.HistoryEndH\x00\x12\x31\n\x0bkey_changed\x18\x04 \x01(\x0b\x32\x1a.p2pchat.v1.PeerKeyChangedH\x00\x12$\n\x06notice\x18\x05 \x01(\x0b\x32\x12.p2pchat.v1.NoticeH\x00\x42\x06\n\x04kind*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_OUTGOING\x10\x01\x12\x16\n\x12\x44IRECTION_INCOMING\x10\x02*\x86\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_DELIVERED\x10\x02\x12\x1b\n\x17MESSAGE_STATUS_RECEIVED\x10\x03\x32\xdd\x06\n\x0c\x41gentService\x12\x45\n\x08Register\x12\x1b.p2pchat.v1.RegisterRequest\x1a\x1c.p2pchat.v1.RegisterResponse\x12\x46\n\x05Login\x12\x1d.p2pchat.v1.AgentLoginRequest\x1a\x1e.p2pchat.v1.AgentLoginResponse\x12?\n\x06Logout\x12\x19.p2pchat.v1.LogoutRequest\x1a\x1a.p2pchat.v1.LogoutResponse\x12?\n\x06Status\x12\x19.p2pchat.v1.StatusRequest\x1a\x1a.p2pchat.v1.StatusResponse\x12Q\n\x0cListContacts\x12\x1f.p2pchat.v1.ListContactsRequest\x1a .p2pchat.v1.ListContactsResponse\x12K\n\nAddContact\x12\x1d.p2pchat.v1.AddContactRequest\x1a\x1e.p2pchat.v1.AddContactResponse\x12T\n\rRemoveContact\x12 .p2pchat.v1.RemoveContactRequest\x1a!.p2pchat.v1.RemoveContactResponse\x12Q\n\x0cTrustPeerKey\x12\x1f.p2pchat.v1.TrustPeerKeyRequest\x1a .p2pchat.v1.TrustPeerKeyResponse\x12\x39\n\x04Send\x12\x17.p2pchat.v1.SendRequest\x1a\x18.p2pchat.v1.SendResponse\x12\x42\n\x07History\x12\x1a.p2pchat.v1.HistoryRequest\x1a\x1b.p2pchat.v1.HistoryResponse\x12\x38\n\x04\x43hat\x12\x15.p2pchat.v1.ChatInput\x1a\x15.p2pchat.v1.ChatEvent(\x01\x30\x01\x12:\n\x05Serve\x12\x18.p2pchat.v1.ServeRequest\x1a\x15.p2pchat.v1.ChatEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16p2pchat/v1/agent.proto\x12\np2pchat.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ap2pchat/v1/directory.proto\"\xbd\x02\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.p2pchat.v1.Direction\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x11\n\trecipient\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\t\x12+\n\x07sent_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06status\x18\n \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\"7\n\x11\x41gentLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\xab\x01\n\x12\x41gentLoginResponse\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x36\n\x12session_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x16\x63\x65rtificate_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"\x0f\n\rStatusRequest\"\xa1\x02\n\x0eStatusResponse\x12\x11\n\tlogged_in\x18\x01 \x01(\x08\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x11\n\tdirectory\x18\x03 \x01(\t\x12\x1b\n\x13\x64irectory_reachable\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x36\n\x12session_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10pending_messages\x18\x07 \x01(\x04\x12\x14\n\x0clinked_peers\x18\x08 \x03(\t\x12/\n\x0c\x63lock_offset\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08warnings\x18\n \x03(\t\"\'\n\x13TrustPeerKeyRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"1\n\x14TrustPeerKeyResponse\x12\x19\n\x11public_key_sha256\x18\x01 \x01(\t\"R\n\x0bSendRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n\x0cSendResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.p2pchat.v1.ChatMessage\"O\n\x0eHistoryRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\tbefore_id\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\"N\n\x0fHistoryResponse\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.p2pchat.v1.ChatMessage\x12\x10\n\x08has_more\x18\x02 \x01(\x08\"/\n\x08\x43hatOpen\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x15\n\rhistory_limit\x18\x02 \x01(\r\"\x18\n\x08\x43hatText\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\"_\n\tChatInput\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.p2pchat.v1.ChatOpenH\x00\x12$\n\x04text\x18\x02 \x01(\x0b\x32\x14.p2pchat.v1.ChatTextH\x00\x42\x06\n\x04kind\"\x87\x01\n\x0e\x44\x65liveryUpdate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\x12\x30\n\x0c\x64\x65livered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x0c\n\nHistoryEnd\"O\n\x0ePeerKeyChanged\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x15\n\rpinned_sha256\x18\x02 \x01(\t\x12\x18\n\x10presented_sha256\x18\x03 \x01(\t\"\'\n\x06Notice\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x0e\n\x0cServeRequest\"\xf7\x01\n\tChatEvent\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x17.p2pchat.v1.ChatMessageH\x00\x12.\n\x08\x64\x65livery\x18\x02 \x01(\x0b\x32\x1a.p2pchat.v1.DeliveryUpdateH\x00\x12-\n\x0bhistory_end\x18\x03 \x01(\x0b\x32\x16.p2pchat.v1.HistoryEndH\x00\x12\x31\n\x0bkey_changed\x18\x04 \x01(\x0b\x32\x1a.p2pchat.v1.PeerKeyChangedH\x00\x12$\n\x06notice\x18\x05 \x01(\x0b\x32\x12.p2pchat.v1.NoticeH\x00\x42\x06\n\x04kind*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_OUTGOING\x10\x01\x12\x16\n\x12\x44IRECTION_INCOMING\x10\x02*\x86\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_DELIVERED\x10\x02\x12\x1b\n\x17MESSAGE_STATUS_RECEIVED\x10\x03\x32\xdd\x06\n\x0c\x41gentService\x12\x45\n\x08Register\x12\x1b.p2pchat.v1.RegisterRequest\x1a\x1c.p2pchat.v1.RegisterResponse\x12\x46\n\x05Login\x12\x1d.p2pchat.v1.AgentLoginRequest\x1a\x1e.p2pchat.v1.AgentLoginResponse\x12?\n\x06Logout\x12\x19.p2pchat.v1.LogoutRequest\x1a\x1a.p2pchat.v1.LogoutResponse\x12?\n\x06Status\x12\x19.p2pchat.v1.StatusRequest\x1a\x1a.p2pchat.v1.StatusResponse\x12Q\n\x0cListContacts\x12\x1f.p2pchat.v1.ListContactsRequest\x1a .p2pchat.v1.ListContactsResponse\x12K\n\nAddContact\x12\x1d.p2pchat.v1.AddContactRequest\x1a\x1e.p2pchat.v1.AddContactResponse\x12T\n\rRemoveContact\x12 .p2pchat.v1.RemoveContactRequest\x1a!.p2pchat.v1.RemoveContactResponse\x12Q\n\x0cTrustPeerKey\x12\x1f.p2pchat.v1.TrustPeerKeyRequest\x1a .p2pchat.v1.TrustPeerKeyResponse\x12\x39\n\x04Send\x12\x17.p2pchat.v1.SendRequest\x1a\x18.p2pchat.v1.SendResponse\x12\x42\n\x07History\x12\x1a.p2pchat.v1.HistoryRequest\x1a\x1b.p2pchat.v1.HistoryResponse\x12\x38\n\x04\x43hat\x12\x15.p2pchat.v1.ChatInput\x1a\x15.p2pchat.v1.ChatEvent(\x01\x30\x01\x12:\n\x05Serve\x12\x18.p2pchat.v1.ServeRequest\x1a\x15.p2pchat.v1.ChatEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pchat.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DIRECTION']._serialized_start=2031
-  _globals['_DIRECTION']._serialized_end=2117
-  _globals['_MESSAGESTATUS']._serialized_start=2120
-  _globals['_MESSAGESTATUS']._serialized_end=2254
+  _globals['_DIRECTION']._serialized_start=2098
+  _globals['_DIRECTION']._serialized_end=2184
+  _globals['_MESSAGESTATUS']._serialized_start=2187
+  _globals['_MESSAGESTATUS']._serialized_end=2321
   _globals['_CHATMESSAGE']._serialized_start=132
   _globals['_CHATMESSAGE']._serialized_end=449
   _globals['_AGENTLOGINREQUEST']._serialized_start=451
@@ -47,37 +47,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=682
   _globals['_STATUSREQUEST']._serialized_end=697
   _globals['_STATUSRESPONSE']._serialized_start=700
-  _globals['_STATUSRESPONSE']._serialized_end=922
-  _globals['_TRUSTPEERKEYREQUEST']._serialized_start=924
-  _globals['_TRUSTPEERKEYREQUEST']._serialized_end=963
-  _globals['_TRUSTPEERKEYRESPONSE']._serialized_start=965
-  _globals['_TRUSTPEERKEYRESPONSE']._serialized_end=1014
-  _globals['_SENDREQUEST']._serialized_start=1016
-  _globals['_SENDREQUEST']._serialized_end=1098
-  _globals['_SENDRESPONSE']._serialized_start=1100
-  _globals['_SENDRESPONSE']._serialized_end=1156
-  _globals['_HISTORYREQUEST']._serialized_start=1158
-  _globals['_HISTORYREQUEST']._serialized_end=1237
-  _globals['_HISTORYRESPONSE']._serialized_start=1239
-  _globals['_HISTORYRESPONSE']._serialized_end=1317
-  _globals['_CHATOPEN']._serialized_start=1319
-  _globals['_CHATOPEN']._serialized_end=1366
-  _globals['_CHATTEXT']._serialized_start=1368
-  _globals['_CHATTEXT']._serialized_end=1392
-  _globals['_CHATINPUT']._serialized_start=1394
-  _globals['_CHATINPUT']._serialized_end=1489
-  _globals['_DELIVERYUPDATE']._serialized_start=1492
-  _globals['_DELIVERYUPDATE']._serialized_end=1627
-  _globals['_HISTORYEND']._serialized_start=1629
-  _globals['_HISTORYEND']._serialized_end=1641
-  _globals['_PEERKEYCHANGED']._serialized_start=1643
-  _globals['_PEERKEYCHANGED']._serialized_end=1722
-  _globals['_NOTICE']._serialized_start=1724
-  _globals['_NOTICE']._serialized_end=1763
-  _globals['_SERVEREQUEST']._serialized_start=1765
-  _globals['_SERVEREQUEST']._serialized_end=1779
-  _globals['_CHATEVENT']._serialized_start=1782
-  _globals['_CHATEVENT']._serialized_end=2029
-  _globals['_AGENTSERVICE']._serialized_start=2257
-  _globals['_AGENTSERVICE']._serialized_end=3118
+  _globals['_STATUSRESPONSE']._serialized_end=989
+  _globals['_TRUSTPEERKEYREQUEST']._serialized_start=991
+  _globals['_TRUSTPEERKEYREQUEST']._serialized_end=1030
+  _globals['_TRUSTPEERKEYRESPONSE']._serialized_start=1032
+  _globals['_TRUSTPEERKEYRESPONSE']._serialized_end=1081
+  _globals['_SENDREQUEST']._serialized_start=1083
+  _globals['_SENDREQUEST']._serialized_end=1165
+  _globals['_SENDRESPONSE']._serialized_start=1167
+  _globals['_SENDRESPONSE']._serialized_end=1223
+  _globals['_HISTORYREQUEST']._serialized_start=1225
+  _globals['_HISTORYREQUEST']._serialized_end=1304
+  _globals['_HISTORYRESPONSE']._serialized_start=1306
+  _globals['_HISTORYRESPONSE']._serialized_end=1384
+  _globals['_CHATOPEN']._serialized_start=1386
+  _globals['_CHATOPEN']._serialized_end=1433
+  _globals['_CHATTEXT']._serialized_start=1435
+  _globals['_CHATTEXT']._serialized_end=1459
+  _globals['_CHATINPUT']._serialized_start=1461
+  _globals['_CHATINPUT']._serialized_end=1556
+  _globals['_DELIVERYUPDATE']._serialized_start=1559
+  _globals['_DELIVERYUPDATE']._serialized_end=1694
+  _globals['_HISTORYEND']._serialized_start=1696
+  _globals['_HISTORYEND']._serialized_end=1708
+  _globals['_PEERKEYCHANGED']._serialized_start=1710
+  _globals['_PEERKEYCHANGED']._serialized_end=1789
+  _globals['_NOTICE']._serialized_start=1791
+  _globals['_NOTICE']._serialized_end=1830
+  _globals['_SERVEREQUEST']._serialized_start=1832
+  _globals['_SERVEREQUEST']._serialized_end=1846
+  _globals['_CHATEVENT']._serialized_start=1849
+  _globals['_CHATEVENT']._serialized_end=2096
+  _globals['_AGENTSERVICE']._serialized_start=2324
+  _globals['_AGENTSERVICE']._serialized_end=3185
 # @@protoc_insertion_point(module_scope)

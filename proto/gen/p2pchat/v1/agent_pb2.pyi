@@ -199,6 +199,8 @@ class StatusResponse(_message.Message):
     SESSION_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     PENDING_MESSAGES_FIELD_NUMBER: _builtins.int
     LINKED_PEERS_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     logged_in: _builtins.bool
     username: _builtins.str
     directory: _builtins.str
@@ -214,6 +216,16 @@ class StatusResponse(_message.Message):
     def linked_peers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Usernames with an open peer link."""
 
+    @_builtins.property
+    def clock_offset(self) -> _duration_pb2.Duration:
+        """The directory's clock minus this agent's, as last measured (login, heartbeat); unset
+        before the first answer.
+        """
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Problems worth the user's attention, e.g. a clock more than a minute off."""
+
     def __init__(
         self,
         *,
@@ -225,10 +237,12 @@ class StatusResponse(_message.Message):
         session_expires_at: _timestamp_pb2.Timestamp | None = ...,
         pending_messages: _builtins.int = ...,
         linked_peers: _abc.Iterable[_builtins.str] | None = ...,
+        clock_offset: _duration_pb2.Duration | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["session_expires_at", b"session_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clock_offset", b"clock_offset", "session_expires_at", b"session_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "directory", b"directory", "directory_reachable", b"directory_reachable", "linked_peers", b"linked_peers", "logged_in", b"logged_in", "pending_messages", b"pending_messages", "session_expires_at", b"session_expires_at", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "clock_offset", b"clock_offset", "directory", b"directory", "directory_reachable", b"directory_reachable", "linked_peers", b"linked_peers", "logged_in", b"logged_in", "pending_messages", b"pending_messages", "session_expires_at", b"session_expires_at", "username", b"username", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

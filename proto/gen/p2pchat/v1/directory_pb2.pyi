@@ -18,6 +18,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from p2pchat.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -29,6 +30,31 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _CertificateState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CertificateStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CertificateState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CERTIFICATE_STATE_UNSPECIFIED: _CertificateState.ValueType  # 0
+    CERTIFICATE_STATE_GOOD: _CertificateState.ValueType  # 1
+    """Issued by this directory, not expired and not revoked."""
+    CERTIFICATE_STATE_REVOKED: _CertificateState.ValueType  # 2
+    """Revoked (logout, or a newer key for the same user) or expired."""
+    CERTIFICATE_STATE_UNKNOWN: _CertificateState.ValueType  # 3
+    """Never issued by this directory (or forgotten long after it expired): do not trust it."""
+
+class CertificateState(_CertificateState, metaclass=_CertificateStateEnumTypeWrapper): ...
+
+CERTIFICATE_STATE_UNSPECIFIED: CertificateState.ValueType  # 0
+CERTIFICATE_STATE_GOOD: CertificateState.ValueType  # 1
+"""Issued by this directory, not expired and not revoked."""
+CERTIFICATE_STATE_REVOKED: CertificateState.ValueType  # 2
+"""Revoked (logout, or a newer key for the same user) or expired."""
+CERTIFICATE_STATE_UNKNOWN: CertificateState.ValueType  # 3
+"""Never issued by this directory (or forgotten long after it expired): do not trust it."""
+Global___CertificateState: _TypeAlias = CertificateState  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):
@@ -90,7 +116,9 @@ class LoginRequest(_message.Message):
     """Optional "host:port" of the agent logging in; replaces the registered address when set."""
     csr_pem: _builtins.bytes
     """Optional PEM certificate signing request made with the agent's key (at most 16 KiB).
-    Only its public key is used: the certificate names the authenticated user, never the CSR subject.
+    Only its public key is used: the certificate names the authenticated user and the device
+    that key makes (URI SANs p2pchat:user:<user> and p2pchat:device:<user>/<device>), never the
+    CSR subject.
     """
     def __init__(
         self,
@@ -118,17 +146,30 @@ class LoginResponse(_message.Message):
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    DIRECTORY_CA_PEM_FIELD_NUMBER: _builtins.int
+    SERVER_TIME_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     session_token: _builtins.str
     """Opaque session token for `authorization: Bearer <token>`; the directory keeps only its hash."""
     certificate_pem: _builtins.bytes
-    """PEM X.509 certificate for the CSR's key, signed by the directory CA; empty without a CSR."""
+    """PEM X.509 certificate for the CSR's key, signed by the users CA; empty without a CSR.
+    Short-lived (hours): renew it with RenewCertificate while logged in.
+    """
     ca_certificate_pem: _builtins.bytes
-    """PEM certificate of the directory CA: the trust root for agent links."""
+    """PEM certificate of the users CA: the trust root for agent links (peer certificates)."""
+    directory_ca_pem: _builtins.bytes
+    """PEM certificate of the directory root: the one trust root for this channel. A client
+    configured with an older root (before the directory separated its identity) uses this
+    from now on.
+    """
     @_builtins.property
     def session_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def certificate_expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def server_time(self) -> _timestamp_pb2.Timestamp:
+        """The directory's clock when it answered, so an agent can tell that its own clock is off."""
+
     def __init__(
         self,
         *,
@@ -138,10 +179,12 @@ class LoginResponse(_message.Message):
         certificate_pem: _builtins.bytes = ...,
         certificate_expires_at: _timestamp_pb2.Timestamp | None = ...,
         ca_certificate_pem: _builtins.bytes = ...,
+        directory_ca_pem: _builtins.bytes = ...,
+        server_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_expires_at", b"certificate_expires_at", "session_expires_at", b"session_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_expires_at", b"certificate_expires_at", "server_time", b"server_time", "session_expires_at", b"session_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_expires_at", b"certificate_expires_at", "certificate_pem", b"certificate_pem", "session_expires_at", b"session_expires_at", "session_token", b"session_token", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_expires_at", b"certificate_expires_at", "certificate_pem", b"certificate_pem", "directory_ca_pem", b"directory_ca_pem", "server_time", b"server_time", "session_expires_at", b"session_expires_at", "session_token", b"session_token", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -198,21 +241,27 @@ class HeartbeatResponse(_message.Message):
 
     SESSION_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     ONLINE_UNTIL_FIELD_NUMBER: _builtins.int
+    SERVER_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def session_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def online_until(self) -> _timestamp_pb2.Timestamp:
         """Until when the caller counts as online without another heartbeat."""
 
+    @_builtins.property
+    def server_time(self) -> _timestamp_pb2.Timestamp:
+        """The directory's clock when it answered."""
+
     def __init__(
         self,
         *,
         session_expires_at: _timestamp_pb2.Timestamp | None = ...,
         online_until: _timestamp_pb2.Timestamp | None = ...,
+        server_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["online_until", b"online_until", "session_expires_at", b"session_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["online_until", b"online_until", "server_time", b"server_time", "session_expires_at", b"session_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["online_until", b"online_until", "session_expires_at", b"session_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["online_until", b"online_until", "server_time", b"server_time", "session_expires_at", b"session_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -244,8 +293,12 @@ class RenewCertificateResponse(_message.Message):
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    DIRECTORY_CA_PEM_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.bytes
     ca_certificate_pem: _builtins.bytes
+    """The users CA, as in LoginResponse."""
+    directory_ca_pem: _builtins.bytes
+    """The directory root, as in LoginResponse."""
     @_builtins.property
     def certificate_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -254,10 +307,11 @@ class RenewCertificateResponse(_message.Message):
         certificate_pem: _builtins.bytes = ...,
         certificate_expires_at: _timestamp_pb2.Timestamp | None = ...,
         ca_certificate_pem: _builtins.bytes = ...,
+        directory_ca_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["certificate_expires_at", b"certificate_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_expires_at", b"certificate_expires_at", "certificate_pem", b"certificate_pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_expires_at", b"certificate_expires_at", "certificate_pem", b"certificate_pem", "directory_ca_pem", b"directory_ca_pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,3 +479,47 @@ class LookupResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LookupResponse: _TypeAlias = LookupResponse  # noqa: Y015
+
+@_typing.final
+class CertificateStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_SHA256_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def certificate_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Lower-case hex SHA-256 of each DER certificate asked about (1 to 256 of them)."""
+
+    def __init__(
+        self,
+        *,
+        certificate_sha256: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_sha256", b"certificate_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CertificateStatusRequest: _TypeAlias = CertificateStatusRequest  # noqa: Y015
+
+@_typing.final
+class CertificateStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___CertificateState.ValueType]:
+        """One per requested certificate, in the order asked."""
+
+    def __init__(
+        self,
+        *,
+        states: _abc.Iterable[Global___CertificateState.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CertificateStatusResponse: _TypeAlias = CertificateStatusResponse  # noqa: Y015

@@ -79,6 +79,11 @@ class DirectoryServiceStub:
                 request_serializer=p2pchat_dot_v1_dot_directory__pb2.LookupRequest.SerializeToString,
                 response_deserializer=p2pchat_dot_v1_dot_directory__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.CertificateStatus = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/CertificateStatus',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.CertificateStatusRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.CertificateStatusResponse.FromString,
+                _registered_method=True)
 
 
 class DirectoryServiceServicer:
@@ -151,6 +156,15 @@ class DirectoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CertificateStatus(self, request, context):
+        """Whether user certificates the caller was shown by peers are still good: an agent asks
+        before it trusts a new link and again while the link is open. A certificate is revoked by
+        the logout of the session it was issued to, or by a login of the same user with a new key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DirectoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +212,11 @@ def add_DirectoryServiceServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=p2pchat_dot_v1_dot_directory__pb2.LookupRequest.FromString,
                     response_serializer=p2pchat_dot_v1_dot_directory__pb2.LookupResponse.SerializeToString,
+            ),
+            'CertificateStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.CertificateStatus,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.CertificateStatusRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.CertificateStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +462,33 @@ class DirectoryService:
             '/p2pchat.v1.DirectoryService/Lookup',
             p2pchat_dot_v1_dot_directory__pb2.LookupRequest.SerializeToString,
             p2pchat_dot_v1_dot_directory__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CertificateStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/CertificateStatus',
+            p2pchat_dot_v1_dot_directory__pb2.CertificateStatusRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.CertificateStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

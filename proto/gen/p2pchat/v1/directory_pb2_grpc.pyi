@@ -67,6 +67,11 @@ class DirectoryServiceStub:
     """Where a contact's agent lives. NOT_FOUND for no such user;
     FAILED_PRECONDITION when the user is not in your contacts.
     """
+    CertificateStatus: _grpc.UnaryUnaryMultiCallable[_directory_pb2.CertificateStatusRequest, _directory_pb2.CertificateStatusResponse]
+    """Whether user certificates the caller was shown by peers are still good: an agent asks
+    before it trusts a new link and again while the link is open. A certificate is revoked by
+    the logout of the session it was issued to, or by a login of the same user with a new key.
+    """
 
 @_typing.type_check_only
 class DirectoryServiceAsyncStub(DirectoryServiceStub):
@@ -96,6 +101,11 @@ class DirectoryServiceAsyncStub(DirectoryServiceStub):
     Lookup: _aio.UnaryUnaryMultiCallable[_directory_pb2.LookupRequest, _directory_pb2.LookupResponse]  # type: ignore[assignment]
     """Where a contact's agent lives. NOT_FOUND for no such user;
     FAILED_PRECONDITION when the user is not in your contacts.
+    """
+    CertificateStatus: _aio.UnaryUnaryMultiCallable[_directory_pb2.CertificateStatusRequest, _directory_pb2.CertificateStatusResponse]  # type: ignore[assignment]
+    """Whether user certificates the caller was shown by peers are still good: an agent asks
+    before it trusts a new link and again while the link is open. A certificate is revoked by
+    the logout of the session it was issued to, or by a login of the same user with a new key.
     """
 
 class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -177,6 +187,17 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_directory_pb2.LookupResponse, _abc.Awaitable[_directory_pb2.LookupResponse]]:
         """Where a contact's agent lives. NOT_FOUND for no such user;
         FAILED_PRECONDITION when the user is not in your contacts.
+        """
+
+    @_abc_1.abstractmethod
+    def CertificateStatus(
+        self,
+        request: _directory_pb2.CertificateStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_pb2.CertificateStatusResponse, _abc.Awaitable[_directory_pb2.CertificateStatusResponse]]:
+        """Whether user certificates the caller was shown by peers are still good: an agent asks
+        before it trusts a new link and again while the link is open. A certificate is revoked by
+        the logout of the session it was issued to, or by a login of the same user with a new key.
         """
 
 def add_DirectoryServiceServicer_to_server(servicer: DirectoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
