@@ -5,6 +5,10 @@
 - Incoming: batches that arrived together are committed in one transaction (group commit),
   then acknowledged together; ids already stored are acknowledged again but stored once.
 - Acks mark messages delivered. A link that ends leaves the rest pending for the next link.
+- Every frame is checked where it arrives, whole, before anything of it is stored or applied
+  (the peer service skips the generic request check for speed; this is its check): the limits
+  of link.py (RESOURCE_EXHAUSTED), then each message or ack id (INVALID_ARGUMENT, or
+  PERMISSION_DENIED for a forged sender). A refused frame ends the link.
 """
 
 from __future__ import annotations
@@ -18,25 +22,28 @@ from typing import Any
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
 from p2pchat_agent.ids import valid_message_id
-from p2pchat_agent.link import FRAME_BODY_BYTES, PeerLink
+from p2pchat_agent.link import FRAME_BODY_BYTES, MAX_FRAME_ACKS, MAX_FRAME_MESSAGES, PeerLink
 from p2pchat_agent.store import IncomingMessage, MessageStore, StoredMessage
-from p2pchat_common.errors import InvalidArgument, PermissionDenied
+from p2pchat_common.errors import InvalidArgument, PermissionDenied, TooLarge
+from p2pchat_common.text import BODY_CONTROL
 from p2pchat_common.timestamps import from_timestamp, timestamp_parts, valid_timestamp
-from p2pchat_common.validation import utf8_size_over
+from p2pchat_common.validation import shown, utf8_size_over
 
 log = logging.getLogger(__name__)
 
-BATCH = 500
+BATCH = 500  # messages in one frame at most (link.MAX_FRAME_MESSAGES is what a receiver takes)
+_ID_RULE = "1-64 characters of [0-9A-Za-z_-]"
+_BODY_RULE = "tab and line breaks are the only control characters a message body may hold"
 
 
 def frame_chunks(messages: list[StoredMessage]) -> Iterator[list[StoredMessage]]:
-    """`messages` cut into frames of at most FRAME_BODY_BYTES of bodies (4 bytes per character
-    at most in UTF-8: a bound, no encoding), at least one message each."""
+    """`messages` cut into frames of at most BATCH messages and FRAME_BODY_BYTES of bodies
+    (4 bytes per character at most in UTF-8: a bound, no encoding), at least one message each."""
     chunk: list[StoredMessage] = []
     size = 0
     for m in messages:
         bound = 4 * len(m.body)
-        if chunk and size + bound > FRAME_BODY_BYTES:
+        if chunk and (size + bound > FRAME_BODY_BYTES or len(chunk) == BATCH):
             yield chunk
             chunk, size = [], 0
         chunk.append(m)
@@ -99,29 +106,46 @@ class Delivery:
         async for frame in incoming:
             kind = frame.WhichOneof("kind")
             if kind == "messages":
-                messages = list(frame.messages.messages)
+                batch = frame.messages.messages
+                if len(batch) > MAX_FRAME_MESSAGES:
+                    raise TooLarge(
+                        f"a frame carries at most {MAX_FRAME_MESSAGES} messages, not {len(batch)}"
+                    )
+                messages = list(batch)
+                chars = 0
                 for m in messages:
-                    self._check(link, m)
+                    chars += self._check(link, m)
+                if chars > FRAME_BODY_BYTES // 4:  # else even 4 bytes a character fit
+                    _check_frame_bodies(messages, chars)
                 if messages:
                     await link.received.put(messages)
             elif kind == "acks":
-                await self._acknowledged(link, list(frame.acks.ids))
+                ids = frame.acks.ids
+                if len(ids) > MAX_FRAME_ACKS:
+                    raise TooLarge(f"a frame carries at most {MAX_FRAME_ACKS} acks, not {len(ids)}")
+                await self._acknowledged(link, list(ids))
             elif kind == "hello":
                 raise InvalidArgument("unexpected second Hello on the link")
 
-    def _check(self, link: PeerLink, m: pb.PeerMessage) -> None:
+    def _check(self, link: PeerLink, m: pb.PeerMessage) -> int:
+        """Refuses a message this link may not carry; returns its body's length in characters."""
         if m.sender != link.peer:
             raise PermissionDenied(
-                f"message claims sender {m.sender[:40]!r} but the link belongs to {link.peer!r}"
+                f"message claims sender {shown(m.sender)} but the link belongs to "
+                f"{shown(link.peer)}"
             )
         if m.recipient != link.me:
-            raise PermissionDenied(f"message is for {m.recipient[:40]!r}, not {link.me!r}")
+            raise PermissionDenied(f"message is for {shown(m.recipient)}, not {shown(link.me)}")
         if not valid_message_id(m.id):
-            raise InvalidArgument("message id must be 1-64 characters of [0-9A-Za-z_-]")
+            raise InvalidArgument(f"message id must be {_ID_RULE}")
         if not valid_timestamp(m.sent_at):
             raise InvalidArgument("message sent_at must be between 1970 and 9999")
-        if not m.body or utf8_size_over(m.body, self._body_limit) is not None:
+        body = m.body  # read once: each read makes a new str
+        if not body or utf8_size_over(body, self._body_limit) is not None:
             raise InvalidArgument(f"message body must be 1-{self._body_limit} bytes of UTF-8")
+        if not body.isprintable() and BODY_CONTROL.search(body):  # isprintable: the fast "no"
+            raise InvalidArgument(_BODY_RULE)
+        return len(body)
 
     async def _commit_received(self, link: PeerLink) -> None:
         while True:
@@ -144,9 +168,14 @@ class Delivery:
             if self._events.listening:
                 for message in stored:
                     self._events.publish(MessageEvent(message))
-            await link.send(pb.Frame(acks=pb.AckBatch(ids=[m.id for m in batch])))
+            ids = [m.id for m in batch]  # up to RECEIVE_QUEUE_BATCHES frames' worth
+            for start in range(0, len(ids), MAX_FRAME_ACKS):
+                await link.send(pb.Frame(acks=pb.AckBatch(ids=ids[start : start + MAX_FRAME_ACKS])))
 
     async def _acknowledged(self, link: PeerLink, ids: list[str]) -> None:
+        for id in ids:
+            if not valid_message_id(id):
+                raise InvalidArgument(f"an acknowledged id must be {_ID_RULE}")
         await link.release(len(ids))
         when = datetime.now(UTC)
         changed: list[str] = await self._write_db(self._store.mark_delivered, link.peer, ids, when)
@@ -177,6 +206,18 @@ class Delivery:
                 await link.reserve(len(chunk))
                 await link.send(messages_frame(chunk))
                 after = chunk[-1].seq
+
+
+def _check_frame_bodies(messages: list[pb.PeerMessage], chars: int) -> None:
+    """TooLarge when the bodies of one frame hold more than FRAME_BODY_BYTES of UTF-8 (`chars`
+    characters in all): an ASCII body is as long in bytes as in characters, others are encoded."""
+    size = chars
+    if size <= FRAME_BODY_BYTES:
+        for m in messages:
+            if not m.body.isascii():
+                size += len(m.body.encode()) - len(m.body)
+    if size > FRAME_BODY_BYTES:
+        raise TooLarge(f"a frame carries at most {FRAME_BODY_BYTES} bytes of message bodies")
 
 
 class _StreamEnded(Exception):

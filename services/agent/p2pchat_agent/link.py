@@ -22,6 +22,13 @@ FRESH_LIMIT = 4096  # messages handed over in memory before the sender reads the
 # (config.MAX_BODY_LIMIT) plus the rest of the frame fits with room to spare.
 FRAME_BODY_BYTES = 4 * 1024 * 1024
 MAX_PEER_MESSAGE = 16 * 1024 * 1024
+# Messages in one frame at most, and ids in one AckBatch at most: no honest sender has more than
+# SEND_WINDOW messages unacknowledged, so no frame of one needs more (this version sends at most
+# delivery.BATCH; earlier ones handed up to FRESH_LIMIT over in one frame). The receiver enforces
+# both, and FRAME_BODY_BYTES: a frame over a limit gives RESOURCE_EXHAUSTED, closes the link, and
+# nothing of it is stored.
+MAX_FRAME_MESSAGES = SEND_WINDOW
+MAX_FRAME_ACKS = SEND_WINDOW
 
 
 class PeerLink:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from p2pchat_agent.cli import chat
 from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
 from p2pchat_agent.cli.console import Console
-from p2pchat_agent.cli.render import contact_rows
+from p2pchat_agent.cli.render import contact_rows, safe
 
 MAIN_MENU = "\n1. Register\n2. Log in\n3. Exit"
 USER_MENU = (
@@ -49,14 +49,14 @@ async def _register(conn: AgentConnection, console: Console) -> None:
     status = await conn.status()
     address = (await console.ask(f"Address host:port [Enter = {status.address}]: ")).strip()
     name = await conn.register(username, password, address)
-    console.say(f"Registered {name}. You can log in now.")
+    console.say(f"Registered {safe(name)}. You can log in now.")
 
 
 async def _login(conn: AgentConnection, console: Console) -> str:
     username = (await console.ask("Username: ")).strip()
     password = await console.ask_secret("Password: ")
     response = await conn.login(username, password)
-    console.say(f"Logged in as {response.username} (reachable at {response.address}).")
+    console.say(f"Logged in as {safe(response.username)} (reachable at {safe(response.address)}).")
     return response.username
 
 
@@ -78,7 +78,8 @@ async def _user_menu(conn: AgentConnection, console: Console, me: str) -> bool:
                 username = (await console.ask("Contact's username: ")).strip()
                 pinned = (await console.ask("Pin an address host:port [Enter = theirs]: ")).strip()
                 contact = await conn.add_contact(username, pinned)
-                console.say(f"Added {contact.username} ({contact.address or 'no address yet'}).")
+                address = safe(contact.address) or "no address yet"
+                console.say(f"Added {safe(contact.username)} ({address}).")
             elif choice == "3":
                 peer = (await console.ask("Connect to (username): ")).strip()
                 if peer:
@@ -96,7 +97,7 @@ async def _user_menu(conn: AgentConnection, console: Console, me: str) -> bool:
 async def run_menu(conn: AgentConnection, console: Console) -> int:
     status = await conn.status()  # fails early, with exit code 3, when the agent is not there
     if status.logged_in:
-        console.say(f"Welcome back, {status.username}.")
+        console.say(f"Welcome back, {safe(status.username)}.")
         if not await _user_menu(conn, console, status.username):
             return Exit.OK
     while True:

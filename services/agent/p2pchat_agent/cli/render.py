@@ -1,7 +1,15 @@
-"""How messages, contacts and statuses look on the terminal (and as JSON)."""
+"""How messages, contacts and statuses look on the terminal (and as JSON).
+
+Text from the network (bodies, names, addresses, error details) reaches the terminal only through
+`safe`: control characters and bidirectional overrides are shown as escapes, so that a message
+cannot move the cursor, recolour the screen, reorder what is shown or forge a line of its own.
+JSON output is escaped by json.dumps (which escapes C0; the agents refuse every other control
+character where text enters).
+"""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +25,37 @@ STATUS_NAMES = {
 }
 
 
+# C0, DEL and C1 (Unicode category Cc), the bidirectional marks, embeddings, overrides and
+# isolates, and the line and paragraph separators. Other format characters stay: emoji sequences
+# (zero-width joiner, tag characters) need them and they cannot drive a terminal.
+_BIDI_AND_SEPARATORS = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE_LINE = re.compile("[\x00-\x1f\x7f-\x9f" + _BIDI_AND_SEPARATORS + "]")
+# In a body (multi-line) tab and newline stay.
+_UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f" + _BIDI_AND_SEPARATORS + "]")
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+CONTINUATION = "    "  # what starts each further line of a multi-line body
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(text: str, multiline: bool = False) -> str:
+    """`text` fit to print: control characters and bidi controls become visible escapes
+    (`\\x1b`, `\\u202e`). With `multiline` (a message body), tabs and line breaks stay and every
+    further line starts with CONTINUATION, so that no line of a body looks like a line of its own
+    ("[12:00:00] bob: ..."); a lone carriage return is escaped, as it would overwrite the line."""
+    if not multiline:
+        return _UNSAFE_LINE.sub(_escape, text)
+    text = _UNSAFE_IN_TEXT.sub(_escape, text.replace("\r\n", "\n"))
+    return text.replace("\n", "\n" + CONTINUATION)
+
+
 def local_time(ts: Timestamp, with_date: bool = False) -> str:
     if not ts.seconds and not ts.nanos:
         return "-"
@@ -27,28 +66,30 @@ def local_time(ts: Timestamp, with_date: bool = False) -> str:
 def message_line(m: apb.ChatMessage) -> str:
     """`[12:01:05] bob: hello` or `[12:01:06] you: hi  (pending)`."""
     outgoing = m.direction == apb.DIRECTION_OUTGOING
-    who = "you" if outgoing else m.sender
-    line = f"[{local_time(m.sent_at)}] {who}: {m.body}"
+    who = "you" if outgoing else safe(m.sender)
+    line = f"[{local_time(m.sent_at)}] {who}: {safe(m.body, multiline=True)}"
     if outgoing and m.status == apb.MESSAGE_STATUS_PENDING:
         line += "  (pending)"
     return line
 
 
 def delivery_line(update: apb.DeliveryUpdate, body: str) -> str:
-    preview = body if len(body) <= 40 else body[:39] + "…"
-    return f"  ✓ delivered to {update.peer} at {local_time(update.delivered_at)}: {preview}"
+    preview = safe(body if len(body) <= 40 else body[:39] + "…")
+    when = local_time(update.delivered_at)
+    return f"  ✓ delivered to {safe(update.peer)} at {when}: {preview}"
 
 
 def contact_rows(contacts: list[common_pb2.Contact]) -> list[str]:
     if not contacts:
         return ["(no contacts yet: add one with 2. Add contact)"]
-    width = max(len(c.username) for c in contacts)
+    names = [safe(c.username) for c in contacts]
+    width = max(len(name) for name in names)
     rows = []
-    for c in contacts:
+    for c, name in zip(contacts, names, strict=True):
         state = "online" if c.online else "offline"
         seen = "" if c.online else f", last seen {local_time(c.last_seen, with_date=True)}"
-        address = c.address or "(no address)"
-        rows.append(f"  {c.username:<{width}}  {address:<24}  {state}{seen}")
+        address = safe(c.address) or "(no address)"
+        rows.append(f"  {name:<{width}}  {address:<24}  {state}{seen}")
     return rows
 
 
