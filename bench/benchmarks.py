@@ -725,7 +725,7 @@ async def memory(ctx: Context, lazy: Lazy) -> Figures:
     idle = rss_mb(agent.pid)
     identities = await asyncio.to_thread(make_identities, world.directory.data_dir, p.memory_links)
     links = PeerLinks(
-        identities, world.directory.ca_pem, f"127.0.0.1:{agent.peer_port}", agent.name
+        identities, world.directory.users_ca_pem, f"127.0.0.1:{agent.peer_port}", agent.name
     )
     ch, stub = agent_stub(agent)
     try:

@@ -154,7 +154,13 @@ class Directory:
 
     @property
     def ca_pem(self) -> bytes:
+        """The directory root (the directory channel's trust)."""
         return self.ca_path.read_bytes()
+
+    @property
+    def users_ca_pem(self) -> bytes:
+        """The users CA (the trust of peer links)."""
+        return (self.data_dir / "users-ca.pem").read_bytes()
 
     @property
     def target(self) -> str:

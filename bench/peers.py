@@ -1,11 +1,12 @@
 """Many lightweight peers in one process, each holding one open `PeerService.Link` to an agent.
 
 Every peer has its own P-256 key (made by `p2pchat_agent.identity`) and a real client certificate
-for its own username, signed by the directory's certificate authority (the CA key in the
-directory's data dir, the same one that signs certificates at Login). Signing locally instead of
-registering and logging in through the directory saves two scrypt hashes (about 0.2 s of CPU
-each) per peer, which for 200 peers would take most of the time budget; the agent under test
-cannot tell the difference: it checks the chain, the name and the Hello, and pins the key.
+for its own username, signed by the directory's users CA (the key in the directory's data dir,
+the same one that signs certificates at Login) and recorded in the directory's users database as
+Login records it. Signing locally instead of registering and logging in through the directory
+saves two scrypt hashes (about 0.2 s of CPU each) per peer, which for 200 peers would take most
+of the time budget; the agent under test cannot tell the difference: it checks the chain, the
+name, the Hello and (with the directory) that the certificate is not revoked, and pins the key.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,12 @@ import grpc
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat.v1 import peer_pb2_grpc
 from p2pchat_agent.identity import load_or_create_key, make_csr
+from p2pchat_common.tls import user_dns_name
+from p2pchat_directory import repository as repo
 from p2pchat_directory.ca import CertificateAuthority
+from p2pchat_directory.config import Settings
+from p2pchat_directory.db import Databases
+from p2pchat_directory.models import IssuedCertificateRow
 
 
 @dataclass
@@ -36,13 +42,29 @@ def make_identities(
     directory_data_dir: Path, count: int, prefix: str = "peer"
 ) -> list[PeerIdentity]:
     ca = CertificateAuthority.load_or_create(directory_data_dir)
+    settings = Settings(data_dir=directory_data_dir)
+    dbs = Databases.open(settings.users_url, settings.contacts_url)
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(count):
-            name = f"{prefix}{i:03d}"
-            key = load_or_create_key(Path(tmp), name)
-            issued = ca.sign_agent_csr(make_csr(key, name), name, timedelta(days=1))
-            out.append(PeerIdentity(name, key, issued.pem))
+    now = datetime.now(UTC)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, dbs.users() as s, s.begin():
+            for i in range(count):
+                name = f"{prefix}{i:03d}"
+                key = load_or_create_key(Path(tmp), name)
+                issued = ca.sign_agent_csr(make_csr(key, name), name, timedelta(days=1))
+                out.append(PeerIdentity(name, key, issued.pem))
+                row = IssuedCertificateRow(
+                    sha256=issued.sha256,
+                    username=name,
+                    device=issued.device,
+                    public_key_sha256=issued.public_key_sha256,
+                    session_hash="",
+                    issued_at=now,
+                    expires_at=issued.expires_at,
+                )
+                repo.add_certificate(s, row)
+    finally:
+        dbs.dispose()
     return out
 
 
@@ -64,7 +86,7 @@ class PeerLinks:
     async def _one(self, ident: PeerIdentity) -> None:
         creds = grpc.ssl_channel_credentials(self._ca_pem, ident.key_pem, ident.cert_pem)
         options = [
-            ("grpc.ssl_target_name_override", self._agent_name),
+            ("grpc.ssl_target_name_override", user_dns_name(self._agent_name)),
             ("grpc.use_local_subchannel_pool", 1),
         ]
         channel = grpc.aio.secure_channel(self._address, creds, options=options)

@@ -18,6 +18,7 @@ from p2pchat.v1 import peer_pb2_grpc
 from p2pchat_agent.config import load_settings
 from p2pchat_agent.identity import load_or_create_key, make_csr
 from p2pchat_common.timestamps import to_timestamp
+from p2pchat_common.tls import user_dns_name
 from p2pchat_directory.ca import CertificateAuthority
 from tests.support.agent import AgentClient, InProcessAgent, logged_in, wait_until
 from tests.support.directory import PASSWORD, InProcessDirectory
@@ -64,7 +65,9 @@ def link_call(
 ) -> list[ppb.Frame]:
     creds = grpc.ssl_channel_credentials(ca, key, cert)
     with grpc.secure_channel(
-        f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", "bob")]
+        f"127.0.0.1:{port}",
+        creds,
+        options=[("grpc.ssl_target_name_override", user_dns_name("bob"))],
     ) as channel:
         return list(peer_pb2_grpc.PeerServiceStub(channel).Link(sent, timeout=10))
 
@@ -75,7 +78,7 @@ def test_impersonation_with_a_valid_certificate_is_refused_and_nothing_stored(
     (bob,) = logged_in(make_agent, "bob", befriend=False)
     bob_agent_port = bob_peer_port(make_agent, bob)
     key, cert = certificate_for(agent_directory, "mallory", tmp_path)
-    ca = agent_directory.ca_pem
+    ca = agent_directory.users_ca_pem
     # Hello in someone else's name.
     with pytest.raises(grpc.RpcError) as err:
         link_call(bob_agent_port, ca, key, cert, frames(hello("alice")))
@@ -116,7 +119,7 @@ def test_a_peer_message_outside_the_body_limit_is_refused_and_not_stored(
     key, cert = certificate_for(agent_directory, "mallory", tmp_path)
     sent = frames(hello("mallory"), message("mallory", "bob", body))
     with pytest.raises(grpc.RpcError) as err:
-        link_call(bob_peer_port(make_agent, bob), agent_directory.ca_pem, key, cert, sent)
+        link_call(bob_peer_port(make_agent, bob), agent_directory.users_ca_pem, key, cert, sent)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, why
     assert "1-16384 bytes of UTF-8" in (err.value.details() or "")
     bob.add_contact("mallory")
@@ -136,9 +139,9 @@ def test_a_peer_message_of_exactly_the_limit_in_multibyte_text_is_stored(
         yield message("mallory", "bob", body)
         acked.wait(10)  # the link stays open until bob acknowledges
 
-    creds = grpc.ssl_channel_credentials(agent_directory.ca_pem, key, cert)
+    creds = grpc.ssl_channel_credentials(agent_directory.users_ca_pem, key, cert)
     target = f"127.0.0.1:{bob_peer_port(make_agent, bob)}"
-    options = [("grpc.ssl_target_name_override", "bob")]
+    options = [("grpc.ssl_target_name_override", user_dns_name("bob"))]
     with grpc.secure_channel(target, creds, options=options) as channel:
         for frame in peer_pb2_grpc.PeerServiceStub(channel).Link(sent(), timeout=10):
             if frame.HasField("acks"):
@@ -161,7 +164,7 @@ def test_links_without_a_certificate_or_from_another_ca_are_refused(
     (bob,) = logged_in(make_agent, "bob", befriend=False)
     port = bob_peer_port(make_agent, bob)
     with pytest.raises(grpc.RpcError) as err:
-        link_call(port, agent_directory.ca_pem, None, None, frames(hello("alice")))
+        link_call(port, agent_directory.users_ca_pem, None, None, frames(hello("alice")))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     rogue = CertificateAuthority.load_or_create(tmp_path / "rogue-ca")
     key = load_or_create_key(tmp_path, "alice")
@@ -169,7 +172,7 @@ def test_links_without_a_certificate_or_from_another_ca_are_refused(
     with pytest.raises(grpc.RpcError) as err:
         link_call(
             port,
-            agent_directory.ca_pem,
+            agent_directory.users_ca_pem,
             key,
             forged.pem,
             frames(hello("alice"), message("alice", "bob", "forged")),
@@ -239,5 +242,5 @@ def test_control_port_is_loopback_only_unless_forced() -> None:
         ["--control-listen", "0.0.0.0:50053", "--allow-remote-control"], environ={}
     )
     assert forced.control_listen == "0.0.0.0:50053"
-    assert load_settings([], environ={}).control_listen == "127.0.0.1:50053"
+    assert load_settings([], environ={}).control_address == "unix:data/control.sock"
     assert load_settings(["--control-listen", "[::1]:7"], environ={}).control_listen == "[::1]:7"

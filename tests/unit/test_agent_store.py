@@ -315,7 +315,7 @@ def test_history_before_an_unknown_id_raises_not_found(store: MessageStore) -> N
         with pytest.raises(UnknownMessageError, match="no message") as caught:
             store.history("bob", before_id=before)
         assert isinstance(caught.value, KeyError) and isinstance(caught.value, NotFound)
-        assert str(caught.value) == f"no message {before} with bob"
+        assert str(caught.value) == f"no message {before!r} with bob"  # validation.shown
 
 
 def test_history_refuses_a_limit_below_one(store: MessageStore) -> None:

@@ -16,15 +16,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from p2pchat.v1 import common_pb2, directory_pb2
+from p2pchat_agent.clock import ClockWatch
 from p2pchat_agent.config import Settings
 from p2pchat_agent.delivery import Delivery
-from p2pchat_agent.directory_client import DirectoryClient
+from p2pchat_agent.directory_client import DirectoryClient, remember_root
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
-from p2pchat_agent.identity import Identity, StoredSession, load_or_create_key, make_csr
+from p2pchat_agent.identity import Identity, StoredSession, load_or_make_key, make_csr, save_key
 from p2pchat_agent.ids import new_message_id
 from p2pchat_agent.outbox import Outbox
 from p2pchat_agent.peer import LinkManager
-from p2pchat_agent.store import MessageStore, OutgoingMessage, Status, StoredMessage
+from p2pchat_agent.revocation import RevocationChecker
+from p2pchat_agent.store import (
+    MessageStore,
+    OutgoingMessage,
+    Status,
+    StoredMessage,
+    UnknownMessageError,
+)
 from p2pchat_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -80,6 +88,7 @@ class Agent:
         self._last_index = 0.0  # loop time of the latest write of the indexer
         self._lock = asyncio.Lock()
         self._contacts: set[str] = set()
+        self.clock = ClockWatch()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs blocking work (reads, files) in a thread."""
@@ -126,9 +135,17 @@ class Agent:
                     f"already logged in as {self.active.username}: log out first"
                 )
             data_dir = self.settings.data_dir
-            key_pem = await self.blocking(load_or_create_key, data_dir, name)
+            # A new key is saved only once the directory accepted the login: a refused login
+            # writes nothing.
+            key_pem, new_key = await self.blocking(load_or_make_key, data_dir, name)
             csr = await self.blocking(make_csr, key_pem, name)
+            asked = datetime.now(UTC)
             response = await self.directory.login(name, password, self.address, csr)
+            self.clock.note(response.server_time, asked)
+            if new_key:
+                await self.blocking(save_key, data_dir, name, key_pem)
+            if await self.blocking(remember_root, self.settings, response.directory_ca_pem):
+                self.directory.reconnect()
             identity = Identity(
                 name, key_pem, response.certificate_pem, response.ca_certificate_pem
             )
@@ -182,6 +199,7 @@ class Agent:
             self.blocking,
             self.writing,
             self.settings.retry_max,
+            RevocationChecker(self.directory, self.settings.revocation_interval),
         )
         outbox = Outbox(store, self.writing, self._stored)
         self.active = Active(session, identity, store, links, outbox)
@@ -227,7 +245,9 @@ class Agent:
                 await asyncio.sleep(interval)
             first = False
             try:
+                asked = datetime.now(UTC)
                 beat = await self.directory.heartbeat()
+                self.clock.note(beat.server_time, asked)
                 await self._renew_certificate_if_due()
             except Unauthenticated as exc:
                 log.warning("session ended by the directory (%s): log in again", exc)
@@ -296,10 +316,13 @@ class Agent:
             return
         identity = active.identity
         lifetime = identity.cert_expires_at - identity.cert_issued_at
-        if identity.cert_expires_at - datetime.now(UTC) > max(lifetime / 3, timedelta(minutes=1)):
+        left = identity.cert_expires_at - datetime.now(UTC)
+        if left > max(lifetime / 3, timedelta(minutes=1)) and identity.names_device:
             return
         csr = await self.blocking(make_csr, identity.key_pem, identity.username)
         renewed = await self.directory.renew_certificate(csr)
+        if await self.blocking(remember_root, self.settings, renewed.directory_ca_pem):
+            self.directory.reconnect()
         fresh = Identity(
             identity.username, identity.key_pem, renewed.certificate_pem, renewed.ca_certificate_pem
         )
@@ -434,5 +457,7 @@ class Agent:
             return await self.blocking(
                 active.store.history, peer, limit or 50, before_id or None, query or None, False
             )
+        except UnknownMessageError:
+            raise  # NOT_FOUND: a well-formed id with no message in this conversation
         except (KeyError, ValueError) as exc:
             raise InvalidArgument(str(exc).strip("'\"")) from None

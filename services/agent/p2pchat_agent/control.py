@@ -12,6 +12,7 @@ from p2pchat.v1 import agent_pb2 as pb
 from p2pchat.v1 import agent_pb2_grpc, directory_pb2
 from p2pchat_agent.agent import Agent
 from p2pchat_agent.events import DeliveryEvent, Event, InputEnded, Item, MessageEvent, Notice
+from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.store import StoredMessage
 from p2pchat_common.errors import DomainError, InvalidArgument
 from p2pchat_common.timestamps import to_timestamp
@@ -128,6 +129,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             directory_reachable=reachable,
             address=agent.address,
         )
+        if agent.clock.offset is not None:
+            response.clock_offset.FromTimedelta(agent.clock.offset)
+        if agent.clock.warning is not None:
+            response.warnings.append(agent.clock.warning)
         active = agent.active
         if active is not None:
             response.logged_in = True
@@ -168,6 +173,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return pb.SendResponse(message=chat_message(message))
 
     async def History(self, request: pb.HistoryRequest, context: Context) -> pb.HistoryResponse:
+        # A page starts before a message id: anything else is refused here, never echoed back.
+        if request.before_id and not valid_message_id(request.before_id):
+            raise InvalidArgument("before_id is not a message id")
         messages, has_more = await self._agent.history(
             request.peer, request.limit, request.before_id, request.query
         )

@@ -21,7 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from p2pchat_common.tls import private_key_pem, public_key_sha256
+from p2pchat_common.tls import (
+    certificate_sha256,
+    private_key_pem,
+    public_key_sha256,
+    user_identity,
+)
 
 SESSION_FILE = "session.json"
 PEER_CA_FILE = "peer-ca.pem"
@@ -38,14 +43,30 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def load_or_create_key(data_dir: Path, username: str) -> bytes:
-    """The user's private key (PEM), made on first use."""
-    path = data_dir / f"{username}.key"
+def key_path(data_dir: Path, username: str) -> Path:
+    return data_dir / f"{username}.key"
+
+
+def load_or_make_key(data_dir: Path, username: str) -> tuple[bytes, bool]:
+    """The user's private key (PEM) and whether it is new. A new key is not written: the
+    caller saves it (`save_key`) only once the directory accepted the login, so a refused
+    login leaves no file behind."""
+    path = key_path(data_dir, username)
     if path.exists():
-        return path.read_bytes()
-    pem = private_key_pem(ec.generate_private_key(ec.SECP256R1()))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    write_private(path, pem)
+        return path.read_bytes(), False
+    return private_key_pem(ec.generate_private_key(ec.SECP256R1())), True
+
+
+def save_key(data_dir: Path, username: str, pem: bytes) -> None:
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_private(key_path(data_dir, username), pem)
+
+
+def load_or_create_key(data_dir: Path, username: str) -> bytes:
+    """The user's private key (PEM), made and saved on first use."""
+    pem, new = load_or_make_key(data_dir, username)
+    if new:
+        save_key(data_dir, username, pem)
     return pem
 
 
@@ -61,13 +82,15 @@ def make_csr(key_pem: bytes, username: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def load_certificate(cert_pem_or_der: bytes) -> x509.Certificate:
+    if cert_pem_or_der.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(cert_pem_or_der)
+    return x509.load_der_x509_certificate(cert_pem_or_der)
+
+
 def spki_sha256(cert_pem_or_der: bytes) -> str:
     """Hex SHA-256 of a certificate's DER SubjectPublicKeyInfo (the pinned value)."""
-    if cert_pem_or_der.lstrip().startswith(b"-----BEGIN"):
-        cert = x509.load_pem_x509_certificate(cert_pem_or_der)
-    else:
-        cert = x509.load_der_x509_certificate(cert_pem_or_der)
-    return public_key_sha256(cert)
+    return public_key_sha256(load_certificate(cert_pem_or_der))
 
 
 @dataclass(frozen=True)
@@ -91,8 +114,20 @@ class Identity:
     def cert_issued_at(self) -> datetime:
         return self._certificate.not_valid_before_utc
 
+    @property
+    def cert_sha256(self) -> str:
+        return certificate_sha256(self._certificate)
+
+    @property
+    def names_device(self) -> bool:
+        """Whether the certificate names this user and a device (the current format): one
+        from before the directory separated its identity names the user as a DNS name only,
+        and peers refuse it, so it is renewed at once."""
+        found = user_identity(self._certificate)
+        return found is not None and found[0] == self.username
+
     def save(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_private(data_dir / f"{self.username}.crt", self.cert_pem)
         write_private(data_dir / PEER_CA_FILE, self.ca_pem)
 

@@ -1,9 +1,15 @@
 """The peer side of an agent: at most one link per peer, dialled or accepted, over mutual TLS.
 
 - Dialling: look the peer up in the directory (or use its last known address when the directory
-  is down), check the key it presents against the pinned one, open `PeerService.Link` with TLS
-  that requires the server certificate to name the peer, exchange Hellos, run delivery.
-- Accepting: the peer's username comes from its verified client certificate, never from a field.
+  is down), read the certificate it presents, ask the directory whether that certificate is still
+  good, open `PeerService.Link` with TLS that requires the server certificate to name the peer,
+  exchange Hellos, then check the key against the pinned one and run delivery.
+- Accepting: the peer's username comes from its verified client certificate (the URI SAN
+  ``p2pchat:user:<name>``), never from a field; its Hello must name the same user.
+- Nothing is written for a refused link: a key is pinned on first contact only once the Hellos
+  matched and the certificate was found good.
+- While a link is open its certificate is asked about again every `revocation_interval`
+  seconds; a revoked one closes the link.
 - Two links between the same pair (both dialled at once): the one dialled by the smaller username
   stays, on both sides alike.
 - While messages are pending for a peer without a link, a dialer retries with backoff
@@ -31,8 +37,9 @@ from p2pchat.v1 import peer_pb2_grpc
 from p2pchat_agent.delivery import Delivery
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import EventHub, KeyChangedEvent
-from p2pchat_agent.identity import Identity, spki_sha256
+from p2pchat_agent.identity import Identity, load_certificate, spki_sha256
 from p2pchat_agent.link import MAX_PEER_MESSAGE, PROTOCOL_VERSION, PeerLink
+from p2pchat_agent.revocation import RevocationChecker
 from p2pchat_agent.store import MessageStore, StoredMessage
 from p2pchat_common.errors import (
     AlreadyExists,
@@ -42,7 +49,8 @@ from p2pchat_common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from p2pchat_common.validation import parse_address
+from p2pchat_common.tls import certificate_sha256, user_dns_name, user_identity
+from p2pchat_common.validation import parse_address, shown
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +86,19 @@ def probe_peer_certificate(address: str, peer: str, identity: Identity, timeout:
     target = parse_address(address)
     ctx = _probe_context(identity)
     with socket.create_connection((target.host, target.port), timeout=timeout) as raw:
-        with ctx.wrap_socket(raw, server_hostname=peer) as tls:
+        with ctx.wrap_socket(raw, server_hostname=user_dns_name(peer)) as tls:
             der = tls.getpeercert(binary_form=True)
     if der is None:
         raise Unavailable(f"{peer} at {address} presented no certificate")
+    if peer_identity(der) != peer:
+        raise Unauthenticated(f"the agent at {address} does not present {peer}'s certificate")
     return der
+
+
+def peer_identity(cert_pem_or_der: bytes) -> str | None:
+    """The user a verified peer certificate names (its URI SAN), or None."""
+    found = user_identity(load_certificate(cert_pem_or_der))
+    return None if found is None else found[0]
 
 
 class LinkManager:
@@ -96,6 +112,7 @@ class LinkManager:
         read: Callable[..., Awaitable[Any]],
         write: Callable[..., Awaitable[Any]],
         retry_max: float,
+        revocation: RevocationChecker,
     ) -> None:
         self._identity = identity
         self._store = store
@@ -109,6 +126,11 @@ class LinkManager:
         self._dialers: dict[str, asyncio.Task[None]] = {}
         self._addresses: dict[str, str] = {}  # last known address per peer
         self._closing = False
+        self._revocation = revocation
+        self._certs: dict[PeerLink, str] = {}  # open link -> SHA-256 of the peer's certificate
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch_revocations(), name="revocations"
+        )
 
     @property
     def me(self) -> str:
@@ -138,6 +160,7 @@ class LinkManager:
 
     async def close(self) -> None:
         self._closing = True
+        self._watcher.cancel()
         for task in list(self._dialers.values()):
             task.cancel()
         for link in list(self.links.values()):
@@ -147,7 +170,8 @@ class LinkManager:
     # -- pinning ------------------------------------------------------------------------------
 
     async def check_key(self, peer: str, presented: str) -> None:
-        """Pins the key on first contact; refuses a key that differs until the user trusts it."""
+        """Pins the key on first contact; refuses a key that differs until the user trusts it.
+        Called only once the link is otherwise accepted (Hellos matched, certificate good)."""
         pin = await self._read(self._store.get_pin, peer)
         now = datetime.now(UTC)
         if pin is None:
@@ -187,16 +211,20 @@ class LinkManager:
         if self.links.get(link.peer) is link:
             del self.links[link.peer]
 
-    async def _run(self, link: PeerLink, incoming: AsyncIterator[pb.Frame]) -> None:
+    async def _run(
+        self, link: PeerLink, cert_sha256: str, incoming: AsyncIterator[pb.Frame]
+    ) -> None:
         try:
             self._attach(link)
         except DomainError:
             link.close()
             raise
+        self._certs[link] = cert_sha256
         log.info("link open: %r", link)
         try:
             await self._delivery.run(link, incoming)
         finally:
+            self._certs.pop(link, None)
             self._detach(link)
             log.info("link closed: %r", link)
             if not self._closing:
@@ -208,7 +236,6 @@ class LinkManager:
         self, peer: str, cert_pem: bytes, incoming: AsyncIterator[pb.Frame]
     ) -> AsyncIterator[pb.Frame]:
         """Serves an inbound Link from the verified `peer`; yields what to write back."""
-        await self.check_key(peer, spki_sha256(cert_pem))
         try:
             first = await asyncio.wait_for(anext(incoming), HELLO_TIMEOUT)
         except (StopAsyncIteration, TimeoutError):
@@ -217,11 +244,14 @@ class LinkManager:
             raise FailedPrecondition("a link starts with a Hello frame")
         if first.hello.username != peer:
             raise PermissionDenied(
-                f"Hello claims {first.hello.username[:40]!r} but the certificate names {peer!r}"
+                f"Hello claims {shown(first.hello.username)} but the certificate names {peer!r}"
             )
+        cert_sha = certificate_sha256(load_certificate(cert_pem))
+        await self._revocation.require_good(peer, cert_sha)
+        await self.check_key(peer, spki_sha256(cert_pem))
         link = PeerLink(self.me, peer, dialed_by=peer)
         await link.send(link.hello())
-        runner = asyncio.create_task(self._run(link, incoming))
+        runner = asyncio.create_task(self._run(link, cert_sha, incoming))
         try:
             async for frame in link.frames_out():
                 yield frame
@@ -258,7 +288,8 @@ class LinkManager:
             except asyncio.CancelledError:
                 raise
             except (DomainError, grpc.RpcError, OSError, ssl.SSLError) as exc:
-                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else None
+                reason = shown(detail or str(exc), 200, quoted=False)
                 log.info("cannot reach %s (%s); retrying in %.1f s", peer, reason, delay)
             except Exception:
                 log.exception("unexpected error while linking with %s", peer)
@@ -269,9 +300,10 @@ class LinkManager:
         identity = self._identity()
         address = await self._address_of(peer)
         der = await asyncio.to_thread(probe_peer_certificate, address, peer, identity, 5.0)
-        await self.check_key(peer, spki_sha256(der))
+        cert_sha = certificate_sha256(load_certificate(der))
+        await self._revocation.require_good(peer, cert_sha)
         creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
-        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", peer)]
+        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", user_dns_name(peer))]
         async with grpc.aio.secure_channel(address, creds, options=options) as channel:
             link = PeerLink(identity.username, peer, dialed_by=identity.username)
             await link.send(link.hello())
@@ -286,9 +318,25 @@ class LinkManager:
             if first.hello.protocol_version < PROTOCOL_VERSION:
                 log.info("%s speaks protocol %d", peer, first.hello.protocol_version)
             try:
-                await self._run(link, responses)
+                await self.check_key(peer, spki_sha256(der))
+                await self._run(link, cert_sha, responses)
             finally:
                 call.cancel()
+
+    # -- revocation -----------------------------------------------------------------------------
+
+    async def _watch_revocations(self) -> None:
+        """Closes open links whose certificate the directory no longer vouches for."""
+        while True:
+            await asyncio.sleep(self._revocation.interval)
+            open_links = dict(self._certs)
+            if not open_links:
+                continue
+            revoked = await self._revocation.revoked_among(sorted(set(open_links.values())))
+            for link, sha in open_links.items():
+                if sha in revoked:
+                    log.warning("closing %r: the peer's certificate was revoked", link)
+                    link.close()
 
 
 class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
@@ -301,13 +349,12 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
         self, request_iterator: AsyncIterator[pb.Frame], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.Frame]:
         auth = context.auth_context()
-        names = list(auth.get("x509_common_name") or [])
         pems = list(auth.get("x509_pem_cert") or [])
-        if not names or not pems:
-            raise Unauthenticated("a client certificate from the directory CA is required")
+        peer = peer_identity(pems[0]) if pems else None
+        if peer is None:
+            raise Unauthenticated("a client certificate naming a p2pchat user is required")
         manager = self._links()
         if manager is None:
             raise Unavailable("this agent is not logged in")
-        peer = names[0].decode("ascii", "replace")
         async for frame in manager.accept(peer, pems[0], request_iterator):
             yield frame

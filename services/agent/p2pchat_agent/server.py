@@ -1,5 +1,5 @@
-"""Wiring of the agent: the control server (AgentService, loopback) and the peer server
-(PeerService, mutual TLS), each with health and reflection.
+"""Wiring of the agent: the control server (AgentService, on a Unix socket in the data dir or on
+loopback TCP) and the peer server (PeerService, mutual TLS), each with health and reflection.
 
 `create_agent(settings)` builds and starts both (tests use port 0); `serve(settings)` runs until
 SIGTERM/SIGINT and shuts down gracefully: stop accepting, close links, commit, dispose.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,9 +20,11 @@ from p2pchat.v1 import agent_pb2, agent_pb2_grpc, peer_pb2, peer_pb2_grpc
 from p2pchat_agent.agent import Agent
 from p2pchat_agent.config import MAX_CONTROL_MESSAGE, Settings
 from p2pchat_agent.control import AgentServicer
+from p2pchat_agent.control_socket import ControlSocket
 from p2pchat_agent.identity import Identity
 from p2pchat_agent.peer import CHANNEL_OPTIONS, PeerServicer
 from p2pchat_common.errors import add_service
+from p2pchat_common.files import private_dir
 from p2pchat_common.serving import (
     add_health_and_reflection,
     bind,
@@ -53,9 +56,11 @@ class _PeerCredentials:
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         active = self._agent.active
         identity = active.identity if active is not None else None
-        if identity is None or identity is self._served:
+        if identity is self._served:
             return None
         self._served = identity
+        if identity is None:  # logged out: the user's certificate is no longer presented
+            return _placeholder_config()
         return grpc.ssl_server_certificate_configuration(
             [(identity.key_pem, identity.cert_pem)], identity.ca_pem
         )
@@ -72,18 +77,30 @@ class AgentServer:
     agent: Agent
     control: grpc.aio.Server
     peer: grpc.aio.Server
-    control_port: int
+    control_port: int  # 0 when the control API is on a Unix socket
     peer_port: int
     health: list[HealthServicer]
+    socket: ControlSocket | None = None
+
+    @property
+    def control_socket(self) -> Path | None:
+        return self.socket.path if self.socket is not None else None
 
     async def stop(self, grace: float | None) -> None:
         for health in self.health:
             await health.enter_graceful_shutdown()
         await self.agent.close()  # closes links first so that peer streams end
         await asyncio.gather(self.control.stop(grace), self.peer.stop(grace))
+        if self.socket is not None:
+            await asyncio.to_thread(self.socket.release)
 
 
 async def create_agent(settings: Settings) -> AgentServer:
+    await asyncio.to_thread(private_dir, settings.data_dir)  # key, session, <user>.db: 0700
+    socket_path = settings.control_socket
+    unix_socket = ControlSocket(socket_path) if socket_path is not None else None
+    if unix_socket is not None:
+        await asyncio.to_thread(unix_socket.claim)
     agent = Agent(settings)
     peer = grpc.aio.server(
         options=[
@@ -95,6 +112,7 @@ async def create_agent(settings: Settings) -> AgentServer:
         peer,
         peer_pb2_grpc.add_PeerServiceServicer_to_server,
         PeerServicer(lambda: agent.active.links if agent.active else None),
+        check_strings=False,  # delivery.Delivery checks each frame's fields itself
     )
     peer_health = add_health_and_reflection(peer, PEER_SERVICE)
     peer_port = bind(peer, settings.peer_listen, _PeerCredentials(agent).credentials(), "peer port")
@@ -108,20 +126,24 @@ async def create_agent(settings: Settings) -> AgentServer:
     )
     add_service(control, agent_pb2_grpc.add_AgentServiceServicer_to_server, AgentServicer(agent))
     control_health = add_health_and_reflection(control, AGENT_SERVICE)
-    control_port = bind(control, settings.control_listen, None, "control port")
+    if unix_socket is None:
+        control_port = bind(control, settings.control_address, None, "control port")
+        serving = f"control port {control_port}"
+    else:
+        bind(control, f"unix:{unix_socket.path}", None, "control socket")
+        await asyncio.to_thread(unix_socket.bound)
+        control_port = 0
+        serving = f"control socket {unix_socket.path}"
 
     await agent.resume()
     await peer.start()
     await control.start()
     for health, service in ((peer_health, PEER_SERVICE), (control_health, AGENT_SERVICE)):
         await set_serving(health, service)
-    log.info(
-        "agent serving: control port %d, peer port %d, reachable at %s",
-        control_port,
-        peer_port,
-        agent.address,
+    log.info("agent serving: %s, peer port %d, reachable at %s", serving, peer_port, agent.address)
+    return AgentServer(
+        agent, control, peer, control_port, peer_port, [peer_health, control_health], unix_socket
     )
-    return AgentServer(agent, control, peer, control_port, peer_port, [peer_health, control_health])
 
 
 async def serve(settings: Settings) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,11 +21,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import grpc
+
 from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.schema import connect, migrate, transaction
-from p2pchat_common.errors import AlreadyExists, NotFound
+from p2pchat_common.errors import AlreadyExists, DomainError, NotFound
+from p2pchat_common.files import private_dir, private_file
 from p2pchat_common.sqlite import ThreadConnections
 from p2pchat_common.timestamps import sqlite_text, sqlite_time
+from p2pchat_common.validation import shown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +46,12 @@ class Status(StrEnum):
     PENDING = "pending"  # outgoing, not yet acknowledged by the peer
     DELIVERED = "delivered"  # outgoing, acknowledged
     RECEIVED = "received"  # incoming
+
+
+class DiskFull(DomainError):
+    """The disk under <username>.db is full: the transaction was rolled back, nothing written."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class DuplicateMessageError(AlreadyExists, ValueError):
@@ -159,10 +168,8 @@ class MessageStore:
 
         Raises RuntimeError if the file was written by a newer version of the agent.
         """
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        os.chmod(path, 0o600)  # SQLite gives its -wal and -shm files the same mode
+        private_dir(path.parent)
+        private_file(path)  # before SQLite opens it: its -wal and -shm files take its mode
         store = cls(path)
         try:
             with store._connections.use() as conn:
@@ -180,8 +187,16 @@ class MessageStore:
 
     @contextmanager
     def _cursor(self, write: bool) -> Iterator[sqlite3.Cursor]:
-        with self._connections.use() as conn, transaction(conn, write) as cursor:
-            yield cursor
+        try:
+            with self._connections.use() as conn, transaction(conn, write) as cursor:
+                yield cursor
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            raise DiskFull(
+                f"disk full at the agent ({self._path.parent}): nothing was stored; free some "
+                "space and try again"
+            ) from exc
 
     # -- the full-text index (filled off the hot path; see schema._SCHEMA_V2) ----------------
 
@@ -385,7 +400,7 @@ class MessageStore:
                 cur.execute("SELECT seq FROM messages WHERE id = ? AND peer = ?", (before_id, peer))
                 found = cur.fetchone()
                 if found is None:
-                    raise UnknownMessageError(f"no message {before_id} with {peer}")
+                    raise UnknownMessageError(f"no message {shown(before_id)} with {peer}")
                 before = int(found[0])
             if not searching:
                 cur.execute(
@@ -464,7 +479,7 @@ def _aware(value: datetime, name: str) -> datetime:
 
 def _check_id(id: str) -> None:
     if not valid_message_id(id):
-        raise ValueError(f"invalid message id: {id!r}")
+        raise ValueError(f"invalid message id: {shown(id)}")
 
 
 def _check_limit(limit: int) -> None:

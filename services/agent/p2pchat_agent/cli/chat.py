@@ -13,7 +13,8 @@ import grpc
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
 from p2pchat_agent.cli.console import Console
-from p2pchat_agent.cli.render import delivery_line, message_line
+from p2pchat_agent.cli.render import delivery_line, message_line, safe
+from p2pchat_common.text import BODY_CONTROL
 
 CHAT_HELP = "commands: /history N, /search TEXT, /quit (or Ctrl-D) to leave"
 SERVE_HELP = (
@@ -46,13 +47,14 @@ class _Printer:
             self.history_done.set()
         elif kind == "key_changed":
             k = event.key_changed
+            peer, pinned, presented = safe(k.peer), safe(k.pinned_sha256), safe(k.presented_sha256)
             self.console.say(
-                f"  ! WARNING: {k.peer}'s key changed ({k.pinned_sha256[:16]}… -> "
-                f"{k.presented_sha256[:16]}…). Messages with {k.peer} are held until you run "
-                f"`p2pchat trust {k.peer}` — do so only if {k.peer} really moved to a new agent."
+                f"  ! WARNING: {peer}'s key changed ({pinned[:16]}… -> {presented[:16]}…). "
+                f"Messages with {peer} are held until you run `p2pchat trust {peer}` — do so "
+                f"only if {peer} really moved to a new agent."
             )
         elif kind == "notice":
-            self.console.error(event.notice.message)
+            self.console.error(safe(event.notice.message))
 
     async def run(self, conn: AgentConnection, stream: AsyncIterable[apb.ChatEvent]) -> None:
         async for event in conn.events(stream):
@@ -77,7 +79,7 @@ async def _read_lines(
     with console.live():
         while not stream.done():
             try:
-                line = await console.ask(f"{me}> ", erase=True)
+                line = await console.ask(f"{safe(me)}> ", erase=True)
             except (EOFError, KeyboardInterrupt):
                 break
             if line.strip() in ("/quit", "/exit", "/q"):
@@ -134,6 +136,8 @@ async def chat(conn: AgentConnection, console: Console, peer: str, me: str) -> N
     async def handle(line: str) -> None:
         if line.strip().startswith(("/history", "/search")):
             await _show_history(conn, console, peer, line.strip())
+        elif BODY_CONTROL.search(line):  # the agent would end the chat for it: say so here
+            console.say("(not sent: the line holds control characters, e.g. a pasted escape)")
         else:
             await outgoing.put(apb.ChatInput(text=apb.ChatText(body=line)))
 
@@ -150,7 +154,7 @@ async def chat(conn: AgentConnection, console: Console, peer: str, me: str) -> N
 async def serve(conn: AgentConnection, console: Console, me: str) -> None:
     """Shows where this agent is reachable, then every incoming message live, with replies."""
     status = await conn.status()
-    console.say(f"--- serving as {me}, reachable at {status.address} ---")
+    console.say(f"--- serving as {safe(me)}, reachable at {safe(status.address)} ---")
     console.say(f"--- {SERVE_HELP} ---")
     call = conn.stub.Serve(apb.ServeRequest())
     printer = _Printer(console)
@@ -171,7 +175,7 @@ async def serve(conn: AgentConnection, console: Console, me: str) -> None:
             console.error(str(exc))
             return
         printer.bodies[sent.id] = sent.body
-        console.say(f"[→ {peer}] {message_line(sent)}")
+        console.say(f"[→ {safe(peer)}] {message_line(sent)}")
 
     try:
         await _read_lines(console, me, task, handle)

@@ -22,6 +22,7 @@ from p2pchat_agent.cli.render import (
     local_time,
     message_json,
     message_line,
+    safe,
 )
 
 Handler = Callable[[AgentConnection, Console, argparse.Namespace], Awaitable[int]]
@@ -72,14 +73,14 @@ async def cmd_menu(conn: AgentConnection, console: Console, args: argparse.Names
 async def cmd_register(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
     password = await read_password(console, args, confirm=True)
     name = await conn.register(args.user, password, args.address or "")
-    console.say(f"registered {name}")
+    console.say(f"registered {safe(name)}")
     return Exit.OK
 
 
 async def cmd_login(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
     password = await read_password(console, args, confirm=False)
     response = await conn.login(args.user, password)
-    console.say(f"logged in as {response.username}; reachable at {response.address}")
+    console.say(f"logged in as {safe(response.username)}; reachable at {safe(response.address)}")
     return Exit.OK
 
 
@@ -101,18 +102,26 @@ async def cmd_status(conn: AgentConnection, console: Console, args: argparse.Nam
                 "directory_reachable": s.directory_reachable,
                 "pending_messages": s.pending_messages,
                 "linked_peers": list(s.linked_peers),
+                "clock_offset_s": (
+                    s.clock_offset.ToTimedelta().total_seconds()
+                    if s.HasField("clock_offset")
+                    else None
+                ),
+                "warnings": list(s.warnings),
             }
         )
         return Exit.OK
     console.say(f"agent:     {conn.address}")
-    console.say(f"user:      {s.username if s.logged_in else '(not logged in)'}")
-    console.say(f"reachable: {s.address}")
+    console.say(f"user:      {safe(s.username) if s.logged_in else '(not logged in)'}")
+    console.say(f"reachable: {safe(s.address)}")
     reach = "reachable" if s.directory_reachable else "not reachable"
-    console.say(f"directory: {s.directory} ({reach})")
+    console.say(f"directory: {safe(s.directory)} ({reach})")
     if s.logged_in:
         console.say(f"pending:   {s.pending_messages} message(s) not yet delivered")
-        console.say(f"links:     {', '.join(s.linked_peers) or '(none open)'}")
+        console.say(f"links:     {safe(', '.join(s.linked_peers)) or '(none open)'}")
         console.say(f"session:   until {local_time(s.session_expires_at, with_date=True)}")
+    for warning in s.warnings:
+        console.say(f"warning:   {safe(warning)}")
     return Exit.OK
 
 
@@ -128,7 +137,7 @@ async def cmd_contacts(conn: AgentConnection, console: Console, args: argparse.N
 
 async def cmd_add_contact(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
     contact = await conn.add_contact(args.user, args.address or "")
-    console.say(f"added {contact.username} ({contact.address or 'no address yet'})")
+    console.say(f"added {safe(contact.username)} ({safe(contact.address) or 'no address yet'})")
     return Exit.OK
 
 
@@ -142,7 +151,7 @@ async def cmd_remove_contact(
 
 async def cmd_trust(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
     sha = await conn.trust(args.user)
-    console.say(f"now trusting {args.user.lower()}'s key {sha}")
+    console.say(f"now trusting {args.user.lower()}'s key {safe(sha)}")
     return Exit.OK
 
 
@@ -151,7 +160,7 @@ async def cmd_send(conn: AgentConnection, console: Console, args: argparse.Names
     state = STATUS_NAMES.get(message.status, "unknown")
     if args.wait is not None and state == "pending":
         state += f" (not delivered within {args.wait:g} s; it stays queued)"
-    console.say(f"{message.id} {state}")
+    console.say(f"{safe(message.id)} {state}")
     return Exit.OK
 
 
