@@ -20,8 +20,8 @@ from typing import Any
 
 import grpc
 
-from p2pchat.v1 import peer_pb2 as pb
 from p2pchat.v1 import peer_pb2_grpc
+from p2pchat_agent.handshake import dialler_hello
 from p2pchat_agent.identity import load_or_create_key, make_csr
 from p2pchat_common.tls import user_dns_name
 from p2pchat_directory import repository as repo
@@ -94,7 +94,7 @@ class PeerLinks:
         stop = self._stop
 
         async def frames() -> Any:
-            yield pb.Frame(hello=pb.Hello(username=ident.username, protocol_version=1))
+            yield dialler_hello(ident.username)
             await stop.wait()
 
         call = peer_pb2_grpc.PeerServiceStub(channel).Link(frames())

@@ -16,6 +16,7 @@ from p2pchat.v1 import directory_pb2 as dpb
 from p2pchat.v1 import peer_pb2 as ppb
 from p2pchat.v1 import peer_pb2_grpc
 from p2pchat_agent.config import load_settings
+from p2pchat_agent.handshake import dialler_hello
 from p2pchat_agent.identity import load_or_create_key, make_csr
 from p2pchat_common.timestamps import to_timestamp
 from p2pchat_common.tls import user_dns_name
@@ -57,7 +58,8 @@ def message(sender: str, recipient: str, body: str, mid: str = "01TESTID") -> pp
 
 
 def hello(name: str) -> ppb.Frame:
-    return ppb.Frame(hello=ppb.Hello(username=name, protocol_version=1))
+    """A dialler's Hello (protocol 2: with a fresh nonce)."""
+    return dialler_hello(name)
 
 
 def link_call(

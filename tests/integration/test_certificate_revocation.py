@@ -74,9 +74,17 @@ def test_logout_and_a_new_key_revoke_and_renewal_does_not(directory: InProcessDi
     cert_2 = renewed.certificate_pem
     assert states(cert_1, cert_2) == [GOOD, GOOD]  # a renewal keeps the key: both stay good
 
-    # A login with another key (the user moved to a new agent) revokes the old key's.
+    # A login with another key (the user moved to a new agent) revokes the old key's and ends
+    # the old agent's session: it can renew nothing, and so cannot revoke the new one's.
     moved = login(stub, "carol", new_key())
     assert states(cert_1, cert_2, moved.certificate_pem) == [REVOKED, REVOKED, GOOD]
+    expect_error(
+        grpc.StatusCode.UNAUTHENTICATED,
+        stub.RenewCertificate,
+        dpb.RenewCertificateRequest(csr_pem=make_csr(key, "carol")),
+        metadata=auth(first.session_token),
+    )
+    assert states(moved.certificate_pem) == [GOOD]
 
     # Logout revokes what the session was given.
     stub.Logout(dpb.LogoutRequest(), metadata=auth(moved.session_token))

@@ -1,11 +1,11 @@
 """The directory's own identity cannot be confused with a user's: a server holding a certificate
 the directory issued to a user named like one of the directory's host names is refused by the
 agent (and so by the CLI) before any password is sent; a directory of the first layout (one CA
-for both) upgrades itself, and its agents keep working and learn the new root at login."""
+for both) upgrades itself, and its agents keep working."""
 
 from __future__ import annotations
 
-import shutil
+import logging
 import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,17 +19,20 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import directory_pb2 as dpb
 from p2pchat.v1 import directory_pb2_grpc
 from p2pchat_agent.identity import make_csr
-from p2pchat_common.tls import private_key_pem
+from p2pchat_common.tls import private_key_pem, self_signed
 from p2pchat_common.validation import normalize_username
+from p2pchat_directory import repository as repo
 from p2pchat_directory.ca import CertificateAuthority
 from p2pchat_directory.config import Settings
-from tests.support.agent import InProcessAgent, agent_settings, logged_in, wait_until
+from p2pchat_directory.db import Databases
+from p2pchat_directory.models import User
+from tests.support.agent import InProcessAgent, agent_settings, logged_in
 from tests.support.cli import run_cli
 from tests.support.directory import PASSWORD, InProcessDirectory, expect_error
 from tests.support.loop_thread import LoopThread
@@ -171,79 +174,78 @@ def first_layout(data_dir: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certi
     return key, cert
 
 
-def first_layout_user_certificate(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, name: str
-) -> tuple[bytes, bytes]:
-    """What the first version issued to a user: the name as a DNS name, server use allowed."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
-
-
-def test_a_first_layout_directory_upgrades_and_its_agents_keep_chatting_and_learn_the_root(
-    loop_thread: LoopThread,
-    tmp_path: Path,
-    impostor: Callable[[bytes, bytes], tuple[int, FakeDirectory]],
+def test_a_first_layout_directory_upgrades_and_its_agents_keep_chatting(
+    loop_thread: LoopThread, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = tmp_path / "directory"
-    old_key, old_cert = first_layout(data)
-    old_root = tmp_path / "old-ca.pem"  # what the agents were configured with
-    shutil.copy(data / "ca.pem", old_root)
-    stolen = first_layout_user_certificate(old_key, old_cert, "localhost")
+    first_layout(data)
+    old_root = (data / "ca.pem").read_bytes()
+    configured = tmp_path / "old-ca.pem"  # what the agents were configured with
+    configured.write_bytes(old_root)
+    settings = Settings(listen="127.0.0.1:0", data_dir=data, workers=4)
+    # An account the first version let someone register under a name the directory has.
+    dbs = Databases.open(settings.users_url, settings.contacts_url)
+    with dbs.users() as s, s.begin():
+        now = datetime.now(UTC)
+        repo.add_user(s, User(username="localhost", password_hash="x", created_at=now))
+    dbs.dispose()
 
-    directory = InProcessDirectory(
-        loop_thread, Settings(listen="127.0.0.1:0", data_dir=data, workers=4)
-    )
+    with caplog.at_level(logging.WARNING):
+        directory = InProcessDirectory(loop_thread, settings)
     agents: list[InProcessAgent] = []
     try:
-        files = {p.name for p in data.iterdir()}
-        assert {"users-ca.pem", "users-ca-key.pem", "ca-bridge.pem", "legacy-ca.pem"} <= files
-        assert "legacy-ca-key.pem" not in files  # the retired key is gone
-        assert directory.ca_pem != old_root.read_bytes()
-        bridge = x509.load_pem_x509_certificate((data / "ca-bridge.pem").read_bytes())
-        bridge.verify_directly_issued_by(old_cert)
+        assert (data / "ca.pem").read_bytes() == old_root  # every client keeps its ca.pem
+        users_ca = x509.load_pem_x509_certificate((data / "users-ca.pem").read_bytes())
+        assert users_ca.public_key() != x509.load_pem_x509_certificate(old_root).public_key()
+        warned = [r.getMessage() for r in caplog.records if "named like this" in r.getMessage()]
+        assert warned and "localhost" in warned[0]
 
         def make(name: str) -> InProcessAgent:
-            settings = agent_settings(tmp_path / f"agent-{name}", directory.port, old_root)
-            agents.append(InProcessAgent(loop_thread, settings))
+            agent_dir = tmp_path / f"agent-{name}"
+            agents.append(
+                InProcessAgent(loop_thread, agent_settings(agent_dir, directory.port, configured))
+            )
             return agents[-1]
 
         alice, bob = logged_in(make, "alice", "bob")
         sent = alice.send("bob", "still here after the upgrade", wait=10)
         assert sent.status == apb.MESSAGE_STATUS_DELIVERED
-        learned = agents[0].settings.data_dir / "directory-root.json"
-        assert learned.exists()
-
-        # A certificate the old CA issued before the upgrade, named like the directory, no
-        # longer passes with an agent that has logged in since.
-        port, fake = impostor(*stolen)
-        agents[0].stop()
-        agents[0].settings = agent_settings(agents[0].settings.data_dir, port, old_root)
-        agents[0].start()
-        again = agents[0].client()
-        wait_until(lambda: not again.status().directory_reachable, timeout=10)
-        expect_error(grpc.StatusCode.UNAVAILABLE, again.login, "alice")
-        assert fake.passwords == []
+        peer_ca = (agents[0].settings.data_dir / "peer-ca.pem").read_bytes()
+        assert peer_ca == directory.users_ca_pem  # learned at login
         assert bob.history("alice")[0].body == "still here after the upgrade"
     finally:
         for agent in agents:
             agent.stop()
         directory.stop()
+
+
+def test_with_an_operator_certificate_login_names_no_root_and_agents_keep_working(
+    make_directory: Callable[..., InProcessDirectory],
+    loop_thread: LoopThread,
+    tmp_path: Path,
+) -> None:
+    cert_pem, key_pem = self_signed("directory.example", ["localhost"])
+    (tmp_path / "op.pem").write_bytes(cert_pem)
+    (tmp_path / "op-key.pem").write_bytes(key_pem)
+    directory = make_directory(tls_cert=tmp_path / "op.pem", tls_key=tmp_path / "op-key.pem")
+    stub = directory_pb2_grpc.DirectoryServiceStub(
+        grpc.secure_channel(f"localhost:{directory.port}", grpc.ssl_channel_credentials(cert_pem))
+    )
+    stub.Register(dpb.RegisterRequest(username="zed", password=PASSWORD))
+    login = stub.Login(dpb.LoginRequest(username="zed", password=PASSWORD))
+    assert login.directory_ca_pem == b""  # the root of this channel is the operator's
+    assert login.ca_certificate_pem == directory.users_ca_pem
+    agents: list[InProcessAgent] = []
+
+    def make(name: str) -> InProcessAgent:
+        settings = agent_settings(tmp_path / f"agent-{name}", directory.port, tmp_path / "op.pem")
+        agents.append(InProcessAgent(loop_thread, settings))
+        return agents[-1]
+
+    try:
+        alice, bob = logged_in(make, "alice", "bob")
+        assert alice.send("bob", "hi", wait=10).status == apb.MESSAGE_STATUS_DELIVERED
+        assert alice.status().directory_reachable
+    finally:
+        for agent in agents:
+            agent.stop()

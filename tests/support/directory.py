@@ -56,6 +56,11 @@ class InProcessDirectory:
             self._running = None
 
     @property
+    def server(self) -> DirectoryServer:
+        assert self._running is not None
+        return self._running
+
+    @property
     def port(self) -> int:
         assert self._running is not None
         return self._running.port

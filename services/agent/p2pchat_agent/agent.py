@@ -19,7 +19,7 @@ from p2pchat.v1 import common_pb2, directory_pb2
 from p2pchat_agent.clock import ClockWatch
 from p2pchat_agent.config import Settings
 from p2pchat_agent.delivery import Delivery
-from p2pchat_agent.directory_client import DirectoryClient, remember_root
+from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
 from p2pchat_agent.identity import Identity, StoredSession, load_or_make_key, make_csr, save_key
 from p2pchat_agent.ids import new_message_id
@@ -67,6 +67,7 @@ class Active:
     links: LinkManager
     outbox: Outbox
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    renewed_for_format: bool = False
 
     @property
     def username(self) -> str:
@@ -144,8 +145,6 @@ class Agent:
             self.clock.note(response.server_time, asked)
             if new_key:
                 await self.blocking(save_key, data_dir, name, key_pem)
-            if await self.blocking(remember_root, self.settings, response.directory_ca_pem):
-                self.directory.reconnect()
             identity = Identity(
                 name, key_pem, response.certificate_pem, response.ca_certificate_pem
             )
@@ -317,12 +316,15 @@ class Agent:
         identity = active.identity
         lifetime = identity.cert_expires_at - identity.cert_issued_at
         left = identity.cert_expires_at - datetime.now(UTC)
-        if left > max(lifetime / 3, timedelta(minutes=1)) and identity.names_device:
+        # A certificate of the old format is renewed at once, but once a session only: a
+        # directory of the old version would answer with the old format again.
+        old_format = not identity.names_device and not active.renewed_for_format
+        if left > max(lifetime / 3, timedelta(minutes=1)) and not old_format:
             return
+        active.renewed_for_format = True
         csr = await self.blocking(make_csr, identity.key_pem, identity.username)
         renewed = await self.directory.renew_certificate(csr)
-        if await self.blocking(remember_root, self.settings, renewed.directory_ca_pem):
-            self.directory.reconnect()
+
         fresh = Identity(
             identity.username, identity.key_pem, renewed.certificate_pem, renewed.ca_certificate_pem
         )

@@ -21,6 +21,7 @@ from p2pchat_common.flags import (
     positive_float,
     positive_int,
 )
+from p2pchat_common.tls import is_reserved_name
 from p2pchat_common.validation import is_wildcard
 
 DEFAULT_DIRECTORY = "localhost:50051"
@@ -244,6 +245,8 @@ def load_settings(
     """Settings from flags over environment over defaults; exits with a usage error when invalid."""
     environ = os.environ if environ is None else environ
     parser, ns = parse(build_parser, "p2pchat-agent", argv, environ)
+    if is_reserved_name(ns.directory.rpartition(":")[0]):
+        parser.error(f"--directory {ns.directory}: names under .invalid are where users are named")
     control_listen: str = ns.control_listen or ""
     tcp = bool(control_listen) and socket_path(control_listen) is None
     if tcp and not ns.allow_remote_control and not is_loopback(control_listen):

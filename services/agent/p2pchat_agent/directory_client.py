@@ -3,21 +3,16 @@ failures translated into domain errors (so the control API passes on the directo
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from p2pchat.v1 import directory_pb2 as pb
 from p2pchat.v1 import directory_pb2_grpc
 from p2pchat_agent.config import Settings
-from p2pchat_agent.identity import write_private
 from p2pchat_common.errors import FailedPrecondition, Unavailable, from_rpc_error
 
 log = logging.getLogger(__name__)
@@ -25,18 +20,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CALL_TIMEOUT = 10.0
 DIRECTORY_CA_FILE = "directory-ca.pem"
-# The directory root learned at login, when it differs from the configured one: {"replaces":
-# SHA-256 of the configured file's bytes, "root": PEM}. Used only while the configuration is
-# unchanged, so a root the operator configures later always wins.
-LEARNED_ROOT_FILE = "directory-root.json"
-OLD_CHANNEL_GRACE = 5.0
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def configured_ca(settings: Settings) -> bytes:
+def directory_ca(settings: Settings) -> bytes | None:
+    """The root that the directory's TLS certificate must chain to (None: no TLS)."""
+    if settings.directory_insecure:
+        return None
     path = settings.directory_ca or settings.data_dir / DIRECTORY_CA_FILE
     try:
         return path.read_bytes()
@@ -47,45 +36,6 @@ def configured_ca(settings: Settings) -> bytes:
         ) from None
 
 
-def directory_ca(settings: Settings) -> bytes | None:
-    """The root that the directory's TLS certificate must chain to: the one learned at login
-    when the configured one is the older root it replaced, else the configured one."""
-    if settings.directory_insecure:
-        return None
-    configured = configured_ca(settings)
-    try:
-        learned = json.loads((settings.data_dir / LEARNED_ROOT_FILE).read_bytes())
-        if learned["replaces"] == _sha256(configured):
-            return str(learned["root"]).encode()
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return configured
-
-
-def remember_root(settings: Settings, root_pem: bytes) -> bool:
-    """Keeps the directory root named at login (blocking); True when the trust changed. Only
-    ever called with what a directory verified by the current root said."""
-    if settings.directory_insecure or not root_pem or root_pem == directory_ca(settings):
-        return False
-    try:
-        x509.load_pem_x509_certificate(root_pem)
-    except ValueError:
-        log.warning("the directory named an unreadable root certificate; ignored")
-        return False
-    configured = configured_ca(settings)
-    path = settings.data_dir / LEARNED_ROOT_FILE
-    if root_pem == configured:
-        path.unlink(missing_ok=True)
-    else:
-        payload = {"replaces": _sha256(configured), "root": root_pem.decode()}
-        write_private(path, json.dumps(payload).encode())
-        log.warning(
-            "the directory has a new root certificate; trusting it instead of %s from now on",
-            settings.directory_ca or DIRECTORY_CA_FILE,
-        )
-    return True
-
-
 class DirectoryClient:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -94,16 +44,6 @@ class DirectoryClient:
         self._stub: directory_pb2_grpc.DirectoryServiceAsyncStub | None = None
         self.token = ""
         self.reachable: bool | None = None  # None until the first call or probe
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def reconnect(self) -> None:
-        """The next call opens a new channel (with the trust as it is now); calls under way on
-        the old one may finish."""
-        old, self._channel, self._stub = self._channel, None, None
-        if old is not None:
-            task = asyncio.get_running_loop().create_task(old.close(OLD_CHANNEL_GRACE))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
 
     def _get_stub(self) -> directory_pb2_grpc.DirectoryServiceAsyncStub:
         if self._stub is None:
@@ -197,7 +137,6 @@ class DirectoryClient:
         return self._channel
 
     async def close(self) -> None:
-        await asyncio.gather(*self._closing, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
         self._channel = None

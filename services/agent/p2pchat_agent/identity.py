@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from p2pchat_common.files import write_private
 from p2pchat_common.tls import (
     certificate_sha256,
     private_key_pem,
@@ -30,17 +30,6 @@ from p2pchat_common.tls import (
 
 SESSION_FILE = "session.json"
 PEER_CA_FILE = "peer-ca.pem"
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Writes a secret atomically with mode 0600 from the start."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def key_path(data_dir: Path, username: str) -> Path:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat_agent.store import StoredMessage
 
-PROTOCOL_VERSION = 1
 RECEIVE_QUEUE_BATCHES = 16  # message batches read from the stream but not yet committed
 SEND_WINDOW = 4096  # messages sent but not yet acknowledged
 FRESH_LIMIT = 4096  # messages handed over in memory before the sender reads the outbox again
@@ -63,9 +62,6 @@ class PeerLink:
         fresh, overflow = self._fresh, self._fresh_overflow
         self._fresh, self._fresh_overflow = [], False
         return None if overflow else fresh
-
-    def hello(self) -> pb.Frame:
-        return pb.Frame(hello=pb.Hello(username=self.me, protocol_version=PROTOCOL_VERSION))
 
     async def send(self, frame: pb.Frame) -> None:
         await self._outgoing.put(frame)

@@ -3,7 +3,8 @@
 - Dialling: look the peer up in the directory (or use its last known address when the directory
   is down), read the certificate it presents, ask the directory whether that certificate is still
   good, open `PeerService.Link` with TLS that requires the server certificate to name the peer,
-  exchange Hellos, then check the key against the pinned one and run delivery.
+  exchange Hellos (the answer is signed over our nonce with the key of the certificate just
+  checked: see handshake.py), then check the key against the pinned one and run delivery.
 - Accepting: the peer's username comes from its verified client certificate (the URI SAN
   ``p2pchat:user:<name>``), never from a field; its Hello must name the same user.
 - Nothing is written for a refused link: a key is pinned on first contact only once the Hellos
@@ -31,14 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat.v1 import peer_pb2_grpc
 from p2pchat_agent.delivery import Delivery
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import EventHub, KeyChangedEvent
-from p2pchat_agent.identity import Identity, load_certificate, spki_sha256
-from p2pchat_agent.link import MAX_PEER_MESSAGE, PROTOCOL_VERSION, PeerLink
+from p2pchat_agent.handshake import (
+    answer_hello,
+    check_dialler_hello,
+    dialler_hello,
+    verify_answer,
+)
+from p2pchat_agent.identity import Identity, load_certificate
+from p2pchat_agent.link import MAX_PEER_MESSAGE, PeerLink
 from p2pchat_agent.revocation import RevocationChecker
 from p2pchat_agent.store import MessageStore, StoredMessage
 from p2pchat_common.errors import (
@@ -49,7 +57,12 @@ from p2pchat_common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from p2pchat_common.tls import certificate_sha256, user_dns_name, user_identity
+from p2pchat_common.tls import (
+    certificate_sha256,
+    public_key_sha256,
+    user_dns_name,
+    user_identity,
+)
 from p2pchat_common.validation import parse_address, shown
 
 log = logging.getLogger(__name__)
@@ -80,7 +93,9 @@ def _probe_context(identity: Identity) -> ssl.SSLContext:
     return ctx
 
 
-def probe_peer_certificate(address: str, peer: str, identity: Identity, timeout: float) -> bytes:
+def probe_peer_certificate(
+    address: str, peer: str, identity: Identity, timeout: float
+) -> x509.Certificate:
     """The DER certificate the agent at `address` presents, verified to chain to our CA and to
     name `peer` (blocking). Used to compare the real key with the pinned one before linking."""
     target = parse_address(address)
@@ -90,14 +105,15 @@ def probe_peer_certificate(address: str, peer: str, identity: Identity, timeout:
             der = tls.getpeercert(binary_form=True)
     if der is None:
         raise Unavailable(f"{peer} at {address} presented no certificate")
-    if peer_identity(der) != peer:
+    cert = load_certificate(der)
+    if peer_identity(cert) != peer:
         raise Unauthenticated(f"the agent at {address} does not present {peer}'s certificate")
-    return der
+    return cert
 
 
-def peer_identity(cert_pem_or_der: bytes) -> str | None:
+def peer_identity(cert: x509.Certificate) -> str | None:
     """The user a verified peer certificate names (its URI SAN), or None."""
-    found = user_identity(load_certificate(cert_pem_or_der))
+    found = user_identity(cert)
     return None if found is None else found[0]
 
 
@@ -233,7 +249,7 @@ class LinkManager:
     # -- accepting ------------------------------------------------------------------------------
 
     async def accept(
-        self, peer: str, cert_pem: bytes, incoming: AsyncIterator[pb.Frame]
+        self, peer: str, cert: x509.Certificate, incoming: AsyncIterator[pb.Frame]
     ) -> AsyncIterator[pb.Frame]:
         """Serves an inbound Link from the verified `peer`; yields what to write back."""
         try:
@@ -242,15 +258,16 @@ class LinkManager:
             raise FailedPrecondition("a link starts with a Hello frame") from None
         if first.WhichOneof("kind") != "hello":
             raise FailedPrecondition("a link starts with a Hello frame")
+        check_dialler_hello(first.hello, peer)
         if first.hello.username != peer:
             raise PermissionDenied(
                 f"Hello claims {shown(first.hello.username)} but the certificate names {peer!r}"
             )
-        cert_sha = certificate_sha256(load_certificate(cert_pem))
+        cert_sha = certificate_sha256(cert)
         await self._revocation.require_good(peer, cert_sha)
-        await self.check_key(peer, spki_sha256(cert_pem))
+        await self.check_key(peer, public_key_sha256(cert))
         link = PeerLink(self.me, peer, dialed_by=peer)
-        await link.send(link.hello())
+        await link.send(answer_hello(self.me, self._identity().key_pem, first.hello))
         runner = asyncio.create_task(self._run(link, cert_sha, incoming))
         try:
             async for frame in link.frames_out():
@@ -299,14 +316,15 @@ class LinkManager:
     async def _dial_once(self, peer: str) -> None:
         identity = self._identity()
         address = await self._address_of(peer)
-        der = await asyncio.to_thread(probe_peer_certificate, address, peer, identity, 5.0)
-        cert_sha = certificate_sha256(load_certificate(der))
+        cert = await asyncio.to_thread(probe_peer_certificate, address, peer, identity, 5.0)
+        cert_sha = certificate_sha256(cert)
         await self._revocation.require_good(peer, cert_sha)
         creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
         options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", user_dns_name(peer))]
         async with grpc.aio.secure_channel(address, creds, options=options) as channel:
             link = PeerLink(identity.username, peer, dialed_by=identity.username)
-            await link.send(link.hello())
+            hello = dialler_hello(identity.username)
+            await link.send(hello)
             call = peer_pb2_grpc.PeerServiceStub(channel).Link(link.frames_out())
             responses: AsyncIterator[pb.Frame] = call.__aiter__()
             try:
@@ -315,10 +333,10 @@ class LinkManager:
                 raise Unavailable(f"{peer} closed the link before Hello") from None
             if first.WhichOneof("kind") != "hello" or first.hello.username != peer:
                 raise Unauthenticated(f"{peer} answered without a proper Hello")
-            if first.hello.protocol_version < PROTOCOL_VERSION:
-                log.info("%s speaks protocol %d", peer, first.hello.protocol_version)
+            # The key checked (revocation now, pin below) is the key of this connection.
+            verify_answer(first.hello, identity.username, peer, hello.hello.nonce, cert)
             try:
-                await self.check_key(peer, spki_sha256(der))
+                await self.check_key(peer, public_key_sha256(cert))
                 await self._run(link, cert_sha, responses)
             finally:
                 call.cancel()
@@ -332,7 +350,11 @@ class LinkManager:
             open_links = dict(self._certs)
             if not open_links:
                 continue
-            revoked = await self._revocation.revoked_among(sorted(set(open_links.values())))
+            try:
+                revoked = await self._revocation.revoked_among(sorted(set(open_links.values())))
+            except Exception:  # the next round asks again: never stop watching
+                log.exception("checking the certificates of open links failed")
+                continue
             for link, sha in open_links.items():
                 if sha in revoked:
                     log.warning("closing %r: the peer's certificate was revoked", link)
@@ -350,11 +372,12 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     ) -> AsyncIterator[pb.Frame]:
         auth = context.auth_context()
         pems = list(auth.get("x509_pem_cert") or [])
-        peer = peer_identity(pems[0]) if pems else None
-        if peer is None:
+        cert = load_certificate(pems[0]) if pems else None
+        peer = peer_identity(cert) if cert is not None else None
+        if cert is None or peer is None:
             raise Unauthenticated("a client certificate naming a p2pchat user is required")
         manager = self._links()
         if manager is None:
             raise Unavailable("this agent is not logged in")
-        async for frame in manager.accept(peer, pems[0], request_iterator):
+        async for frame in manager.accept(peer, cert, request_iterator):
             yield frame

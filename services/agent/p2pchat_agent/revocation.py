@@ -49,6 +49,9 @@ class RevocationChecker:
             except DomainError as exc:
                 log.info("cannot check peer certificates now (%s); links go on", exc)
                 return bad
+            if len(states) != len(chunk):
+                log.warning("the directory answered %d states for %d", len(states), len(chunk))
+                return bad
             now = loop.time()
             self._forget_older_than(now - 10 * self.interval)
             for sha, state in zip(chunk, states, strict=True):

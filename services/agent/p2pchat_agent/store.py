@@ -21,11 +21,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-import grpc
-
 from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.schema import connect, migrate, transaction
-from p2pchat_common.errors import AlreadyExists, DomainError, NotFound
+from p2pchat_common.errors import AlreadyExists, DiskFull, NotFound
 from p2pchat_common.files import private_dir, private_file
 from p2pchat_common.sqlite import ThreadConnections
 from p2pchat_common.timestamps import sqlite_text, sqlite_time
@@ -46,12 +44,6 @@ class Status(StrEnum):
     PENDING = "pending"  # outgoing, not yet acknowledged by the peer
     DELIVERED = "delivered"  # outgoing, acknowledged
     RECEIVED = "received"  # incoming
-
-
-class DiskFull(DomainError):
-    """The disk under <username>.db is full: the transaction was rolled back, nothing written."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class DuplicateMessageError(AlreadyExists, ValueError):

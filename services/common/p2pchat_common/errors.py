@@ -61,6 +61,13 @@ class RateLimited(DomainError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DiskFull(DomainError):
+    """The disk is full: what was being written was not (a transaction rolled back, a file left
+    as it was)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class TooLarge(DomainError):
     """Over a documented size or count limit (e.g. too much in one peer frame)."""
 

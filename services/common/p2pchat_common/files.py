@@ -7,10 +7,13 @@ file 0600 before SQLite first opens it is enough for all three.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
 from pathlib import Path
+
+from p2pchat_common.errors import DiskFull
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +66,32 @@ def private_file(path: Path) -> Path:
         os.close(fd)
     _tighten(path, PRIVATE_FILE_MODE)
     return path
+
+
+def write_file(path: Path, data: bytes, mode: int = PRIVATE_FILE_MODE) -> None:
+    """Writes `path` atomically (a temporary file, fsync, rename) with `mode` from the start; a
+    full disk is DiskFull and leaves the old file as it was."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # the umask may have taken bits from a public mode
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull(f"disk full ({path.parent}): {path.name} was not written") from exc
+        raise
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A secret, written atomically with mode 0600."""
+    write_file(path, data, PRIVATE_FILE_MODE)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """A file meant for others (a CA certificate), written atomically with mode 0644."""
+    write_file(path, data, 0o644)

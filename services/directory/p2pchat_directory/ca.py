@@ -9,10 +9,11 @@
 So no user certificate chains to what a client trusts for the directory, whatever the username.
 
 Upgrade from the first layout (one CA in ``ca.pem`` that signed both kinds): on first start the
-old CA is retired. A new root and a new users CA are made; the old key certifies the new root
-once (``ca-bridge.pem``, served after the directory's certificate, so clients still configured
-with the old ``ca.pem`` keep reaching the directory) and is then deleted. Agents learn the new
-root at login (``directory_ca_pem``); certificates the old CA issued expire on their own.
+directory keeps that CA as its root, so every client keeps its configured ``ca.pem``, and makes
+the users CA, which signs every user certificate from then on. Agents learn it at login and renew
+their certificates at once. User certificates the old CA issued before the upgrade still chain
+to the root until they expire (30 days at most): server.py names, at start, any account whose
+name the directory is served under, since only such a certificate could pose as the directory.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from p2pchat_common.errors import InvalidArgument
+from p2pchat_common.files import write_private, write_public
 from p2pchat_common.tls import (
     certificate_sha256,
     device_id,
@@ -49,9 +51,6 @@ CA_KEY_FILE = "ca-key.pem"
 CA_CERT_FILE = "ca.pem"
 USERS_CA_KEY_FILE = "users-ca-key.pem"
 USERS_CA_CERT_FILE = "users-ca.pem"
-BRIDGE_FILE = "ca-bridge.pem"
-LEGACY_KEY_FILE = "legacy-ca-key.pem"  # only while an upgrade is under way
-LEGACY_CERT_FILE = "legacy-ca.pem"
 CA_VALIDITY = timedelta(days=3650)
 SERVER_VALIDITY = timedelta(days=365)
 MAX_CSR_BYTES = 16 * 1024
@@ -66,24 +65,6 @@ PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519Public
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -169,14 +150,8 @@ class Authority:
         return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()), clock)
 
     def save(self, key_path: Path, cert_path: Path) -> None:
-        _write_private(key_path, private_key_pem(self.key))
-        _write_public(cert_path, self.cert_pem)
-
-    def certify(self, other: Authority) -> x509.Certificate:
-        """A certificate for `other`'s key and name, issued by this CA (a bridge)."""
-        return self._ca_certificate(
-            other.cert.subject, other.key.public_key(), self.cert.subject, self.key, self._now()
-        )
+        write_private(key_path, private_key_pem(self.key))
+        write_public(cert_path, self.cert_pem)
 
     def issue(
         self,
@@ -241,10 +216,10 @@ def _checked_csr_key(csr_pem: bytes) -> PublicKey:
 class CertificateAuthority:
     """The directory root and the users CA of one data dir."""
 
-    def __init__(self, root: Authority, users: Authority, bridge: x509.Certificate | None):
+    def __init__(self, root: Authority, users: Authority, upgraded: bool = False):
         self.root = root
         self.users = users
-        self.bridge = bridge
+        self.upgraded = upgraded  # the users CA was just added to a first-layout data dir
 
     @property
     def cert_pem(self) -> bytes:
@@ -258,8 +233,8 @@ class CertificateAuthority:
 
     @classmethod
     def load_or_create(cls, data_dir: Path, clock: Clock = _utcnow) -> CertificateAuthority:
-        """The authorities of this data dir, made on first use or upgraded from the first
-        layout; safe when several processes start at once."""
+        """The authorities of this data dir, made on first use (the users CA is added to a
+        data dir of the first layout); safe when several processes start at once."""
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(data_dir / ".ca.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -269,53 +244,24 @@ class CertificateAuthority:
     def _under_lock(cls, d: Path, clock: Clock) -> CertificateAuthority:
         root_files = (d / CA_KEY_FILE, d / CA_CERT_FILE)
         users_files = (d / USERS_CA_KEY_FILE, d / USERS_CA_CERT_FILE)
-        legacy_files = (d / LEGACY_KEY_FILE, d / LEGACY_CERT_FILE)
-        if users_files[0].exists() and not legacy_files[0].exists():
-            bridge_path = d / BRIDGE_FILE
-            bridge = (
-                x509.load_pem_x509_certificate(bridge_path.read_bytes())
-                if bridge_path.exists()
-                else None
-            )
-            ca = cls(
-                Authority.load(*root_files, clock), Authority.load(*users_files, clock), bridge
-            )
-            log.info("loaded the directory root and users CA from %s", d)
-            return ca
-        if not legacy_files[0].exists() and not root_files[0].exists():
-            root = Authority.create("directory root", clock)
-            users = Authority.create("users CA", clock)
-            root.save(*root_files)
-            users.save(*users_files)
-            log.info("created the directory root and users CA in %s", d)
-            return cls(root, users, None)
-        # The first layout, or an upgrade that stopped half-way: every step is idempotent.
-        if not legacy_files[0].exists():
-            os.replace(root_files[1], legacy_files[1])
-            os.replace(root_files[0], legacy_files[0])
-        legacy = Authority.load(*legacy_files, clock)
+        upgraded = root_files[0].exists() and not users_files[0].exists()
         if root_files[0].exists():
             root = Authority.load(*root_files, clock)
         else:
             root = Authority.create("directory root", clock)
             root.save(*root_files)
-        bridge = legacy.certify(root)
-        _write_public(d / BRIDGE_FILE, _pem(bridge))
-        users = Authority.create("users CA", clock)
-        users.save(*users_files)
-        legacy_files[0].unlink()  # the retired key never signs again
-        log.warning(
-            "upgraded %s to a separate directory root and users CA; the old CA is retired "
-            "(%s), certified the new root once (%s) and was deleted",
-            d,
-            LEGACY_CERT_FILE,
-            BRIDGE_FILE,
-        )
-        return cls(root, users, bridge)
+            log.info("created the directory root in %s", d)
+        if users_files[0].exists():
+            users = Authority.load(*users_files, clock)
+            log.info("loaded the directory root and users CA from %s", d)
+        else:
+            users = Authority.create("users CA", clock)
+            users.save(*users_files)
+            log.info("created the users CA in %s", d)
+        return cls(root, users, upgraded)
 
     def issue_server_certificate(self, names: Iterable[str]) -> tuple[bytes, bytes]:
-        """A fresh (certificate chain PEM, key PEM) for the directory's own TLS, naming
-        `names`; the chain ends with the bridge after an upgrade."""
+        """A fresh (certificate PEM, key PEM) for the directory's own TLS, naming `names`."""
         key = ec.generate_private_key(ec.SECP256R1())
         all_names = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *names]
         cert = self.root.issue(
@@ -325,8 +271,7 @@ class CertificateAuthority:
             SERVER_VALIDITY,
             [ExtendedKeyUsageOID.SERVER_AUTH],
         )
-        chain = _pem(cert) + (_pem(self.bridge) if self.bridge is not None else b"")
-        return chain, private_key_pem(key)
+        return _pem(cert), private_key_pem(key)
 
     def sign_agent_csr(
         self, csr_pem: bytes, username: str, validity: timedelta

@@ -68,6 +68,7 @@ class FailedLogin(UsersBase):
         Index("ix_failed_logins_username_source_at", "username", "source", "at"),
         Index("ix_failed_logins_source_at", "source", "at"),
         Index("ix_failed_logins_username_at", "username", "at"),
+        Index("ix_failed_logins_at", "at"),  # forgetting old failures
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

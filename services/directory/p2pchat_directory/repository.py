@@ -117,6 +117,11 @@ def get_user(s: Session, username: str) -> User | None:
     return s.get(User, username)
 
 
+def existing_usernames(s: Session, usernames: Iterable[str]) -> set[str]:
+    names = list(usernames)
+    return set(s.scalars(select(User.username).where(User.username.in_(names)))) if names else set()
+
+
 def users_by_name(s: Session, usernames: Iterable[str]) -> dict[str, User]:
     names = list(usernames)
     if not names:
@@ -162,15 +167,11 @@ def recent_failures(s: Session, username: str, source: str, since: datetime) -> 
 
 
 def record_failure(s: Session, username: str, source: str, at: datetime, forget: datetime) -> None:
-    """Records a failed login and deletes this username's and this source's failures from
-    before `forget` (out of every window: they only cost space and scan time)."""
+    """Records a failed login and deletes every failure from before `forget` (out of every
+    window: they only cost space; one index seek on `at`, so the table stays as large as one
+    window's failures whatever names and sources are tried)."""
     s.add(FailedLogin(username=username, source=source, at=at))
-    s.execute(
-        delete(FailedLogin).where(
-            FailedLogin.at <= forget,
-            or_(FailedLogin.username == username, FailedLogin.source == source),
-        )
-    )
+    s.execute(delete(FailedLogin).where(FailedLogin.at <= forget))
 
 
 def clear_failures(s: Session, username: str, source: str) -> None:
@@ -252,6 +253,16 @@ def revoke_certificates(
             IssuedCertificateRow.public_key_sha256 != other_than_key,
         )
     result = s.execute(stmt.values(revoked_at=at))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def delete_other_sessions(s: Session, username: str, keep_hash: str) -> int:
+    """Ends every session of `username` but the one whose token hashes to `keep_hash`."""
+    result = s.execute(
+        delete(UserSession).where(
+            UserSession.username == username, UserSession.token_hash != keep_hash
+        )
+    )
     return int(getattr(result, "rowcount", 0) or 0)
 
 

@@ -71,6 +71,8 @@ async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryS
     ca = await asyncio.to_thread(CertificateAuthority.load_or_create, settings.data_dir, clock)
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="directory")
     service = DirectoryService(settings, databases, ca, clock)
+    if ca.upgraded:
+        await asyncio.to_thread(service.warn_of_lookalikes)
 
     server = grpc.aio.server(
         options=[

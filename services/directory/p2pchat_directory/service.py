@@ -6,17 +6,13 @@ errors of p2pchat_common.errors; nothing here knows about gRPC.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import re
 import secrets
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-
-from sqlalchemy.orm import Session
+from datetime import UTC, datetime
 
 from p2pchat_common.errors import (
     FailedPrecondition,
@@ -28,9 +24,15 @@ from p2pchat_common.errors import (
 from p2pchat_common.validation import normalize_address, normalize_username, validate_password
 from p2pchat_directory import repository as repo
 from p2pchat_directory.ca import CertificateAuthority, IssuedCertificate
+from p2pchat_directory.certificates import (
+    FIRST_LAYOUT_CERTIFICATE_TTL,
+    CertificateState,
+    record_certificate,
+    reserved_usernames,
+)
 from p2pchat_directory.config import Settings
 from p2pchat_directory.db import Databases
-from p2pchat_directory.models import Contact, IssuedCertificateRow, User, UserSession
+from p2pchat_directory.models import Contact, User, UserSession
 from p2pchat_directory.passwords import DUMMY_HASH, hash_password, verify_password
 from p2pchat_directory.throttle import login_refusal
 
@@ -38,9 +40,6 @@ log = logging.getLogger(__name__)
 
 TOKEN_MAX = 256
 MAX_STATUS_QUERIES = 256
-# Records of expired certificates are kept this long (a certificate past its expiry is refused
-# by TLS anyway; the record only turns "unknown" into "revoked").
-FORGET_CERTIFICATES_AFTER = timedelta(days=1)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _BAD_LOGIN = "wrong username or password"
 
@@ -121,60 +120,6 @@ class HeartbeatResult:
     server_time: datetime
 
 
-# Names that read as the system's own, refused at registration (a second line of defence: no
-# user certificate can pass as the directory's whatever its name, see ca.py).
-RESERVED_USERNAMES = frozenset(
-    {
-        "abuse", "admin", "administrator", "daemon", "directory", "hostmaster", "localhost",
-        "mail", "nobody", "noreply", "no-reply", "operator", "p2pchat", "postmaster", "root",
-        "security", "server", "support", "system", "webmaster", "www",
-    }
-)  # fmt: skip
-
-
-def reserved_usernames(settings: Settings) -> frozenset[str]:
-    """RESERVED_USERNAMES and every name this directory is served under (its host name and
-    --tls-name values, and their first labels)."""
-    names = {socket.gethostname(), *settings.tls_names, settings.listen.rpartition(":")[0]}
-    labels = {n.strip("[]").lower() for n in names} | {
-        n.strip("[]").lower().split(".")[0] for n in names
-    }
-    return RESERVED_USERNAMES | {n for n in labels if n}
-
-
-class CertificateState(enum.Enum):
-    GOOD = "good"
-    REVOKED = "revoked"
-    UNKNOWN = "unknown"
-
-
-def _record_certificate(
-    s: Session, user: User, issued: IssuedCertificate, session_hash: str, now: datetime
-) -> None:
-    """Makes `issued` the user's current certificate. One device per user today: a certificate
-    for another key means the user moved to a new agent, so the old key's are revoked."""
-    revoked = repo.revoke_certificates(
-        s, now, username=user.username, other_than_key=issued.public_key_sha256
-    )
-    if revoked:
-        log.warning("user %s has a new key: revoked %d old certificate(s)", user.username, revoked)
-    repo.forget_certificates(s, user.username, now - FORGET_CERTIFICATES_AFTER)
-    repo.add_certificate(
-        s,
-        IssuedCertificateRow(
-            sha256=issued.sha256,
-            username=user.username,
-            device=issued.device,
-            public_key_sha256=issued.public_key_sha256,
-            session_hash=session_hash,
-            issued_at=now,
-            expires_at=issued.expires_at,
-        ),
-    )
-    user.certificate_pem = issued.pem
-    user.public_key_sha256 = issued.public_key_sha256
-
-
 class DirectoryService:
     def __init__(
         self,
@@ -188,6 +133,22 @@ class DirectoryService:
         self._ca = ca
         self._now = clock
         self._reserved = reserved_usernames(settings)
+
+    def warn_of_lookalikes(self) -> None:
+        """After an upgrade from the first layout (one CA for users and the directory): names
+        the accounts called like a name this directory is served under. A certificate the old
+        CA issued to one of them still chains to the root until it expires, and could pose as
+        the directory where that name is dialled."""
+        with self._dbs.users() as s:
+            found = repo.existing_usernames(s, self._reserved)
+        if found:
+            log.warning(
+                "accounts named like this directory exist: %s. Certificates issued to them "
+                "before this upgrade could pose as the directory until they expire (%s after "
+                "they were issued at most); remove these accounts if you did not expect them",
+                ", ".join(sorted(found)),
+                FIRST_LAYOUT_CERTIFICATE_TTL,
+            )
 
     # -- accounts and sessions ---------------------------------------------------------------
 
@@ -256,10 +217,16 @@ class DirectoryService:
             user.last_seen = now
             user.online_until = now + settings.presence_ttl
             if issued is not None:
-                _record_certificate(s, user, issued, _token_hash(token), now)
+                record_certificate(s, user, issued, _token_hash(token), now)
         log.info("user %s logged in", name)
         return LoginResult(
-            name, token, expires, issued, self._ca.users_cert_pem, self._ca.cert_pem, self._now()
+            name,
+            token,
+            expires,
+            issued,
+            self._ca.users_cert_pem,
+            self.directory_ca_pem,
+            self._now(),
         )
 
     def authenticate(self, token: str) -> str:
@@ -303,7 +270,7 @@ class DirectoryService:
             user = repo.get_user(s, name)
             if user is None:
                 raise Unauthenticated("user no longer exists")
-            _record_certificate(s, user, issued, _token_hash(token), self._now())
+            record_certificate(s, user, issued, _token_hash(token), self._now())
         return issued
 
     def certificate_status(self, token: str, sha256s: Sequence[str]) -> list[CertificateState]:
@@ -334,7 +301,9 @@ class DirectoryService:
 
     @property
     def directory_ca_pem(self) -> bytes:
-        return self._ca.cert_pem
+        """The root this channel's certificate chains to; empty when it is not ours."""
+        served_by_us = self._settings.tls_cert is None and not self._settings.insecure
+        return self._ca.cert_pem if served_by_us else b""
 
     # -- contacts ------------------------------------------------------------------------------
 

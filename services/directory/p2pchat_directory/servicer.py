@@ -18,7 +18,8 @@ import grpc
 
 from p2pchat.v1 import common_pb2, directory_pb2, directory_pb2_grpc
 from p2pchat_common.timestamps import to_timestamp
-from p2pchat_directory.service import CertificateState, ContactView, DirectoryService
+from p2pchat_directory.certificates import CertificateState
+from p2pchat_directory.service import ContactView, DirectoryService
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -158,9 +158,9 @@ class LoginResponse(_message.Message):
     ca_certificate_pem: _builtins.bytes
     """PEM certificate of the users CA: the trust root for agent links (peer certificates)."""
     directory_ca_pem: _builtins.bytes
-    """PEM certificate of the directory root: the one trust root for this channel. A client
-    configured with an older root (before the directory separated its identity) uses this
-    from now on.
+    """PEM certificate of the directory root, the trust root of this channel (it signs nothing
+    but the directory's own certificate); empty when the directory serves a certificate of the
+    operator's (--tls-cert) or no TLS.
     """
     @_builtins.property
     def session_expires_at(self) -> _timestamp_pb2.Timestamp: ...

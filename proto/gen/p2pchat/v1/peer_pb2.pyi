@@ -57,25 +57,39 @@ Global___Frame: _TypeAlias = Frame  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
-    """First frame on each side of a link."""
+    """First frame on each side of a link. The dialling side sends a fresh random `nonce`; the
+    answering side's Hello carries `signature`, made with the private key of the certificate it
+    presented, over "p2pchat link v2", the dialler's and its own username and that nonce (each
+    followed by a NUL byte; see p2pchat_agent/handshake.py). So the dialler verifies the key of
+    the very connection it uses, not only of an earlier probe. Either side refuses a Hello of
+    another protocol version with FAILED_PRECONDITION naming both versions.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     USERNAME_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """The username the sending agent acts for (must match its certificate)."""
     protocol_version: _builtins.int
-    """Highest protocol version the sender speaks; this contract is version 1."""
+    """The protocol version the sender speaks; this contract is version 2."""
+    nonce: _builtins.bytes
+    """Dialler: 32 random bytes, new for every link."""
+    signature: _builtins.bytes
+    """Answerer: the signature described above (ECDSA with SHA-256 for EC keys, DER-encoded)."""
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         protocol_version: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "protocol_version", b"protocol_version", "signature", b"signature", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

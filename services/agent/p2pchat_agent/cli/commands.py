@@ -63,7 +63,8 @@ async def _logged_in_user(conn: AgentConnection) -> str:
 
 
 def _print_json(value: object) -> None:
-    print(json.dumps(value, ensure_ascii=False, indent=2))
+    # ASCII only: every control, bidi or other unusual character arrives as a \u escape.
+    print(json.dumps(value, ensure_ascii=True, indent=2))
 
 
 async def cmd_menu(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
