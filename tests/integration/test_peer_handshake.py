@@ -69,7 +69,7 @@ def test_a_peer_that_cannot_prove_the_checked_key_on_the_link_gets_nothing(
     wait_until(lambda: impostor.dials >= 2)  # the first attempt is over: it was refused
     assert list(alice.status().linked_peers) == []
     active = agent.server.agent.active
-    assert active is not None and active.store.get_pin("bob") is None  # nothing pinned
+    assert active is not None and active.store.sync.get_pin("bob") is None  # nothing pinned
     history = alice.history("bob")
     assert [m.status for m in history] == [apb.MESSAGE_STATUS_PENDING]
 

@@ -15,7 +15,7 @@ import pytest
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import peer_pb2 as ppb
 from p2pchat.v1 import peer_pb2_grpc
-from p2pchat_agent.link import FRAME_BODY_BYTES, MAX_FRAME_ACKS, MAX_FRAME_MESSAGES
+from p2pchat_agent.direct import FRAME_BODY_BYTES, MAX_FRAME_ACKS, MAX_FRAME_MESSAGES
 from p2pchat_common.timestamps import to_timestamp
 from p2pchat_common.tls import user_dns_name
 from tests.integration.test_agent_security import (

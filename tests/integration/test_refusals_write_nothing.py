@@ -46,7 +46,7 @@ def test_refused_logins_leave_no_file_behind(
 def _store(agent: InProcessAgent) -> MessageStore:
     active = agent.server.agent.active
     assert active is not None
-    return active.store
+    return active.store.sync
 
 
 @pytest.mark.parametrize(

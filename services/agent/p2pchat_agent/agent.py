@@ -1,21 +1,21 @@
 """The agent's use cases: session lifecycle, contacts, sending, history, key trust.
 
-One `Agent` per daemon. Blocking work (SQLite, key files) runs in a small thread pool; the
-directory is reached through DirectoryClient; peers through LinkManager.
+One `Agent` per daemon. The message store (AgentStore) runs its own threads; other blocking
+work (key files, CSRs) runs in a thread too; the directory is reached through DirectoryClient;
+peers through LinkManager.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from p2pchat.v1 import common_pb2, directory_pb2
+from p2pchat_agent.agent_store import AgentStore
 from p2pchat_agent.clock import ClockWatch
 from p2pchat_agent.config import Settings
 from p2pchat_agent.delivery import Delivery
@@ -27,7 +27,6 @@ from p2pchat_agent.outbox import Outbox
 from p2pchat_agent.peer import LinkManager
 from p2pchat_agent.revocation import RevocationChecker
 from p2pchat_agent.store import (
-    MessageStore,
     OutgoingMessage,
     Status,
     StoredMessage,
@@ -46,15 +45,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 HISTORY_MAX = 1000
-CHECKPOINT_INTERVAL = 1.0  # seconds
-INDEX_INTERVAL = 0.5  # seconds between rounds of full-text indexing
-# The indexer waits for a lull: while messages are committed it skips rounds (a flood of
-# deliveries goes first), but never lets the index fall more than INDEX_MAX_LAG seconds behind.
-INDEX_IDLE = 0.25
-INDEX_MAX_LAG = 5.0
-# Messages indexed per write: ~2.5 ms of the writer thread, so commits on the delivery path never
-# wait behind the indexer for longer than that.
-INDEX_BATCH = 256
 
 
 @dataclass
@@ -63,7 +53,7 @@ class Active:
 
     session: StoredSession
     identity: Identity
-    store: MessageStore
+    store: AgentStore
     links: LinkManager
     outbox: Outbox
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -81,26 +71,13 @@ class Agent:
         self.events = EventHub()
         self.active: Active | None = None
         self.peer_port = 0  # the bound peer port, set by the server
-        self._executor = ThreadPoolExecutor(4, thread_name_prefix="agent-read")
-        # All writes to <username>.db go through one thread: SQLite has one writer anyway, and
-        # queueing here is cheaper than its busy-wait between competing connections.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="agent-write")
-        self._last_write = 0.0  # loop time of the latest write other than indexing
-        self._last_index = 0.0  # loop time of the latest write of the indexer
         self._lock = asyncio.Lock()
         self._contacts: set[str] = set()
         self.clock = ClockWatch()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs blocking work (reads, files) in a thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
-
-    async def writing(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs a database write in the single writer thread."""
-        loop = asyncio.get_running_loop()
-        self._last_write = loop.time()
-        return await loop.run_in_executor(self._writer, functools.partial(fn, *args))
+        """Runs blocking work other than the store's (key files, CSRs) in a thread."""
+        return await asyncio.to_thread(fn, *args)
 
     @property
     def address(self) -> str:
@@ -185,30 +162,25 @@ class Agent:
 
     async def _activate(self, session: StoredSession, identity: Identity) -> None:
         db_path = self.settings.data_dir / f"{session.username}.db"
-        store = await self.writing(MessageStore.open, db_path)
-        delivery = Delivery(
-            store, self.events, self.settings.body_limit, self.blocking, self.writing
-        )
+        store = await AgentStore.open(db_path)
+        delivery = Delivery(store, self.events)
         links = LinkManager(
             self.identity,
             store,
             delivery,
             self.directory,
             self.events,
-            self.blocking,
-            self.writing,
             self.settings.retry_max,
             RevocationChecker(self.directory, self.settings.revocation_interval),
+            self.settings.body_limit,
         )
-        outbox = Outbox(store, self.writing, self._stored)
+        outbox = Outbox(store, self._stored)
         self.active = Active(session, identity, store, links, outbox)
         outbox.start()
         self._contacts.clear()
         loop = asyncio.get_running_loop()
         self.active.tasks.append(loop.create_task(self._heartbeats(), name="heartbeats"))
-        self.active.tasks.append(loop.create_task(self._checkpoints(store), name="checkpoints"))
-        self.active.tasks.append(loop.create_task(self._indexing(store), name="indexing"))
-        for peer in await self.blocking(store.peers_with_pending):
+        for peer in await store.peers_with_pending():
             links.ensure_dialer(peer)
 
     async def _deactivate(self) -> None:
@@ -223,7 +195,7 @@ class Agent:
                 task.cancel()
         await active.outbox.close()
         await active.links.close()
-        await self.writing(active.store.close)
+        await active.store.close()
 
     async def logout(self) -> None:
         async with self._lock:
@@ -264,51 +236,6 @@ class Agent:
                     active.username, active.session.token, active.session.directory, expires
                 )
 
-    async def _checkpoints(self, store: MessageStore) -> None:
-        """Background WAL checkpoints, off the commit path (see schema.AUTOCHECKPOINT_PAGES);
-        a round with nothing written since the last one is skipped."""
-        loop = asyncio.get_running_loop()
-        checkpointed_at = loop.time()
-        while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL)
-            if max(self._last_write, self._last_index) < checkpointed_at:
-                continue
-            checkpointed_at = loop.time()
-            try:
-                await self.blocking(store.checkpoint)
-            except Exception:  # a busy database: the next round will do
-                log.debug("checkpoint skipped", exc_info=True)
-
-    async def _indexing(self, store: MessageStore) -> None:
-        """Background full-text indexing of new messages, off the commit path (schema v2), in
-        the lulls between commits (at least every INDEX_MAX_LAG seconds); a round with nothing
-        written since the last one is skipped."""
-        loop = asyncio.get_running_loop()
-        indexed_at = -INDEX_MAX_LAG  # the first round indexes what an earlier run left behind
-        while True:
-            await asyncio.sleep(INDEX_INTERVAL)
-            now = loop.time()
-            if self._last_write < indexed_at:
-                continue
-            if now - self._last_write < INDEX_IDLE and now - indexed_at < INDEX_MAX_LAG:
-                continue
-            try:
-                await self._index_all(store)
-                indexed_at = now
-            except Exception:  # a busy database: the next round will do
-                log.debug("indexing skipped", exc_info=True)
-
-    async def _index_all(self, store: MessageStore) -> None:
-        """Indexes every message committed so far, one bounded batch per write, so that
-        deliveries queued for the writer meanwhile go in between."""
-        loop = asyncio.get_running_loop()
-        while True:
-            done = await loop.run_in_executor(self._writer, store.index_pending, INDEX_BATCH)
-            if done:
-                self._last_index = loop.time()
-            if done < INDEX_BATCH:
-                return
-
     async def _renew_certificate_if_due(self) -> None:
         active = self.active
         if active is None:
@@ -337,8 +264,6 @@ class Agent:
         async with self._lock:
             await self._deactivate()
         await self.directory.close()
-        self._executor.shutdown(wait=True)
-        self._writer.shutdown(wait=True)
 
     # -- contacts -------------------------------------------------------------------------------
 
@@ -375,10 +300,10 @@ class Agent:
     async def trust_peer_key(self, username: str) -> str:
         active = self._require_active()
         peer = normalize_username(username)
-        pin = await self.blocking(active.store.get_pin, peer)
+        pin = await active.store.get_pin(peer)
         if pin is None or not pin.presented_sha256:
             raise FailedPrecondition(f"no key change recorded for {peer}: nothing to trust")
-        await self.writing(active.store.pin, peer, pin.presented_sha256, datetime.now(UTC))
+        await active.store.pin(peer, pin.presented_sha256, datetime.now(UTC))
         log.warning("user trusted %s's new key %s", peer, pin.presented_sha256[:16])
         active.links.ensure_dialer(peer)
         return pin.presented_sha256
@@ -453,12 +378,8 @@ class Agent:
             raise InvalidArgument(f"limit must be 0-{HISTORY_MAX} (0 means 50)")
         if len(query) > 1000:
             raise InvalidArgument("search text is too long (at most 1000 characters)")
-        if query.strip():  # a search sees every message committed before it
-            await self._index_all(active.store)
-        try:
-            return await self.blocking(
-                active.store.history, peer, limit or 50, before_id or None, query or None, False
-            )
+        try:  # a search sees every message committed before it (the store sees to that)
+            return await active.store.history(peer, limit or 50, before_id or None, query or None)
         except UnknownMessageError:
             raise  # NOT_FOUND: a well-formed id with no message in this conversation
         except (KeyError, ValueError) as exc:

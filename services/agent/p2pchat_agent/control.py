@@ -138,8 +138,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             response.logged_in = True
             response.username = active.username
             response.session_expires_at.CopyFrom(to_timestamp(active.session.expires_at))
-            response.pending_messages = await agent.blocking(active.store.count_pending)
-            response.linked_peers.extend(sorted(active.links.links))
+            response.pending_messages = await active.store.count_pending()
+            response.linked_peers.extend(active.links.linked_peers)
         return response
 
     async def ListContacts(

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
-from p2pchat_agent.store import MessageStore, OutgoingMessage, StoredMessage
+from p2pchat_agent.agent_store import AgentStore
+from p2pchat_agent.store import OutgoingMessage, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +21,10 @@ log = logging.getLogger(__name__)
 class Outbox:
     def __init__(
         self,
-        store: MessageStore,
-        write: Callable[..., Awaitable[Any]],
+        store: AgentStore,
         on_stored: Callable[[list[StoredMessage]], None],
     ) -> None:
         self._store = store
-        self._write = write
         self._on_stored = on_stored
         self._waiting: list[tuple[OutgoingMessage, asyncio.Future[StoredMessage]]] = []
         self._wake = asyncio.Event()
@@ -53,9 +51,7 @@ class Outbox:
             if not batch:
                 continue
             try:
-                stored: list[StoredMessage] = await self._write(
-                    self._store.add_outgoing_many, [m for m, _ in batch]
-                )
+                stored = await self._store.add_outgoing_many([m for m, _ in batch])
             except Exception as exc:  # nothing of the batch was stored: each sender hears why
                 for _, future in batch:
                     if not future.done():

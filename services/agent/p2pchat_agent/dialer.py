@@ -1,0 +1,92 @@
+"""Dialling with backoff: while messages are pending for a peer without a link, one task per peer
+looks its address up (the last known one when the directory is down) and tries to link,
+waiting 0.5 s doubling up to `retry_max` (with jitter) between attempts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from p2pchat_agent.directory_client import DirectoryClient
+from p2pchat_common.errors import DomainError, FailedPrecondition, Unavailable
+from p2pchat_common.validation import shown
+
+log = logging.getLogger(__name__)
+
+FIRST_DELAY = 0.5
+
+
+class Dialer:
+    def __init__(
+        self,
+        directory: DirectoryClient,
+        retry_max: float,
+        has_pending: Callable[[str], Awaitable[bool]],
+        is_linked: Callable[[str], bool],
+        connect: Callable[[str, str], Awaitable[None]],
+    ) -> None:
+        """`connect(peer, address)` links and runs until the link ends."""
+        self._directory = directory
+        self._retry_max = retry_max
+        self._has_pending = has_pending
+        self._is_linked = is_linked
+        self._connect = connect
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._addresses: dict[str, str] = {}  # last known address per peer
+        self._closing = False
+
+    def ensure(self, peer: str) -> None:
+        """Starts dialling `peer` unless a dialler runs already (it ends at once when nothing
+        is pending or a link is open)."""
+        if self._closing or peer in self._tasks:
+            return
+        task = asyncio.get_running_loop().create_task(self._loop(peer), name=f"dial-{peer}")
+        self._tasks[peer] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(peer, None))
+
+    def remember_address(self, peer: str, address: str) -> None:
+        if address:
+            self._addresses[peer] = address
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _address_of(self, peer: str) -> str:
+        try:
+            found = await self._directory.lookup(peer)
+        except Unavailable:
+            if peer in self._addresses:
+                return self._addresses[peer]
+            raise
+        self.remember_address(peer, found.contact.address)
+        if not found.contact.address:
+            raise FailedPrecondition(f"{peer} has no known address yet")
+        return found.contact.address
+
+    async def _loop(self, peer: str) -> None:
+        delay = FIRST_DELAY
+        while not self._closing and not self._is_linked(peer):
+            if not await self._has_pending(peer):
+                return
+            try:
+                await self._connect(peer, await self._address_of(peer))
+                delay = FIRST_DELAY
+                continue
+            except asyncio.CancelledError:
+                raise
+            except (DomainError, grpc.RpcError, OSError, ssl.SSLError) as exc:
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else None
+                reason = shown(detail or str(exc), 200, quoted=False)
+                log.info("cannot reach %s (%s); retrying in %.1f s", peer, reason, delay)
+            except Exception:
+                log.exception("unexpected error while linking with %s", peer)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self._retry_max)
