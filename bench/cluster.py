@@ -24,7 +24,6 @@ import grpc
 
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import agent_pb2_grpc, directory_pb2_grpc
-from p2pchat.v1 import directory_pb2 as dpb
 
 T = TypeVar("T")
 PASSWORD = "bench horse battery staple"
@@ -242,13 +241,14 @@ class SyncControl:
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
 
     def register(self, name: str) -> None:
-        self.stub.Register(dpb.RegisterRequest(username=name, password=PASSWORD), timeout=30)
+        request = apb.AgentRegisterRequest(username=name, password=PASSWORD)
+        self.stub.Register(request, timeout=30)
 
     def login(self, name: str) -> None:
         self.stub.Login(apb.AgentLoginRequest(username=name, password=PASSWORD), timeout=30)
 
     def add_contact(self, name: str) -> None:
-        self.stub.AddContact(dpb.AddContactRequest(username=name), timeout=30)
+        self.stub.AddContact(apb.AgentAddContactRequest(username=name), timeout=30)
 
     def send(self, peer: str, body: str, wait: float | None = None) -> apb.ChatMessage:
         request = apb.SendRequest(peer=peer, body=body)

@@ -106,7 +106,7 @@ def test_register_login_and_contacts_through_the_cli_and_the_grpc_apis(
     login_cli(d, "alice")
     login_cli(d, "bob")
     carol = d.agent_stub("carol")
-    carol.Register(dpb.RegisterRequest(username="carol", password=PASSWORD), timeout=30)
+    carol.Register(apb.AgentRegisterRequest(username="carol", password=PASSWORD), timeout=30)
     login = carol.Login(apb.AgentLoginRequest(username="carol", password=PASSWORD), timeout=30)
     assert login.address == "carol:50052"
 
@@ -115,12 +115,12 @@ def test_register_login_and_contacts_through_the_cli_and_the_grpc_apis(
     d.cli("bob", "add-contact", "alice")
     d.cli("bob", "add-contact", "carol")
     for peer in ("alice", "bob"):
-        carol.AddContact(dpb.AddContactRequest(username=peer), timeout=30)
+        carol.AddContact(apb.AgentAddContactRequest(username=peer), timeout=30)
 
     contacts = {c["username"]: c for c in d.cli_json("alice", "contacts")}
     assert set(contacts) == {"bob", "carol"}
     assert contacts["bob"]["address"] == "bob:50052" and contacts["bob"]["online"] is True
-    listed = carol.ListContacts(dpb.ListContactsRequest(), timeout=30).contacts
+    listed = carol.ListContacts(apb.AgentListContactsRequest(), timeout=30).contacts
     assert sorted((c.username, c.address, c.online) for c in listed) == [
         ("alice", "alice:50052", True),
         ("bob", "bob:50052", True),

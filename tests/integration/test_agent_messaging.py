@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 from p2pchat.v1 import agent_pb2 as apb
-from p2pchat.v1 import directory_pb2 as dpb
 from tests.support.agent import AgentClient, InProcessAgent, logged_in, wait_until
 
 
@@ -130,7 +129,7 @@ def test_logged_out_agent_refuses_user_calls(make_agent: Callable[[str], InProce
     client.login("alice")
     status = client.status()
     assert status.logged_in and status.username == "alice" and status.directory_reachable
-    client.stub.Logout(dpb.LogoutRequest())
+    client.logout()
     assert not client.status().logged_in
 
 

@@ -157,7 +157,7 @@ def test_logging_out_an_agent_stops_links_to_it_and_its_peers_deliver_after_it_r
 ) -> None:
     alice, bob = logged_in(lambda n: make_agent(n, revocation_interval=0.3), "alice", "bob")
     assert alice.send("bob", "before", wait=10).status != 0
-    bob.stub.Logout(dpb.LogoutRequest())
+    bob.logout()
     wait_until(lambda: list(alice.status().linked_peers) == [])
     alice.send("bob", "while bob is logged out")
     time.sleep(1.0)  # alice retries: bob's port no longer presents his certificate

@@ -16,7 +16,6 @@ import pytest
 
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import agent_pb2_grpc, common_pb2
-from p2pchat.v1 import directory_pb2 as dpb
 from p2pchat_agent.cli.render import CONTINUATION
 from p2pchat_common.timestamps import to_timestamp
 from tests.support.agent import InProcessAgent, logged_in, wait_until
@@ -61,16 +60,16 @@ class HostileAgent(agent_pb2_grpc.AgentServiceServicer):
         )
 
     async def ListContacts(
-        self, request: dpb.ListContactsRequest, context: Context
-    ) -> dpb.ListContactsResponse:
+        self, request: apb.AgentListContactsRequest, context: Context
+    ) -> apb.AgentListContactsResponse:
         contact = common_pb2.Contact(username=EVIL_NAME, address=EVIL_ADDRESS, online=True)
-        return dpb.ListContactsResponse(contacts=[contact])
+        return apb.AgentListContactsResponse(contacts=[contact])
 
     async def AddContact(
-        self, request: dpb.AddContactRequest, context: Context
-    ) -> dpb.AddContactResponse:
+        self, request: apb.AgentAddContactRequest, context: Context
+    ) -> apb.AgentAddContactResponse:
         contact = common_pb2.Contact(username=EVIL_NAME, address=EVIL_ADDRESS)
-        return dpb.AddContactResponse(contact=contact)
+        return apb.AgentAddContactResponse(contact=contact)
 
     async def History(self, request: apb.HistoryRequest, context: Context) -> apb.HistoryResponse:
         if request.peer == "refuse":

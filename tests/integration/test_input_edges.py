@@ -219,9 +219,9 @@ def test_add_contact_through_the_agent_refuses_control_characters(
     make_agent: Callable[[str], InProcessAgent], username: str, address: str, fragment: str
 ) -> None:
     alice, _carol = logged_in(make_agent, "alice", "carol", befriend=False)
-    request = dpb.AddContactRequest(username=username, address=address)
+    request = apb.AgentAddContactRequest(username=username, address=address)
     refused(alice.stub.AddContact, request, fragment)
-    assert list(alice.stub.ListContacts(dpb.ListContactsRequest()).contacts) == []
+    assert alice.contacts() == []
 
 
 def test_register_and_login_through_the_agent_refuse_control_characters(
@@ -230,7 +230,7 @@ def test_register_and_login_through_the_agent_refuse_control_characters(
     alice = make_agent("alice").client()
     refused(
         alice.stub.Register,
-        dpb.RegisterRequest(username="alice", password=PASSWORD, address="\x1b:1"),
+        apb.AgentRegisterRequest(username="alice", password=PASSWORD, address="\x1b:1"),
         "address must not contain control characters",
     )
     refused(

@@ -12,8 +12,7 @@ from typing import TypeVar
 import grpc
 
 from p2pchat.v1 import agent_pb2 as apb
-from p2pchat.v1 import agent_pb2_grpc
-from p2pchat.v1 import directory_pb2 as dpb
+from p2pchat.v1 import agent_pb2_grpc, common_pb2
 from p2pchat_agent.config import MAX_CONTROL_MESSAGE, Settings
 from p2pchat_agent.server import AgentServer, create_agent
 from tests.support.directory import PASSWORD
@@ -47,13 +46,20 @@ class AgentClient:
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
 
     def register(self, name: str, password: str = PASSWORD) -> str:
-        return self.stub.Register(dpb.RegisterRequest(username=name, password=password)).username
+        request = apb.AgentRegisterRequest(username=name, password=password)
+        return self.stub.Register(request).username
 
     def login(self, name: str, password: str = PASSWORD) -> apb.AgentLoginResponse:
         return self.stub.Login(apb.AgentLoginRequest(username=name, password=password))
 
+    def logout(self) -> None:
+        self.stub.Logout(apb.AgentLogoutRequest())
+
     def add_contact(self, name: str, address: str = "") -> None:
-        self.stub.AddContact(dpb.AddContactRequest(username=name, address=address))
+        self.stub.AddContact(apb.AgentAddContactRequest(username=name, address=address))
+
+    def contacts(self) -> list[common_pb2.Contact]:
+        return list(self.stub.ListContacts(apb.AgentListContactsRequest()).contacts)
 
     def send(self, peer: str, body: str, wait: float | None = None) -> apb.ChatMessage:
         request = apb.SendRequest(peer=peer, body=body)

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from p2pchat.v1 import agent_pb2 as pb
-from p2pchat.v1 import agent_pb2_grpc, directory_pb2
+from p2pchat.v1 import agent_pb2_grpc
 from p2pchat_agent.agent import Agent
 from p2pchat_agent.events import DeliveryEvent, Event, InputEnded, Item, MessageEvent, Notice
 from p2pchat_agent.ids import valid_message_id
@@ -99,10 +99,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._agent = agent
 
     async def Register(
-        self, request: directory_pb2.RegisterRequest, context: Context
-    ) -> directory_pb2.RegisterResponse:
+        self, request: pb.AgentRegisterRequest, context: Context
+    ) -> pb.AgentRegisterResponse:
         name = await self._agent.register(request.username, request.password, request.address)
-        return directory_pb2.RegisterResponse(username=name)
+        return pb.AgentRegisterResponse(username=name)
 
     async def Login(self, request: pb.AgentLoginRequest, context: Context) -> pb.AgentLoginResponse:
         active = await self._agent.login(request.username, request.password)
@@ -114,10 +114,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
     async def Logout(
-        self, request: directory_pb2.LogoutRequest, context: Context
-    ) -> directory_pb2.LogoutResponse:
+        self, request: pb.AgentLogoutRequest, context: Context
+    ) -> pb.AgentLogoutResponse:
         await self._agent.logout()
-        return directory_pb2.LogoutResponse()
+        return pb.AgentLogoutResponse()
 
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
         agent = self._agent
@@ -143,21 +143,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return response
 
     async def ListContacts(
-        self, request: directory_pb2.ListContactsRequest, context: Context
-    ) -> directory_pb2.ListContactsResponse:
-        return directory_pb2.ListContactsResponse(contacts=await self._agent.list_contacts())
+        self, request: pb.AgentListContactsRequest, context: Context
+    ) -> pb.AgentListContactsResponse:
+        return pb.AgentListContactsResponse(contacts=await self._agent.list_contacts())
 
     async def AddContact(
-        self, request: directory_pb2.AddContactRequest, context: Context
-    ) -> directory_pb2.AddContactResponse:
+        self, request: pb.AgentAddContactRequest, context: Context
+    ) -> pb.AgentAddContactResponse:
         contact = await self._agent.add_contact(request.username, request.address)
-        return directory_pb2.AddContactResponse(contact=contact)
+        return pb.AgentAddContactResponse(contact=contact)
 
     async def RemoveContact(
-        self, request: directory_pb2.RemoveContactRequest, context: Context
-    ) -> directory_pb2.RemoveContactResponse:
+        self, request: pb.AgentRemoveContactRequest, context: Context
+    ) -> pb.AgentRemoveContactResponse:
         await self._agent.remove_contact(request.username)
-        return directory_pb2.RemoveContactResponse()
+        return pb.AgentRemoveContactResponse()
 
     async def TrustPeerKey(
         self, request: pb.TrustPeerKeyRequest, context: Context

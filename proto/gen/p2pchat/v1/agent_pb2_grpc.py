@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from p2pchat.v1 import agent_pb2 as p2pchat_dot_v1_dot_agent__pb2
-from p2pchat.v1 import directory_pb2 as p2pchat_dot_v1_dot_directory__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -37,8 +36,8 @@ class AgentServiceStub:
         """
         self.Register = channel.unary_unary(
                 '/p2pchat.v1.AgentService/Register',
-                request_serializer=p2pchat_dot_v1_dot_directory__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.RegisterResponse.FromString,
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentRegisterRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentRegisterResponse.FromString,
                 _registered_method=True)
         self.Login = channel.unary_unary(
                 '/p2pchat.v1.AgentService/Login',
@@ -47,8 +46,8 @@ class AgentServiceStub:
                 _registered_method=True)
         self.Logout = channel.unary_unary(
                 '/p2pchat.v1.AgentService/Logout',
-                request_serializer=p2pchat_dot_v1_dot_directory__pb2.LogoutRequest.SerializeToString,
-                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.LogoutResponse.FromString,
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentLogoutRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentLogoutResponse.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/p2pchat.v1.AgentService/Status',
@@ -57,18 +56,18 @@ class AgentServiceStub:
                 _registered_method=True)
         self.ListContacts = channel.unary_unary(
                 '/p2pchat.v1.AgentService/ListContacts',
-                request_serializer=p2pchat_dot_v1_dot_directory__pb2.ListContactsRequest.SerializeToString,
-                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.ListContactsResponse.FromString,
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentListContactsRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentListContactsResponse.FromString,
                 _registered_method=True)
         self.AddContact = channel.unary_unary(
                 '/p2pchat.v1.AgentService/AddContact',
-                request_serializer=p2pchat_dot_v1_dot_directory__pb2.AddContactRequest.SerializeToString,
-                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.AddContactResponse.FromString,
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentAddContactRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentAddContactResponse.FromString,
                 _registered_method=True)
         self.RemoveContact = channel.unary_unary(
                 '/p2pchat.v1.AgentService/RemoveContact',
-                request_serializer=p2pchat_dot_v1_dot_directory__pb2.RemoveContactRequest.SerializeToString,
-                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.RemoveContactResponse.FromString,
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentRemoveContactRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentRemoveContactResponse.FromString,
                 _registered_method=True)
         self.TrustPeerKey = channel.unary_unary(
                 '/p2pchat.v1.AgentService/TrustPeerKey',
@@ -101,7 +100,9 @@ class AgentServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
-        """Registers a user at the directory; an empty address means this agent's advertised address.
+        """Registers a new user at the directory (it does not log in: Login next). An empty address
+        registers this agent's advertised address. ALREADY_EXISTS for a taken name
+        (case-insensitive); INVALID_ARGUMENT for a bad username, password or address.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,7 +116,10 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Logs out: revokes the session (and its certificate) at the directory, closes the peer links,
+        stops the heartbeats and forgets the stored session. An unreachable directory or an ended
+        session does not stop it (the agent logs out locally). FAILED_PRECONDITION when logged out.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -127,19 +131,26 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListContacts(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The user's contacts, as the directory knows them (address, presence).
+        FAILED_PRECONDITION when logged out; UNAUTHENTICATED when the directory ended the session.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AddContact(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Adds a contact, optionally with a pinned address. NOT_FOUND for no such user; ALREADY_EXISTS
+        when already a contact; INVALID_ARGUMENT for yourself or a bad address; FAILED_PRECONDITION
+        when logged out.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveContact(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes a contact; sending to them gives FAILED_PRECONDITION from then on (the history with
+        them stays). NOT_FOUND when the user is not a contact; FAILED_PRECONDITION when logged out.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -186,8 +197,8 @@ def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.RegisterRequest.FromString,
-                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.RegisterResponse.SerializeToString,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentRegisterRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentRegisterResponse.SerializeToString,
             ),
             'Login': grpc.unary_unary_rpc_method_handler(
                     servicer.Login,
@@ -196,8 +207,8 @@ def add_AgentServiceServicer_to_server(servicer, server):
             ),
             'Logout': grpc.unary_unary_rpc_method_handler(
                     servicer.Logout,
-                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.LogoutRequest.FromString,
-                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.LogoutResponse.SerializeToString,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentLogoutRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentLogoutResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -206,18 +217,18 @@ def add_AgentServiceServicer_to_server(servicer, server):
             ),
             'ListContacts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListContacts,
-                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.ListContactsRequest.FromString,
-                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.ListContactsResponse.SerializeToString,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentListContactsRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentListContactsResponse.SerializeToString,
             ),
             'AddContact': grpc.unary_unary_rpc_method_handler(
                     servicer.AddContact,
-                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.AddContactRequest.FromString,
-                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.AddContactResponse.SerializeToString,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentAddContactRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentAddContactResponse.SerializeToString,
             ),
             'RemoveContact': grpc.unary_unary_rpc_method_handler(
                     servicer.RemoveContact,
-                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.RemoveContactRequest.FromString,
-                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.RemoveContactResponse.SerializeToString,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentRemoveContactRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentRemoveContactResponse.SerializeToString,
             ),
             'TrustPeerKey': grpc.unary_unary_rpc_method_handler(
                     servicer.TrustPeerKey,
@@ -270,8 +281,8 @@ class AgentService:
             request,
             target,
             '/p2pchat.v1.AgentService/Register',
-            p2pchat_dot_v1_dot_directory__pb2.RegisterRequest.SerializeToString,
-            p2pchat_dot_v1_dot_directory__pb2.RegisterResponse.FromString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentRegisterRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentRegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -324,8 +335,8 @@ class AgentService:
             request,
             target,
             '/p2pchat.v1.AgentService/Logout',
-            p2pchat_dot_v1_dot_directory__pb2.LogoutRequest.SerializeToString,
-            p2pchat_dot_v1_dot_directory__pb2.LogoutResponse.FromString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentLogoutRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentLogoutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -378,8 +389,8 @@ class AgentService:
             request,
             target,
             '/p2pchat.v1.AgentService/ListContacts',
-            p2pchat_dot_v1_dot_directory__pb2.ListContactsRequest.SerializeToString,
-            p2pchat_dot_v1_dot_directory__pb2.ListContactsResponse.FromString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentListContactsRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentListContactsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -405,8 +416,8 @@ class AgentService:
             request,
             target,
             '/p2pchat.v1.AgentService/AddContact',
-            p2pchat_dot_v1_dot_directory__pb2.AddContactRequest.SerializeToString,
-            p2pchat_dot_v1_dot_directory__pb2.AddContactResponse.FromString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentAddContactRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentAddContactResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -432,8 +443,8 @@ class AgentService:
             request,
             target,
             '/p2pchat.v1.AgentService/RemoveContact',
-            p2pchat_dot_v1_dot_directory__pb2.RemoveContactRequest.SerializeToString,
-            p2pchat_dot_v1_dot_directory__pb2.RemoveContactResponse.FromString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentRemoveContactRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentRemoveContactResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,7 +10,6 @@ import grpc
 
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import agent_pb2_grpc, common_pb2
-from p2pchat.v1 import directory_pb2 as dpb
 from p2pchat_agent.cli.render import safe
 from p2pchat_agent.config import MAX_CONTROL_MESSAGE
 
@@ -70,7 +69,7 @@ class AgentConnection:
         return await self._call(self.stub.Status(apb.StatusRequest(), timeout=CALL_TIMEOUT))
 
     async def register(self, username: str, password: str, address: str) -> str:
-        request = dpb.RegisterRequest(username=username, password=password, address=address)
+        request = apb.AgentRegisterRequest(username=username, password=password, address=address)
         response = await self._call(self.stub.Register(request, timeout=CALL_TIMEOUT))
         return response.username
 
@@ -79,20 +78,20 @@ class AgentConnection:
         return await self._call(self.stub.Login(request, timeout=CALL_TIMEOUT))
 
     async def logout(self) -> None:
-        await self._call(self.stub.Logout(dpb.LogoutRequest(), timeout=CALL_TIMEOUT))
+        await self._call(self.stub.Logout(apb.AgentLogoutRequest(), timeout=CALL_TIMEOUT))
 
     async def contacts(self) -> list[common_pb2.Contact]:
         response = await self._call(
-            self.stub.ListContacts(dpb.ListContactsRequest(), timeout=CALL_TIMEOUT)
+            self.stub.ListContacts(apb.AgentListContactsRequest(), timeout=CALL_TIMEOUT)
         )
         return list(response.contacts)
 
     async def add_contact(self, username: str, address: str) -> common_pb2.Contact:
-        request = dpb.AddContactRequest(username=username, address=address)
+        request = apb.AgentAddContactRequest(username=username, address=address)
         return (await self._call(self.stub.AddContact(request, timeout=CALL_TIMEOUT))).contact
 
     async def remove_contact(self, username: str) -> None:
-        request = dpb.RemoveContactRequest(username=username)
+        request = apb.AgentRemoveContactRequest(username=username)
         await self._call(self.stub.RemoveContact(request, timeout=CALL_TIMEOUT))
 
     async def trust(self, username: str) -> str:
