@@ -65,12 +65,13 @@ class Active:
 
 
 class Agent:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, peer_port: int = 0) -> None:
+        """`peer_port`: the port other agents reach, as bound (for --peer-listen port 0)."""
         self.settings = settings
         self.directory = DirectoryClient(settings)
         self.events = EventHub()
         self.active: Active | None = None
-        self.peer_port = 0  # the bound peer port, set by the server
+        self.peer_port = peer_port
         self._lock = asyncio.Lock()
         self._contacts: set[str] = set()
         self.clock = ClockWatch()
@@ -95,6 +96,14 @@ class Agent:
 
     def identity(self) -> Identity:
         return self._require_active().identity
+
+    def current_identity(self) -> Identity | None:
+        """The logged-in user's identity, or None: what the peer port presents."""
+        return None if self.active is None else self.active.identity
+
+    def current_links(self) -> LinkManager | None:
+        """The logged-in user's links, or None: where inbound links go."""
+        return None if self.active is None else self.active.links
 
     # -- session lifecycle ----------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,13 +9,14 @@ import grpc
 
 from p2pchat.v1 import agent_pb2 as pb
 from p2pchat.v1 import agent_pb2_grpc
+from p2pchat_agent import chat
 from p2pchat_agent.agent import Agent
-from p2pchat_agent.events import DeliveryEvent, Event, InputEnded, Item, MessageEvent, Notice
+from p2pchat_agent.events import DeliveryEvent, Event, MessageEvent, Notice
 from p2pchat_agent.ids import valid_message_id
+from p2pchat_agent.status import status
 from p2pchat_agent.store import StoredMessage
-from p2pchat_common.errors import DomainError, InvalidArgument
+from p2pchat_common.errors import InvalidArgument
 from p2pchat_common.timestamps import to_timestamp
-from p2pchat_common.validation import normalize_username
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -90,10 +90,6 @@ def chat_events(event: Event) -> list[pb.ChatEvent]:
     ]
 
 
-def event_peer(event: Event) -> str:
-    return event.message.peer if isinstance(event, MessageEvent) else event.peer
-
-
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
@@ -120,26 +116,22 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return pb.AgentLogoutResponse()
 
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:
-        agent = self._agent
-        reachable = agent.directory.reachable
-        if reachable is None:  # no call made yet: ask now rather than guess
-            reachable = await agent.directory.probe()
+        found = await status(self._agent)
         response = pb.StatusResponse(
-            directory=agent.directory.address,
-            directory_reachable=reachable,
-            address=agent.address,
+            directory=found.directory,
+            directory_reachable=found.directory_reachable,
+            address=found.address,
+            warnings=found.warnings,
         )
-        if agent.clock.offset is not None:
-            response.clock_offset.FromTimedelta(agent.clock.offset)
-        if agent.clock.warning is not None:
-            response.warnings.append(agent.clock.warning)
-        active = agent.active
-        if active is not None:
+        if found.clock_offset is not None:
+            response.clock_offset.FromTimedelta(found.clock_offset)
+        if found.username is not None:
             response.logged_in = True
-            response.username = active.username
-            response.session_expires_at.CopyFrom(to_timestamp(active.session.expires_at))
-            response.pending_messages = await active.store.count_pending()
-            response.linked_peers.extend(active.links.linked_peers)
+            response.username = found.username
+            if found.session_expires_at is not None:
+                response.session_expires_at.CopyFrom(to_timestamp(found.session_expires_at))
+            response.pending_messages = found.pending_messages
+            response.linked_peers.extend(found.linked_peers)
         return response
 
     async def ListContacts(
@@ -186,91 +178,33 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Chat(
         self, request_iterator: AsyncIterator[pb.ChatInput], context: Context
     ) -> AsyncIterator[pb.ChatEvent]:
-        agent = self._agent
         try:
             first = await anext(request_iterator)
         except StopAsyncIteration:
             return
         if first.WhichOneof("kind") != "open":
             raise InvalidArgument("a chat starts with ChatOpen(peer)")
-        peer = normalize_username(first.open.peer)
-        await agent.require_contact(peer)
+
+        async def texts() -> AsyncIterator[str]:
+            async for item in request_iterator:
+                if item.WhichOneof("kind") == "text":
+                    yield item.text.body
+
         limit = first.open.history_limit or 50
-
-        with agent.events.subscribe(lambda e: event_peer(e) == peer) as sub:
-
-            def stored(future: asyncio.Future[StoredMessage]) -> None:
-                exc = None if future.cancelled() else future.exception()
-                if exc is not None:
-                    refused(exc)
-
-            def refused(exc: BaseException) -> None:
-                code = exc.code.name if isinstance(exc, DomainError) else "INTERNAL"
-                sub.put(Notice(code, str(exc)))
-
-            async def read_inputs() -> None:
-                # Texts are queued in order without waiting for each commit: a fast typist (or a
-                # script) is limited by group commit, not by one transaction per message.
-                submitted: set[asyncio.Future[StoredMessage]] = set()
-                async for item in request_iterator:
-                    if item.WhichOneof("kind") != "text":
-                        continue
-                    try:
-                        future = agent.submit(peer, item.text.body)
-                    except DomainError as exc:
-                        refused(exc)
-                        continue
-                    future.add_done_callback(stored)
-                    submitted.add(future)
-                    future.add_done_callback(submitted.discard)
-                # The CLI closed its side: the chat ends once what it sent is committed (or
-                # refused, with its notice shown first).
-                await asyncio.gather(*submitted, return_exceptions=True)
-
-            def input_ended(task: asyncio.Task[None]) -> None:
-                sub.put(InputEnded(None if task.cancelled() else task.exception()))
-
-            history, _ = await agent.history(peer, limit)
-            shown = {m.id for m in history}
-            for m in history:
-                yield pb.ChatEvent(message=chat_message(m))
-            yield pb.ChatEvent(history_end=pb.HistoryEnd())
-            reader = asyncio.create_task(read_inputs())
-            reader.add_done_callback(input_ended)
-            try:
-                # One queue holds the live events, this chat's notices and the end of its
-                # input, in order: one wait per burst, no task per event.
-                while True:
-                    item: Item | None = await sub.get()
-                    while item is not None:
-                        if isinstance(item, InputEnded):
-                            if item.error is not None:
-                                raise item.error
-                            return  # the CLI closed its side: end the chat
-                        if isinstance(item, Notice):
-                            notice = pb.Notice(code=item.code, message=item.message)
-                            yield pb.ChatEvent(notice=notice)
-                        elif not (isinstance(item, MessageEvent) and item.message.id in shown):
-                            for event in chat_events(item):
-                                yield event
-                        item = sub.get_nowait()
-            finally:
-                reader.cancel()
+        async for item in chat.chat(self._agent, first.open.peer, limit, texts()):
+            if isinstance(item, chat.Past):
+                yield pb.ChatEvent(message=chat_message(item.message))
+            elif isinstance(item, chat.PastEnd):
+                yield pb.ChatEvent(history_end=pb.HistoryEnd())
+            elif isinstance(item, Notice):
+                yield pb.ChatEvent(notice=pb.Notice(code=item.code, message=item.message))
+            else:
+                for event in chat_events(item):
+                    yield event
 
     async def Serve(
         self, request: pb.ServeRequest, context: Context
     ) -> AsyncIterator[pb.ChatEvent]:
-        agent = self._agent
-        agent.identity()  # FAILED_PRECONDITION when logged out
-
-        def wanted(event: Event) -> bool:
-            if isinstance(event, MessageEvent):
-                return event.message.direction == "in"
-            return True
-
-        with agent.events.subscribe(wanted) as sub:
-            while True:
-                item = await sub.get()
-                assert not isinstance(item, Notice | InputEnded)  # only Chat puts those
-                for event in chat_events(item):
-                    yield event
+        async for item in chat.serve(self._agent):
+            for event in chat_events(item):
+                yield event

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from p2pchat_agent.config import MAX_CONTROL_MESSAGE, Settings
 from p2pchat_agent.control import AgentServicer
 from p2pchat_agent.control_socket import ControlSocket
 from p2pchat_agent.identity import Identity
-from p2pchat_agent.peer import CHANNEL_OPTIONS, PeerServicer
+from p2pchat_agent.peer import CHANNEL_OPTIONS, LinkManager, PeerServicer
 from p2pchat_common.errors import add_service
 from p2pchat_common.files import private_dir
 from p2pchat_common.serving import (
@@ -49,13 +50,12 @@ def _placeholder_config() -> grpc.ServerCertificateConfiguration:
 class _PeerCredentials:
     """Serves the current identity's certificate; grpc asks before each new handshake."""
 
-    def __init__(self, agent: Agent) -> None:
-        self._agent = agent
+    def __init__(self, identity: Callable[[], Identity | None]) -> None:
+        self._identity = identity
         self._served: Identity | None = None
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        active = self._agent.active
-        identity = active.identity if active is not None else None
+        identity = self._identity()
         if identity is self._served:
             return None
         self._served = identity
@@ -101,7 +101,15 @@ async def create_agent(settings: Settings) -> AgentServer:
     unix_socket = ControlSocket(socket_path) if socket_path is not None else None
     if unix_socket is not None:
         await asyncio.to_thread(unix_socket.claim)
-    agent = Agent(settings)
+
+    # The peer port is bound before the agent exists (the agent is told its port): the servicer
+    # and the credentials ask the agent, once it exists, for its current links and identity.
+    def links() -> LinkManager | None:
+        return agent.current_links()
+
+    def identity() -> Identity | None:
+        return agent.current_identity()
+
     peer = grpc.aio.server(
         options=[
             *CHANNEL_OPTIONS,
@@ -111,12 +119,13 @@ async def create_agent(settings: Settings) -> AgentServer:
     add_service(
         peer,
         peer_pb2_grpc.add_PeerServiceServicer_to_server,
-        PeerServicer(lambda: agent.active.links if agent.active else None),
-        check_strings=False,  # delivery.Delivery checks each frame's fields itself
+        PeerServicer(links),
+        check_strings=False,  # direct.DirectLink checks each frame's fields itself
     )
     peer_health = add_health_and_reflection(peer, PEER_SERVICE)
-    peer_port = bind(peer, settings.peer_listen, _PeerCredentials(agent).credentials(), "peer port")
-    agent.peer_port = peer_port
+    credentials = _PeerCredentials(identity).credentials()
+    peer_port = bind(peer, settings.peer_listen, credentials, "peer port")
+    agent = Agent(settings, peer_port)
 
     control = grpc.aio.server(
         options=[

@@ -1,0 +1,40 @@
+"""`p2pchat status`: what the agent says of itself, as a value (control.py translates it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from p2pchat_agent.agent import Agent
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    directory: str
+    directory_reachable: bool
+    address: str  # where other agents dial this one
+    clock_offset: timedelta | None  # the directory's clock minus ours, once measured
+    warnings: list[str] = field(default_factory=list)
+    username: str | None = None  # None: logged out
+    session_expires_at: datetime | None = None
+    pending_messages: int = 0
+    linked_peers: list[str] = field(default_factory=list)
+
+
+async def status(agent: Agent) -> AgentStatus:
+    reachable = agent.directory.reachable
+    if reachable is None:  # no call made yet: ask now rather than guess
+        reachable = await agent.directory.probe()
+    warning = agent.clock.warning
+    active = agent.active
+    return AgentStatus(
+        directory=agent.directory.address,
+        directory_reachable=reachable,
+        address=agent.address,
+        clock_offset=agent.clock.offset,
+        warnings=[] if warning is None else [warning],
+        username=None if active is None else active.username,
+        session_expires_at=None if active is None else active.session.expires_at,
+        pending_messages=0 if active is None else await active.store.count_pending(),
+        linked_peers=[] if active is None else active.links.linked_peers,
+    )
