@@ -9,6 +9,7 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 FIRST_DELAY = 0.5
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where to dial a peer, and the key the directory says is its current one ("" when the
+    directory could not be asked and the last known address is used)."""
+
+    address: str
+    key_sha256: str
+
+
 class Dialer:
     def __init__(
         self,
@@ -28,9 +38,9 @@ class Dialer:
         retry_max: float,
         has_pending: Callable[[str], Awaitable[bool]],
         is_linked: Callable[[str], bool],
-        connect: Callable[[str, str], Awaitable[None]],
+        connect: Callable[[str, Target], Awaitable[None]],
     ) -> None:
-        """`connect(peer, address)` links and runs until the link ends."""
+        """`connect(peer, target)` links and runs until the link ends."""
         self._directory = directory
         self._retry_max = retry_max
         self._has_pending = has_pending
@@ -59,17 +69,17 @@ class Dialer:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
-    async def _address_of(self, peer: str) -> str:
+    async def _target_of(self, peer: str) -> Target:
         try:
             found = await self._directory.lookup(peer)
         except Unavailable:
             if peer in self._addresses:
-                return self._addresses[peer]
+                return Target(self._addresses[peer], "")
             raise
         self.remember_address(peer, found.contact.address)
         if not found.contact.address:
             raise FailedPrecondition(f"{peer} has no known address yet")
-        return found.contact.address
+        return Target(found.contact.address, found.public_key_sha256)
 
     async def _loop(self, peer: str) -> None:
         delay = FIRST_DELAY
@@ -77,7 +87,7 @@ class Dialer:
             if not await self._has_pending(peer):
                 return
             try:
-                await self._connect(peer, await self._address_of(peer))
+                await self._connect(peer, await self._target_of(peer))
                 delay = FIRST_DELAY
                 continue
             except asyncio.CancelledError:

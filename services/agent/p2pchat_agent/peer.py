@@ -37,7 +37,7 @@ from p2pchat.v1 import peer_pb2 as pb
 from p2pchat.v1 import peer_pb2_grpc
 from p2pchat_agent.agent_store import AgentStore
 from p2pchat_agent.delivery import Delivery
-from p2pchat_agent.dialer import Dialer
+from p2pchat_agent.dialer import Dialer, Target
 from p2pchat_agent.direct import MAX_PEER_MESSAGE, DirectLink
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import EventHub
@@ -239,10 +239,16 @@ class LinkManager:
 
     # -- dialling -------------------------------------------------------------------------------
 
-    async def _dial_once(self, peer: str, address: str) -> None:
-        """Links with `peer` at `address` and runs delivery until the link ends."""
+    async def _dial_once(self, peer: str, target: Target) -> None:
+        """Links with `peer` at `target` and runs delivery until the link ends."""
         identity = self._identity()
+        address = target.address
         cert = await asyncio.to_thread(probe_peer_certificate, address, peer, identity, 5.0)
+        if target.key_sha256 and target.key_sha256 != public_key_sha256(cert):
+            raise Unauthenticated(
+                f"the agent at {address} presents a key for {peer} other than the one the "
+                "directory knows as current"
+            )
         cert_sha = certificate_sha256(cert)
         await self._revocation.require_good(peer, cert_sha)
         creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)

@@ -459,7 +459,8 @@ class LookupResponse(_message.Message):
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     public_key_sha256: _builtins.str
     """Lower-case hex SHA-256 of the DER SubjectPublicKeyInfo of the user's current certificate;
-    empty when the user never logged in with a key.
+    empty when the user never logged in with a key. A dialling agent refuses a peer that
+    presents another key than this one (a stale or stolen certificate of the same user).
     """
     certificate_pem: _builtins.bytes
     """The user's current certificate (PEM); empty when none."""
