@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from p2pchat_agent.agent_store import AgentStore
+from p2pchat_agent.agent_store import AgentStore, StoreTiming
 from p2pchat_agent.ids import new_message_id
 from p2pchat_agent.store import IncomingMessage, MessageStore, OutgoingMessage, StoredMessage
 
@@ -78,10 +78,8 @@ class Calls:
 
 
 async def open_store(path: Path, **intervals: Any) -> AgentStore:
-    return await AgentStore.open(
-        path,
-        **{"checkpoint_interval": NEVER, "index_interval": NEVER, **intervals},
-    )
+    timing = {"checkpoint_interval": NEVER, "index_interval": NEVER, **intervals}
+    return await AgentStore.open(path, StoreTiming(**timing))
 
 
 def test_concurrent_writes_run_one_at_a_time_on_one_thread_and_reads_on_readers(

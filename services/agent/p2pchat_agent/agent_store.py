@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple
@@ -42,32 +43,31 @@ INDEX_MAX_LAG = 5.0
 INDEX_BATCH = 256
 
 
+@dataclass(frozen=True)
+class StoreTiming:
+    """How many readers, and the pace of the background work (tests make it faster)."""
+
+    readers: int = READERS
+    checkpoint_interval: float = CHECKPOINT_INTERVAL
+    index_interval: float = INDEX_INTERVAL
+    index_idle: float = INDEX_IDLE
+    index_max_lag: float = INDEX_MAX_LAG
+    index_batch: int = INDEX_BATCH
+
+
 class AgentStore:
     """One user's `<username>.db` for async callers. Bound to the event loop that opened it."""
 
     def __init__(
-        self,
-        store: MessageStore,
-        writer: ThreadPoolExecutor,
-        *,
-        readers: int = READERS,
-        checkpoint_interval: float = CHECKPOINT_INTERVAL,
-        index_interval: float = INDEX_INTERVAL,
-        index_idle: float = INDEX_IDLE,
-        index_max_lag: float = INDEX_MAX_LAG,
-        index_batch: int = INDEX_BATCH,
+        self, store: MessageStore, writer: ThreadPoolExecutor, timing: StoreTiming = StoreTiming()
     ) -> None:
         """Use `open`; `store` is open and `writer` the one thread it was opened in."""
         self._sync = store
         # All writes to <username>.db go through one thread: SQLite has one writer anyway, and
         # queueing here is cheaper than its busy-wait between competing connections.
         self._writer = writer
-        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="agent-read")
-        self._checkpoint_interval = checkpoint_interval
-        self._index_interval = index_interval
-        self._index_idle = index_idle
-        self._index_max_lag = index_max_lag
-        self._index_batch = index_batch
+        self._readers = ThreadPoolExecutor(timing.readers, thread_name_prefix="agent-read")
+        self._timing = timing
         self._loop = asyncio.get_running_loop()
         self._last_write = self._loop.time()  # loop time of the latest write other than indexing
         self._last_index = 0.0  # loop time of the latest write of the indexer
@@ -75,17 +75,7 @@ class AgentStore:
         self._closed = False
 
     @classmethod
-    async def open(
-        cls,
-        path: Path,
-        *,
-        readers: int = READERS,
-        checkpoint_interval: float = CHECKPOINT_INTERVAL,
-        index_interval: float = INDEX_INTERVAL,
-        index_idle: float = INDEX_IDLE,
-        index_max_lag: float = INDEX_MAX_LAG,
-        index_batch: int = INDEX_BATCH,
-    ) -> AgentStore:
+    async def open(cls, path: Path, timing: StoreTiming = StoreTiming()) -> AgentStore:
         """Opens (creating or migrating, see MessageStore.open) the database in the writer
         thread and starts the background checkpoints and indexing."""
         writer = ThreadPoolExecutor(1, thread_name_prefix="agent-write")
@@ -96,16 +86,7 @@ class AgentStore:
         except BaseException:
             writer.shutdown(wait=False)
             raise
-        opened = cls(
-            store,
-            writer,
-            readers=readers,
-            checkpoint_interval=checkpoint_interval,
-            index_interval=index_interval,
-            index_idle=index_idle,
-            index_max_lag=index_max_lag,
-            index_batch=index_batch,
-        )
+        opened = cls(store, writer, timing)
         opened._start()
         return opened
 
@@ -217,7 +198,7 @@ class AgentStore:
         loop = self._loop
         checkpointed_at = loop.time()
         while True:
-            await asyncio.sleep(self._checkpoint_interval)
+            await asyncio.sleep(self._timing.checkpoint_interval)
             if max(self._last_write, self._last_index) < checkpointed_at:
                 continue
             checkpointed_at = loop.time()
@@ -230,14 +211,15 @@ class AgentStore:
         """Background full-text indexing of new messages, off the commit path (schema v2), in
         the lulls between commits (at least every index_max_lag seconds); a round with nothing
         written since the last one is skipped."""
-        loop = self._loop
-        indexed_at = -self._index_max_lag  # the first round indexes what an earlier run left
+        loop, timing = self._loop, self._timing
+        indexed_at = -timing.index_max_lag  # the first round indexes what an earlier run left
         while True:
-            await asyncio.sleep(self._index_interval)
+            await asyncio.sleep(timing.index_interval)
             now = loop.time()
             if self._last_write < indexed_at:
                 continue
-            if now - self._last_write < self._index_idle and now - indexed_at < self._index_max_lag:
+            busy = now - self._last_write < timing.index_idle
+            if busy and now - indexed_at < timing.index_max_lag:
                 continue
             try:
                 await self._index_all()
@@ -248,7 +230,7 @@ class AgentStore:
     async def _index_all(self) -> None:
         """Indexes every message committed so far, one bounded batch per write, so that
         deliveries queued for the writer meanwhile go in between."""
-        loop, batch = self._loop, self._index_batch
+        loop, batch = self._loop, self._timing.index_batch
         while True:
             if self._closed:
                 raise RuntimeError("the message store is closed")
