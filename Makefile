@@ -56,6 +56,9 @@ test: $(STAMP) ## Run every test with line coverage of services/, fail under 90 
 test-unit: $(STAMP) ## Unit tests only (fast)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
+test-integration: $(STAMP) ## Process-level integration tests only (real servers on loopback)
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
 check: check-proto lint test ## Everything CI checks: generated code, lint, tests
 
 images: $(if $(filter 1,$(OFFLINE)),$(STAMP)) ## Build the images; OFFLINE=1: local Debian base + host wheels, no registry
