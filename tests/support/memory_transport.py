@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from p2pchat_agent.store import IncomingMessage, StoredMessage
+from p2pchat_agent.messages import IncomingMessage, StoredMessage
 from p2pchat_agent.transport import AcksReceived, MessagesReceived, Received
 from p2pchat_common.errors import Unavailable
 

@@ -15,18 +15,18 @@ import pytest
 
 from p2pchat_agent import schema as schema_module
 from p2pchat_agent.ids import new_message_id
-from p2pchat_agent.schema import COLUMNS
-from p2pchat_agent.store import (
+from p2pchat_agent.messages import (
     Direction,
     DuplicateMessageError,
     IncomingMessage,
-    MessageStore,
     OutgoingMessage,
     Status,
     StoredMessage,
     UnknownMessageError,
     UnknownPeerKeyError,
 )
+from p2pchat_agent.schema import COLUMNS
+from p2pchat_agent.store import MessageStore
 from p2pchat_common.errors import AlreadyExists, NotFound
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)

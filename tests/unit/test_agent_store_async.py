@@ -17,7 +17,8 @@ import pytest
 
 from p2pchat_agent.agent_store import AgentStore, StoreTiming
 from p2pchat_agent.ids import new_message_id
-from p2pchat_agent.store import IncomingMessage, MessageStore, OutgoingMessage, StoredMessage
+from p2pchat_agent.messages import IncomingMessage, OutgoingMessage, StoredMessage
+from p2pchat_agent.store import MessageStore
 
 T = TypeVar("T")
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

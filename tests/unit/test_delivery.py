@@ -14,7 +14,7 @@ from typing import cast
 from p2pchat_agent.agent_store import AgentStore
 from p2pchat_agent.delivery import Delivery, Outflow
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
-from p2pchat_agent.store import IncomingMessage, OutgoingMessage, Status, StoredMessage
+from p2pchat_agent.messages import IncomingMessage, OutgoingMessage, Status, StoredMessage
 from p2pchat_agent.transport import AcksReceived, MessagesReceived
 from p2pchat_common.errors import Unavailable
 from tests.support.memory_transport import MemoryTransport, memory_pair

@@ -11,7 +11,7 @@ import pytest
 
 from p2pchat.v1 import peer_pb2 as ppb
 from p2pchat_agent.direct import FRAME_BODY_BYTES, MAX_FRAME_ACKS, MAX_FRAME_MESSAGES, DirectLink
-from p2pchat_agent.store import Direction, Status, StoredMessage
+from p2pchat_agent.messages import Direction, Status, StoredMessage
 from p2pchat_agent.transport import BATCH, AcksReceived, MessagesReceived, Received, batches
 from p2pchat_common.errors import InvalidArgument, PermissionDenied, TooLarge
 from p2pchat_common.timestamps import to_timestamp

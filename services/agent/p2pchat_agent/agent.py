@@ -23,15 +23,10 @@ from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
 from p2pchat_agent.identity import Identity, StoredSession, load_or_make_key, make_csr, save_key
 from p2pchat_agent.ids import new_message_id
+from p2pchat_agent.messages import OutgoingMessage, Status, StoredMessage, UnknownMessageError
 from p2pchat_agent.outbox import Outbox
 from p2pchat_agent.peer import LinkManager
 from p2pchat_agent.revocation import RevocationChecker
-from p2pchat_agent.store import (
-    OutgoingMessage,
-    Status,
-    StoredMessage,
-    UnknownMessageError,
-)
 from p2pchat_common.errors import (
     FailedPrecondition,
     InvalidArgument,

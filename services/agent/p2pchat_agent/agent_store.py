@@ -17,14 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
-from p2pchat_agent.store import (
-    IncomingMessage,
-    MessageStore,
-    OutgoingMessage,
-    PeerKey,
-    StoredMessage,
-    fts_query,
-)
+from p2pchat_agent.messages import IncomingMessage, OutgoingMessage, PeerKey, StoredMessage
+from p2pchat_agent.store import MessageStore, fts_query
 
 log = logging.getLogger(__name__)
 

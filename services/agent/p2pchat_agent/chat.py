@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from p2pchat_agent.agent import Agent
 from p2pchat_agent.events import Event, InputEnded, Item, MessageEvent, Notice
-from p2pchat_agent.store import StoredMessage
+from p2pchat_agent.messages import StoredMessage
 from p2pchat_common.errors import DomainError
 from p2pchat_common.validation import normalize_username
 

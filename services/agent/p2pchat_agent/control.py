@@ -13,8 +13,8 @@ from p2pchat_agent import chat
 from p2pchat_agent.agent import Agent
 from p2pchat_agent.events import DeliveryEvent, Event, MessageEvent, Notice
 from p2pchat_agent.ids import valid_message_id
+from p2pchat_agent.messages import StoredMessage
 from p2pchat_agent.status import status
-from p2pchat_agent.store import StoredMessage
 from p2pchat_common.errors import InvalidArgument
 from p2pchat_common.timestamps import to_timestamp
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from p2pchat_agent.agent_store import AgentStore
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
-from p2pchat_agent.store import IncomingMessage, StoredMessage
+from p2pchat_agent.messages import IncomingMessage, StoredMessage
 from p2pchat_agent.transport import BATCH, AcksReceived, MessagesReceived, Transport, batches
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat_agent.delivery import SEND_WINDOW
 from p2pchat_agent.ids import valid_message_id
-from p2pchat_agent.store import IncomingMessage, StoredMessage
+from p2pchat_agent.messages import IncomingMessage, StoredMessage
 from p2pchat_agent.transport import BATCH_BODY_BYTES, AcksReceived, MessagesReceived, Received
 from p2pchat_common.errors import InvalidArgument, PermissionDenied, TooLarge
 from p2pchat_common.text import BODY_CONTROL

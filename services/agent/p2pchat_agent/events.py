@@ -14,7 +14,7 @@ from datetime import datetime
 
 import grpc
 
-from p2pchat_agent.store import StoredMessage
+from p2pchat_agent.messages import StoredMessage
 from p2pchat_common.errors import DomainError
 
 log = logging.getLogger(__name__)

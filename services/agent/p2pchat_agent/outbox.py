@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from p2pchat_agent.agent_store import AgentStore
-from p2pchat_agent.store import OutgoingMessage, StoredMessage
+from p2pchat_agent.messages import OutgoingMessage, StoredMessage
 
 log = logging.getLogger(__name__)
 

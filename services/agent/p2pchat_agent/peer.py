@@ -48,10 +48,10 @@ from p2pchat_agent.handshake import (
     verify_answer,
 )
 from p2pchat_agent.identity import Identity, load_certificate
+from p2pchat_agent.messages import StoredMessage
 from p2pchat_agent.pins import KeyPins
 from p2pchat_agent.registry import LinkRegistry, OpenLink
 from p2pchat_agent.revocation import RevocationChecker
-from p2pchat_agent.store import StoredMessage
 from p2pchat_common.errors import (
     DomainError,
     FailedPrecondition,

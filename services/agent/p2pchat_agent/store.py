@@ -10,20 +10,43 @@ other (busy_timeout).
 
 from __future__ import annotations
 
-import functools
 import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from enum import StrEnum
+from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TypeVar
 
-from p2pchat_agent.ids import valid_message_id
+from p2pchat_agent.messages import (
+    Direction,
+    DuplicateMessageError,
+    IncomingMessage,
+    OutgoingMessage,
+    PeerKey,
+    Status,
+    StoredMessage,
+    UnknownMessageError,
+    UnknownPeerKeyError,
+)
 from p2pchat_agent.schema import connect, migrate, transaction
-from p2pchat_common.errors import AlreadyExists, DiskFull, NotFound
+from p2pchat_agent.store_rows import (
+    INSERT,
+    INSERT_NEW,
+    NO_SEQ_LIMIT,
+    ROWS_PER_INSERT,
+    SEARCH,
+    SELECT_COLUMNS,
+    aware,
+    check_id,
+    check_limit,
+    chunks,
+    duplicate,
+    flat_params,
+    from_tuple,
+    insert_rows,
+)
+from p2pchat_common.errors import DiskFull
 from p2pchat_common.files import private_dir, private_file
 from p2pchat_common.sqlite import ThreadConnections
 from p2pchat_common.timestamps import sqlite_text, sqlite_time
@@ -31,111 +54,6 @@ from p2pchat_common.validation import shown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_CHUNK = 500  # ids per IN (...) list, well under SQLite's bound-parameter limit
-
-
-class Direction(StrEnum):
-    OUT = "out"
-    IN = "in"
-
-
-class Status(StrEnum):
-    PENDING = "pending"  # outgoing, not yet acknowledged by the peer
-    DELIVERED = "delivered"  # outgoing, acknowledged
-    RECEIVED = "received"  # incoming
-
-
-class DuplicateMessageError(AlreadyExists, ValueError):
-    """A message with this id is already stored."""
-
-
-class _Missing(NotFound, KeyError):
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class UnknownMessageError(_Missing):
-    """No message with this id (in the conversation asked about)."""
-
-
-class UnknownPeerKeyError(_Missing):
-    """No key is pinned for this peer."""
-
-
-_NO_SEQ_LIMIT = 2**63 - 1
-_COLUMN_NAMES = (
-    "seq",
-    "id",
-    "peer",
-    "direction",
-    "sender",
-    "recipient",
-    "body",
-    "sent_at",
-    "received_at",
-    "delivered_at",
-    "status",
-)
-_SELECT_COLUMNS = ", ".join(_COLUMN_NAMES)
-# Driven by the full-text index (CROSS JOIN fixes the order in SQLite): FTS5 yields the hits newest
-# first, so the search stops after limit + 1 hits in this conversation. The other way round
-# (walking the conversation, matching each row) costs a full FTS5 query per row.
-_SEARCH = (
-    f"SELECT {', '.join('messages.' + c for c in _COLUMN_NAMES)} FROM messages_fts "
-    "CROSS JOIN messages ON messages.seq = messages_fts.rowid WHERE messages_fts MATCH ? "
-    "AND messages_fts.rowid < ? AND messages.peer = ? ORDER BY messages_fts.rowid DESC LIMIT ?"
-)
-_INSERT_COLUMNS = "id, peer, direction, sender, recipient, body, sent_at, received_at, status"
-_INSERT = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES "
-_INSERT_NEW = _INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO")
-_ROW_MARKS = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
-# Rows per INSERT statement: one statement for a batch costs far less than one per row, and
-# 100 x 9 parameters stay well under SQLite's limit.
-_ROWS_PER_INSERT = 100
-# Queries name 'pending' literally, not as a bound parameter, so that SQLite can pick the
-# partial index ix_messages_pending.
-
-
-class StoredMessage(NamedTuple):
-    """One message of `<username>.db`. A NamedTuple, not a frozen dataclass: thousands are
-    made per second on a busy link, and a tuple is made several times faster."""
-
-    id: str
-    peer: str  # the other party
-    direction: Direction
-    sender: str
-    recipient: str
-    body: str
-    sent_at: datetime
-    received_at: datetime | None
-    delivered_at: datetime | None
-    status: Status
-    seq: int = 0  # local order of creation or arrival; 0 until stored
-
-
-class OutgoingMessage(NamedTuple):  # NamedTuples: made for every message, several times faster
-    id: str
-    sender: str
-    recipient: str
-    body: str
-    sent_at: datetime
-
-
-class IncomingMessage(NamedTuple):
-    id: str
-    sender: str
-    recipient: str
-    body: str
-    sent_at: datetime
-
-
-@dataclass(frozen=True)
-class PeerKey:
-    sha256: str  # the pinned key
-    pinned_at: datetime
-    presented_sha256: str | None  # a different key seen since, not (yet) trusted
-    changed_at: datetime | None
 
 
 def fts_query(text: str | None, prefix: bool = True) -> str | None:
@@ -240,8 +158,8 @@ class MessageStore:
         A duplicate id raises DuplicateMessageError and stores none of them."""
         rows = []
         for m in messages:
-            _check_id(m.id)
-            sent_at = _aware(m.sent_at, "sent_at")
+            check_id(m.id)
+            sent_at = aware(m.sent_at, "sent_at")
             rows.append(
                 StoredMessage(
                     m.id,
@@ -260,12 +178,12 @@ class MessageStore:
             return []
         seqs: dict[str, int] = {}
         with self._cursor(write=True) as cur:
-            for chunk in _chunks(rows, _ROWS_PER_INSERT):
+            for chunk in chunks(rows, ROWS_PER_INSERT):
                 try:
-                    cur.execute(_insert_rows(len(chunk), _INSERT), _flat_params(chunk))
+                    cur.execute(insert_rows(len(chunk), INSERT), flat_params(chunk))
                 except sqlite3.IntegrityError:
                     raise DuplicateMessageError(
-                        f"message {_duplicate(cur, chunk)} already exists"
+                        f"message {duplicate(cur, chunk)} already exists"
                     ) from None
                 seqs.update((id, seq) for seq, id in cur.fetchall())
         return [row._replace(seq=seqs[row.id]) for row in rows]
@@ -275,26 +193,26 @@ class MessageStore:
     ) -> list[StoredMessage]:
         """Stores a batch of received messages in one transaction, skipping ids already stored
         (also repeats within the batch: the first one counts). Returns the new ones, in order."""
-        received_at = _aware(received_at, "received_at")
+        received_at = aware(received_at, "received_at")
         batch: dict[str, IncomingMessage] = {}
         for m in messages:
-            _check_id(m.id)
+            check_id(m.id)
             batch.setdefault(m.id, m)
         if not batch:
             return []
         rows = list(batch.values())
-        sent = [_aware(m.sent_at, "sent_at") for m in rows]
+        sent = [aware(m.sent_at, "sent_at") for m in rows]
         received = sqlite_text(received_at)
         seqs: dict[str, int] = {}
         with self._cursor(write=True) as cur:
-            for start in range(0, len(rows), _ROWS_PER_INSERT):
-                chunk = zip(rows[start : start + _ROWS_PER_INSERT], sent[start:], strict=False)
+            for start in range(0, len(rows), ROWS_PER_INSERT):
+                chunk = zip(rows[start : start + ROWS_PER_INSERT], sent[start:], strict=False)
                 params: list[object] = []
                 for m, at in chunk:
                     text = sqlite_text(at)
                     params += (m.id, m.sender, "in", m.sender, m.recipient, m.body, text, received)
                     params.append("received")
-                cur.execute(_insert_rows(len(params) // 9, _INSERT_NEW), params)
+                cur.execute(insert_rows(len(params) // 9, INSERT_NEW), params)
                 seqs.update((id, seq) for seq, id in cur.fetchall())
         in_, received_status = Direction.IN, Status.RECEIVED
         return [
@@ -319,10 +237,10 @@ class MessageStore:
         """Marks pending outgoing messages to `peer` delivered, in one transaction. Returns the
         ids of those that changed, in seq order; unknown ids, messages to anyone else and
         messages not pending are left alone (a peer acknowledges only what it was sent)."""
-        when = sqlite_text(_aware(delivered_at, "delivered_at"))
+        when = sqlite_text(aware(delivered_at, "delivered_at"))
         changed: list[tuple[int, str]] = []
         with self._cursor(write=True) as cur:
-            for chunk in _chunks(list(dict.fromkeys(ids))):
+            for chunk in chunks(list(dict.fromkeys(ids))):
                 marks = ",".join("?" * len(chunk))
                 cur.execute(
                     f"UPDATE messages SET status = 'delivered', delivered_at = ? WHERE id IN "
@@ -336,22 +254,22 @@ class MessageStore:
 
     def get(self, id: str) -> StoredMessage | None:
         with self._cursor(write=False) as cur:
-            cur.execute(f"SELECT {_SELECT_COLUMNS} FROM messages WHERE id = ?", (id,))
+            cur.execute(f"SELECT {SELECT_COLUMNS} FROM messages WHERE id = ?", (id,))
             row = cur.fetchone()
-            return None if row is None else _from_tuple(row)
+            return None if row is None else from_tuple(row)
 
     # -- the outbox -------------------------------------------------------------------------
 
     def pending_for(self, peer: str, after_seq: int = 0, limit: int = 500) -> list[StoredMessage]:
         """Outgoing messages to `peer` still pending, after `after_seq`, oldest first."""
-        _check_limit(limit)
+        check_limit(limit)
         with self._cursor(write=False) as cur:
             cur.execute(
-                f"SELECT {_SELECT_COLUMNS} FROM messages WHERE peer = ? AND status = 'pending' "
+                f"SELECT {SELECT_COLUMNS} FROM messages WHERE peer = ? AND status = 'pending' "
                 "AND seq > ? AND direction = 'out' ORDER BY seq LIMIT ?",
                 (peer, after_seq, limit),
             )
-            return list(map(_from_tuple, cur.fetchall()))
+            return list(map(from_tuple, cur.fetchall()))
 
     def peers_with_pending(self) -> list[str]:
         with self._cursor(write=False) as cur:
@@ -379,7 +297,7 @@ class MessageStore:
         Unknown `before_id` → UnknownMessageError. A search first indexes what is not yet in the
         full-text index: a write, which `catch_up=False` leaves to the caller (the agent does it
         in its writer thread just before, and reads in other threads)."""
-        _check_limit(limit)
+        check_limit(limit)
         searching = fts_query(query) is not None
         if searching and catch_up:
             with self._cursor(write=False) as cur:
@@ -387,7 +305,7 @@ class MessageStore:
             if behind:
                 self.index_pending()
         with self._cursor(write=False) as cur:
-            before = _NO_SEQ_LIMIT
+            before = NO_SEQ_LIMIT
             if before_id is not None:
                 cur.execute("SELECT seq FROM messages WHERE id = ? AND peer = ?", (before_id, peer))
                 found = cur.fetchone()
@@ -396,7 +314,7 @@ class MessageStore:
                 before = int(found[0])
             if not searching:
                 cur.execute(
-                    f"SELECT {_SELECT_COLUMNS} FROM messages WHERE peer = ? AND seq < ? "
+                    f"SELECT {SELECT_COLUMNS} FROM messages WHERE peer = ? AND seq < ? "
                     "ORDER BY seq DESC LIMIT ?",
                     (peer, before, limit + 1),
                 )
@@ -404,12 +322,12 @@ class MessageStore:
             else:
                 rows = []
                 for prefix in (False, True):  # exact words are far cheaper than prefixes
-                    cur.execute(_SEARCH, (fts_query(query, prefix), before, peer, limit + 1))
+                    cur.execute(SEARCH, (fts_query(query, prefix), before, peer, limit + 1))
                     rows = cur.fetchall()
                     if len(rows) > limit:
                         break
         has_more = len(rows) > limit
-        return [_from_tuple(r) for r in reversed(rows[:limit])], has_more
+        return [from_tuple(r) for r in reversed(rows[:limit])], has_more
 
     # -- pinned keys ------------------------------------------------------------------------
 
@@ -419,7 +337,7 @@ class MessageStore:
 
     def pin(self, peer: str, sha256: str, at: datetime) -> PeerKey:
         """Trusts `sha256` as the key of `peer` (first contact, or the user accepting a change)."""
-        when = sqlite_text(_aware(at, "at"))
+        when = sqlite_text(aware(at, "at"))
         with self._cursor(write=True) as cur:
             cur.execute(
                 "INSERT INTO peer_keys (peer, sha256, pinned_at, presented_sha256, changed_at) "
@@ -435,7 +353,7 @@ class MessageStore:
     def record_key_change(self, peer: str, presented_sha256: str, at: datetime) -> PeerKey:
         """Notes that `peer` presented a key other than the pinned one. The first time a given
         key was seen is kept. Raises UnknownPeerKeyError if nothing is pinned for `peer`."""
-        when = sqlite_text(_aware(at, "at"))
+        when = sqlite_text(aware(at, "at"))
         with self._cursor(write=True) as cur:
             cur.execute(
                 "UPDATE peer_keys SET presented_sha256 = ?, changed_at = ? "
@@ -459,97 +377,3 @@ def _get_pin(cur: sqlite3.Cursor, peer: str) -> PeerKey | None:
     pinned_at = sqlite_time(row[1])
     assert pinned_at is not None
     return PeerKey(row[0], pinned_at, row[2], sqlite_time(row[3]))
-
-
-def _aware(value: datetime, name: str) -> datetime:
-    if value.tzinfo is UTC:  # the usual case, and the cheapest test
-        return value
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be an aware datetime")
-    return value.astimezone(UTC)
-
-
-def _check_id(id: str) -> None:
-    if not valid_message_id(id):
-        raise ValueError(f"invalid message id: {shown(id)}")
-
-
-def _check_limit(limit: int) -> None:
-    if limit < 1:
-        raise ValueError(f"limit must be positive: {limit}")
-
-
-def _chunks(items: list[T], size: int = _CHUNK) -> Iterator[list[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-@functools.cache
-def _insert_rows(count: int, insert: str) -> str:
-    """`insert` for `count` rows, returning the seq and id of each row it inserts."""
-    return insert + ", ".join([_ROW_MARKS] * count) + " RETURNING seq, id"
-
-
-def _flat_params(rows: list[StoredMessage]) -> list[object]:
-    return [value for row in rows for value in _params(row)]
-
-
-def _duplicate(cur: sqlite3.Cursor, rows: list[StoredMessage]) -> str:
-    """The first id of `rows` (the chunk whose INSERT failed) that was stored before it or is
-    repeated in it."""
-    seen: set[str] = set()
-    for row in rows:
-        if row.id in seen:
-            return row.id
-        seen.add(row.id)
-        if cur.execute("SELECT 1 FROM messages WHERE id = ?", (row.id,)).fetchone():
-            return row.id
-    return "(unknown)"
-
-
-def _params(m: StoredMessage) -> tuple[object, ...]:
-    """The INSERT values of an outgoing message (the enums are str: sqlite3 stores their text)."""
-    return (
-        m.id,
-        m.peer,
-        m.direction,
-        m.sender,
-        m.recipient,
-        m.body,
-        sqlite_text(m.sent_at),
-        None,
-        m.status,
-    )
-
-
-_DIRECTIONS = {d.value: d for d in Direction}
-_STATUSES = {s.value: s for s in Status}
-
-
-def _from_tuple(row: tuple[Any, ...]) -> StoredMessage:
-    (
-        seq,
-        id,
-        peer,
-        direction,
-        sender,
-        recipient,
-        body,
-        sent_at,
-        received_at,
-        delivered_at,
-        status,
-    ) = row
-    return StoredMessage(  # positional: several times faster than keywords for a NamedTuple
-        id,
-        peer,
-        _DIRECTIONS[direction],
-        sender,
-        recipient,
-        body,
-        datetime.fromisoformat(sent_at + "+00:00"),
-        None if received_at is None else datetime.fromisoformat(received_at + "+00:00"),
-        None if delivered_at is None else datetime.fromisoformat(delivered_at + "+00:00"),
-        _STATUSES[status],
-        seq,
-    )

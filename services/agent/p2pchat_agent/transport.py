@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from p2pchat_agent.store import IncomingMessage, StoredMessage
+from p2pchat_agent.messages import IncomingMessage, StoredMessage
 
 # What Delivery hands a transport in one call at most: a batch of messages it can send as one
 # unit (the direct link makes it one frame; bodies are counted at 4 bytes a character, a bound).
