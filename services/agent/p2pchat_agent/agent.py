@@ -1,8 +1,10 @@
-"""The agent's use cases: session lifecycle, contacts, sending, history, key trust.
+"""The agent: what outlives a login (the directory client, the event hub, the clock) and the
+session lifecycle (register, log in, resume, heartbeats and certificate renewal, log out).
 
-One `Agent` per daemon. The message store (AgentStore) runs its own threads; other blocking
-work (key files, CSRs) runs in a thread too; the directory is reached through DirectoryClient;
-peers through LinkManager.
+One `Agent` per daemon. A login brings up a UserSession (session.py), the composition root of
+that user's store, links and outbox, where the use cases of a logged-in user live; the methods
+at the end of this class hand those calls to it. Blocking work of its own (key files, CSRs)
+runs in a thread.
 """
 
 from __future__ import annotations
@@ -10,23 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from p2pchat.v1 import common_pb2, directory_pb2
-from p2pchat_agent.agent_store import AgentStore
 from p2pchat_agent.clock import ClockWatch
 from p2pchat_agent.config import Settings
-from p2pchat_agent.delivery import Delivery
 from p2pchat_agent.directory_client import DirectoryClient
-from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
+from p2pchat_agent.events import EventHub
 from p2pchat_agent.identity import Identity, StoredSession, load_or_make_key, make_csr, save_key
-from p2pchat_agent.ids import new_message_id
-from p2pchat_agent.messages import OutgoingMessage, Status, StoredMessage, UnknownMessageError
-from p2pchat_agent.outbox import Outbox
+from p2pchat_agent.messages import StoredMessage
 from p2pchat_agent.peer import LinkManager
-from p2pchat_agent.revocation import RevocationChecker
+from p2pchat_agent.session import UserSession
 from p2pchat_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -34,29 +31,11 @@ from p2pchat_common.errors import (
     Unavailable,
 )
 from p2pchat_common.timestamps import from_timestamp
-from p2pchat_common.validation import normalize_username, utf8_size_over
+from p2pchat_common.validation import normalize_username
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-HISTORY_MAX = 1000
-
-
-@dataclass
-class Active:
-    """A logged-in user on this agent."""
-
-    session: StoredSession
-    identity: Identity
-    store: AgentStore
-    links: LinkManager
-    outbox: Outbox
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    renewed_for_format: bool = False
-
-    @property
-    def username(self) -> str:
-        return self.session.username
 
 
 class Agent:
@@ -65,10 +44,9 @@ class Agent:
         self.settings = settings
         self.directory = DirectoryClient(settings)
         self.events = EventHub()
-        self.active: Active | None = None
+        self.active: UserSession | None = None
         self.peer_port = peer_port
         self._lock = asyncio.Lock()
-        self._contacts: set[str] = set()
         self.clock = ClockWatch()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -84,7 +62,7 @@ class Agent:
             return f"{host}:{self.peer_port}"
         return address
 
-    def _require_active(self) -> Active:
+    def _require_active(self) -> UserSession:
         if self.active is None:
             raise FailedPrecondition("not logged in: log in first")
         return self.active
@@ -107,7 +85,7 @@ class Agent:
         response = await self.directory.register(username, password, address or self.address)
         return response.username
 
-    async def login(self, username: str, password: str) -> Active:
+    async def login(self, username: str, password: str) -> UserSession:
         name = normalize_username(username)
         if not password:
             raise InvalidArgument("password is required")
@@ -165,41 +143,17 @@ class Agent:
         return True
 
     async def _activate(self, session: StoredSession, identity: Identity) -> None:
-        db_path = self.settings.data_dir / f"{session.username}.db"
-        store = await AgentStore.open(db_path)
-        delivery = Delivery(store, self.events)
-        links = LinkManager(
-            self.identity,
-            store,
-            delivery,
-            self.directory,
-            self.events,
-            self.settings.retry_max,
-            RevocationChecker(self.directory, self.settings.revocation_interval),
-            self.settings.body_limit,
+        self.active = await UserSession.open(
+            session, identity, self.settings, self.directory, self.events, self.identity
         )
-        outbox = Outbox(store, self._stored)
-        self.active = Active(session, identity, store, links, outbox)
-        outbox.start()
-        self._contacts.clear()
         loop = asyncio.get_running_loop()
         self.active.tasks.append(loop.create_task(self._heartbeats(), name="heartbeats"))
-        for peer in await store.peers_with_pending():
-            links.ensure_dialer(peer)
 
     async def _deactivate(self) -> None:
         active, self.active = self.active, None
         self.directory.token = ""
-        self._contacts.clear()
-        if active is None:
-            return
-        current = asyncio.current_task()
-        for task in active.tasks:
-            if task is not current:
-                task.cancel()
-        await active.outbox.close()
-        await active.links.close()
-        await active.store.close()
+        if active is not None:
+            await active.close()
 
     async def logout(self) -> None:
         async with self._lock:
@@ -269,122 +223,30 @@ class Agent:
             await self._deactivate()
         await self.directory.close()
 
-    # -- contacts -------------------------------------------------------------------------------
+    # -- what a logged-in user does (session.py) ------------------------------------------------
 
     async def list_contacts(self) -> list[common_pb2.Contact]:
-        active = self._require_active()
-        contacts = list((await self.directory.list_contacts()).contacts)
-        self._contacts = {c.username for c in contacts}
-        for c in contacts:
-            active.links.remember_address(c.username, c.address)
-        return contacts
+        return await self._require_active().list_contacts()
 
     async def add_contact(self, username: str, address: str) -> common_pb2.Contact:
-        active = self._require_active()
-        contact = (await self.directory.add_contact(username, address)).contact
-        self._contacts.add(contact.username)
-        active.links.remember_address(contact.username, contact.address)
-        return contact
+        return await self._require_active().add_contact(username, address)
 
     async def remove_contact(self, username: str) -> None:
-        self._require_active()
-        await self.directory.remove_contact(username)
-        self._contacts.discard(normalize_username(username))
+        await self._require_active().remove_contact(username)
 
     async def require_contact(self, peer: str) -> directory_pb2.LookupResponse | None:
-        """FAILED_PRECONDITION unless `peer` is a contact (known locally or per the directory)."""
-        active = self._require_active()
-        if peer in self._contacts:
-            return None
-        found = await self.directory.lookup(peer)
-        self._contacts.add(peer)
-        active.links.remember_address(peer, found.contact.address)
-        return found
+        return await self._require_active().require_contact(peer)
 
     async def trust_peer_key(self, username: str) -> str:
-        active = self._require_active()
-        peer = normalize_username(username)
-        pin = await active.store.get_pin(peer)
-        if pin is None or not pin.presented_sha256:
-            raise FailedPrecondition(f"no key change recorded for {peer}: nothing to trust")
-        await active.store.pin(peer, pin.presented_sha256, datetime.now(UTC))
-        log.warning("user trusted %s's new key %s", peer, pin.presented_sha256[:16])
-        active.links.ensure_dialer(peer)
-        return pin.presented_sha256
-
-    # -- messages -------------------------------------------------------------------------------
-
-    def check_body(self, body: str) -> None:
-        if not body.strip():
-            raise InvalidArgument("message is empty")
-        size = utf8_size_over(body, self.settings.body_limit)
-        if size is not None:
-            raise InvalidArgument(
-                f"message is too long: {size} bytes of UTF-8; the limit is "
-                f"{self.settings.body_limit} bytes"
-            )
+        return await self._require_active().trust_peer_key(username)
 
     def submit(self, peer: str, body: str, message_id: str = "") -> asyncio.Future[StoredMessage]:
-        """Queues a message to a peer already known to be a contact, without waiting: the
-        future resolves once it is committed as pending. Bad input raises at once."""
-        active = self._require_active()
-        if peer == active.username:
-            raise InvalidArgument("you cannot send messages to yourself")
-        self.check_body(body)
-        outgoing = OutgoingMessage(
-            message_id or new_message_id(), active.username, peer, body, datetime.now(UTC)
-        )
-        return active.outbox.submit(outgoing)
+        return self._require_active().submit(peer, body, message_id)
 
     async def send(self, username: str, body: str, wait: float | None = None) -> StoredMessage:
-        """Stores a message as pending and hands it to delivery; with `wait`, also waits (that
-        long at most) for the peer's acknowledgement."""
-        active = self._require_active()
-        peer = normalize_username(username)
-        if peer == active.username:
-            raise InvalidArgument("you cannot send messages to yourself")
-        self.check_body(body)
-        await self.require_contact(peer)
-        if not wait:
-            return await asyncio.shield(self.submit(peer, body))
-        message_id = new_message_id()
-        with self.events.subscribe(
-            lambda e: isinstance(e, DeliveryEvent) and e.peer == peer and message_id in e.ids
-        ) as delivered:
-            message = await asyncio.shield(self.submit(peer, body, message_id))
-            try:
-                event = await asyncio.wait_for(delivered.get(), wait)
-            except TimeoutError:
-                return message
-            assert isinstance(event, DeliveryEvent)
-            return message._replace(status=Status.DELIVERED, delivered_at=event.delivered_at)
-
-    def _stored(self, messages: list[StoredMessage]) -> None:
-        """Messages just committed as pending: show them live and hand them to their links."""
-        active = self.active
-        if active is None:
-            return
-        by_peer: dict[str, list[StoredMessage]] = {}
-        listening = self.events.listening
-        for message in messages:
-            if listening:
-                self.events.publish(MessageEvent(message))
-            by_peer.setdefault(message.peer, []).append(message)
-        for peer, batch in by_peer.items():
-            active.links.deliver(peer, batch)
+        return await self._require_active().send(username, body, wait)
 
     async def history(
         self, username: str, limit: int, before_id: str = "", query: str = ""
     ) -> tuple[list[StoredMessage], bool]:
-        active = self._require_active()
-        peer = normalize_username(username)
-        if limit < 0 or limit > HISTORY_MAX:
-            raise InvalidArgument(f"limit must be 0-{HISTORY_MAX} (0 means 50)")
-        if len(query) > 1000:
-            raise InvalidArgument("search text is too long (at most 1000 characters)")
-        try:  # a search sees every message committed before it (the store sees to that)
-            return await active.store.history(peer, limit or 50, before_id or None, query or None)
-        except UnknownMessageError:
-            raise  # NOT_FOUND: a well-formed id with no message in this conversation
-        except (KeyError, ValueError) as exc:
-            raise InvalidArgument(str(exc).strip("'\"")) from None
+        return await self._require_active().history(username, limit, before_id, query)
