@@ -24,7 +24,6 @@ from p2pchat_common.files import write_private
 from p2pchat_common.tls import (
     certificate_sha256,
     private_key_pem,
-    public_key_sha256,
     user_identity,
 )
 
@@ -75,11 +74,6 @@ def load_certificate(cert_pem_or_der: bytes) -> x509.Certificate:
     if cert_pem_or_der.lstrip().startswith(b"-----BEGIN"):
         return x509.load_pem_x509_certificate(cert_pem_or_der)
     return x509.load_der_x509_certificate(cert_pem_or_der)
-
-
-def spki_sha256(cert_pem_or_der: bytes) -> str:
-    """Hex SHA-256 of a certificate's DER SubjectPublicKeyInfo (the pinned value)."""
-    return public_key_sha256(load_certificate(cert_pem_or_der))
 
 
 @dataclass(frozen=True)

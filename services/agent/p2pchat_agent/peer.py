@@ -244,7 +244,8 @@ class LinkManager:
         identity = self._identity()
         address = target.address
         cert = await asyncio.to_thread(probe_peer_certificate, address, peer, identity, 5.0)
-        if target.key_sha256 and target.key_sha256 != public_key_sha256(cert):
+        key_sha = public_key_sha256(cert)
+        if target.key_sha256 and target.key_sha256 != key_sha:
             raise Unauthenticated(
                 f"the agent at {address} presents a key for {peer} other than the one the "
                 "directory knows as current"
@@ -269,7 +270,7 @@ class LinkManager:
                     raise Unauthenticated(f"{peer} answered without a proper Hello")
                 # The key checked (revocation above, pin below) is the key of this connection.
                 verify_answer(first.hello, identity.username, peer, hello.hello.nonce, cert)
-                await self.pins.check(peer, public_key_sha256(cert))
+                await self.pins.check(peer, key_sha)
                 await self._run(link, cert_sha)
             finally:
                 call.cancel()

@@ -154,18 +154,26 @@ async def _iterate_checked(requests: AsyncIterator[Any], check: _Check) -> Async
         yield request
 
 
+async def _checked_request(
+    request: Any, check: _Check, streaming: bool, context: grpc.aio.ServicerContext[Any, Any]
+) -> Any:
+    """The request a handler gets: a stream checked message by message as it is read, or one
+    message checked now (refused with INVALID_ARGUMENT before the handler runs)."""
+    if streaming:
+        return _iterate_checked(request, check)
+    refusal = check(request)
+    if refusal is not None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+    return request
+
+
 def _wrap_unary_response(
     behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
     check: _Check,
     streaming_request: bool,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if streaming_request:
-            request = _iterate_checked(request, check)
-        else:
-            refusal = check(request)
-            if refusal is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+        request = await _checked_request(request, check, streaming_request, context)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -182,12 +190,7 @@ def _wrap_streaming_response(
     streaming_request: bool,
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if streaming_request:
-            request = _iterate_checked(request, check)
-        else:
-            refusal = check(request)
-            if refusal is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+        request = await _checked_request(request, check, streaming_request, context)
         try:
             async for response in behavior(request, context):
                 yield response

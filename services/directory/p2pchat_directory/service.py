@@ -199,6 +199,7 @@ class DirectoryService:
             self._ca.sign_agent_csr(csr_pem, name, settings.certificate_ttl) if csr_pem else None
         )
         token = secrets.token_urlsafe(32)
+        token_hash = _token_hash(token)
         expires = now + settings.session_ttl
         with self._dbs.users() as s, s.begin():
             repo.clear_failures(s, name, source)
@@ -206,7 +207,7 @@ class DirectoryService:
             repo.add_session(
                 s,
                 UserSession(
-                    token_hash=_token_hash(token), username=name, created_at=now, expires_at=expires
+                    token_hash=token_hash, username=name, created_at=now, expires_at=expires
                 ),
             )
             user = repo.get_user(s, name)
@@ -217,7 +218,7 @@ class DirectoryService:
             user.last_seen = now
             user.online_until = now + settings.presence_ttl
             if issued is not None:
-                record_certificate(s, user, issued, _token_hash(token), now)
+                record_certificate(s, user, issued, token_hash, now)
         log.info("user %s logged in", name)
         return LoginResult(
             name,
