@@ -73,12 +73,19 @@ def test_both_user_databases_hold_the_same_conversation(
     wait_until(lambda: len(alice.history("bob")) == 10 and len(bob.history("alice")) == 10)
 
     def rows(path: str) -> set[tuple[str, str, str, str]]:
+        # Each message in the one conversation both databases name alike (schema v3).
         with sqlite3.connect(path) as db:
-            return set(db.execute("SELECT id, sender, recipient, body FROM messages"))
+            return set(
+                db.execute(
+                    "SELECT m.id, m.sender, c.key, m.body FROM messages m "
+                    "JOIN conversations c ON c.id = m.conversation"
+                )
+            )
 
     alice_rows = rows(str(a.settings.data_dir / "alice.db"))
     assert alice_rows == rows(str(b.settings.data_dir / "bob.db"))
     assert len(alice_rows) == 10
+    assert {key for _, _, key, _ in alice_rows} == {"direct:alice:bob"}
 
 
 def test_bad_sends_are_refused_with_clear_errors(

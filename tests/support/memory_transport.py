@@ -13,9 +13,10 @@ from p2pchat_common.errors import Unavailable
 
 
 class MemoryTransport:
-    def __init__(self, me: str, peer: str) -> None:
+    def __init__(self, me: str, peer: str, device: str = "") -> None:
         self.me = me
         self._peer = peer
+        self._device = device
         self.inbox: asyncio.Queue[Received | None] = asyncio.Queue()
         self.other: MemoryTransport | None = None
         self.sent: list[list[str]] = []  # ids of each batch sent
@@ -26,6 +27,10 @@ class MemoryTransport:
     @property
     def peer(self) -> str:
         return self._peer
+
+    @property
+    def device(self) -> str:
+        return self._device
 
     @property
     def closed(self) -> bool:

@@ -460,27 +460,6 @@ def test_deleting_or_editing_rows_keeps_the_index_consistent_indexed_or_not(
     assert [m.id for m in store.history("bob", query="body2")[0]] == [old[2].id, new[2].id]
 
 
-def test_a_version_1_db_keeps_its_index_when_migrated(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with monkeypatch.context() as patch:
-        patch.setattr(schema_module, "MIGRATIONS", schema_module.MIGRATIONS[:1])
-        v1 = MessageStore.open(db_path)
-        before = [_send(v1, "bob", f"from version one {n}") for n in range(5)]
-        v1.close()
-    assert _user_version(db_path) == 1
-
-    store = MessageStore.open(db_path)
-    try:
-        assert _user_version(db_path) == 2
-        assert _indexed_seq(db_path) == before[-1].seq  # version 1 had indexed every row
-        after = _send(store, "bob", "from version two")
-        assert store.history("bob", query="version")[0] == [*before, after]
-        _fts_integrity_check(db_path)
-    finally:
-        store.close()
-
-
 # -- pinned keys -------------------------------------------------------------------------------
 
 
@@ -545,16 +524,16 @@ def test_reopening_keeps_everything_at_the_latest_schema_version(db_path: Path) 
         assert _send(second, "bob", "next").seq > received.seq
     finally:
         second.close()
-    assert _user_version(db_path) == len(schema_module.MIGRATIONS) == 2
+    assert _user_version(db_path) == len(schema_module.MIGRATIONS) == 3
 
 
 def test_a_db_from_a_newer_agent_is_refused(db_path: Path) -> None:
     MessageStore.open(db_path).close()
     with sqlite3.connect(db_path) as conn:
-        conn.execute("PRAGMA user_version = 3")
+        conn.execute("PRAGMA user_version = 4")
     conn.close()
 
-    with pytest.raises(RuntimeError, match="schema version 3 is newer than this agent knows"):
+    with pytest.raises(RuntimeError, match="schema version 4 is newer than this agent knows"):
         MessageStore.open(db_path)
 
 
@@ -569,7 +548,7 @@ def test_missing_migrations_are_applied_on_open(
     monkeypatch.setattr(schema_module, "MIGRATIONS", [*schema_module.MIGRATIONS, add_drafts])
     MessageStore.open(db_path).close()
 
-    assert _user_version(db_path) == 3
+    assert _user_version(db_path) == 4
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM drafts").fetchone() == (0,)
     conn.close()
@@ -589,7 +568,7 @@ def test_a_failing_migration_leaves_the_schema_and_version_unchanged(
     with pytest.raises(RuntimeError, match="boom"):
         MessageStore.open(db_path)
 
-    assert _user_version(db_path) == 2
+    assert _user_version(db_path) == 3
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         columns = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}

@@ -40,7 +40,7 @@ def received(*items: ppb.Frame) -> list[Received]:
     """What bob's end of a link with mallory hands on for `items` (raises what it refuses)."""
 
     async def run() -> list[Received]:
-        link = DirectLink("bob", "mallory", "mallory", 16_384, _frames(*items))
+        link = DirectLink("bob", "mallory", "", "mallory", 16_384, _frames(*items))
         return [event async for event in link.received()]
 
     return asyncio.run(run())
@@ -67,7 +67,7 @@ def test_acks_of_a_large_group_commit_go_in_frames_of_at_most_max_frame_acks() -
     ids = [f"M{i}" for i in range(3 * MAX_FRAME_ACKS + 5)]
 
     async def run() -> list[list[str]]:
-        link = DirectLink("bob", "mallory", "mallory", 16_384)
+        link = DirectLink("bob", "mallory", "", "mallory", 16_384)
         sending = asyncio.create_task(link.send_acks(ids))
         frames: list[list[str]] = []
         async for frame in link.frames_out():
@@ -84,7 +84,7 @@ def test_acks_of_a_large_group_commit_go_in_frames_of_at_most_max_frame_acks() -
 
 def test_a_batch_sent_is_one_frame_with_every_field() -> None:
     async def run() -> ppb.Frame:
-        link = DirectLink("alice", "bob", "alice", 16_384)
+        link = DirectLink("alice", "bob", "", "alice", 16_384)
         await link.send_messages([stored(1, "one"), stored(2, "two")])
         return await anext(link.frames_out())
 
@@ -122,7 +122,7 @@ def test_a_frame_over_a_limit_is_refused_before_any_of_it_is_handed_on(
     handed_on: list[Received] = []
 
     async def run() -> None:
-        link = DirectLink("bob", "mallory", "mallory", 16_384, _frames(frame))
+        link = DirectLink("bob", "mallory", "", "mallory", 16_384, _frames(frame))
         async for event in link.received():
             handed_on.append(event)
 

@@ -13,7 +13,7 @@ from p2pchat_common.errors import AlreadyExists
 
 
 def entry(me: str, peer: str, dialed_by: str) -> OpenLink:
-    return OpenLink(DirectLink(me, peer, dialed_by, 16_384), cert_sha256="0" * 64)
+    return OpenLink(DirectLink(me, peer, "", dialed_by, 16_384), cert_sha256="0" * 64)
 
 
 def test_a_second_link_with_the_same_peer_is_refused_while_the_first_is_open() -> None:

@@ -149,14 +149,14 @@ class AgentStore:
         return await self._writing(self._sync.store_incoming, messages, received_at)
 
     async def mark_delivered(
-        self, peer: str, ids: Sequence[str], delivered_at: datetime
+        self, peer: str, ids: Sequence[str], delivered_at: datetime, device: str = ""
     ) -> list[str]:
-        return await self._writing(self._sync.mark_delivered, peer, ids, delivered_at)
+        return await self._writing(self._sync.mark_delivered, peer, ids, delivered_at, device)
 
     async def pending_for(
-        self, peer: str, after_seq: int = 0, limit: int = 500
+        self, peer: str, after_seq: int = 0, limit: int = 500, device: str = ""
     ) -> list[StoredMessage]:
-        return await self._reading(self._sync.pending_for, peer, after_seq, limit)
+        return await self._reading(self._sync.pending_for, peer, after_seq, limit, device)
 
     async def peers_with_pending(self) -> list[str]:
         return await self._reading(self._sync.peers_with_pending)

@@ -131,7 +131,7 @@ class Delivery:
     async def _acknowledged(self, transport: Transport, outflow: Outflow, ids: list[str]) -> None:
         await outflow.release(len(ids))
         when = datetime.now(UTC)
-        changed = await self._store.mark_delivered(transport.peer, ids, when)
+        changed = await self._store.mark_delivered(transport.peer, ids, when, transport.device)
         if changed:
             self._events.publish(DeliveryEvent(transport.peer, tuple(changed), when))
 
@@ -153,7 +153,9 @@ class Delivery:
                 pending = [m for m in fresh if m.seq > after]
             else:
                 outflow.take_fresh()  # what it holds is in the database: read below
-                pending = await self._store.pending_for(transport.peer, after, BATCH)
+                pending = await self._store.pending_for(
+                    transport.peer, after, BATCH, transport.device
+                )
                 caught_up = len(pending) < BATCH
             for batch in batches(pending):
                 await outflow.reserve(len(batch))

@@ -61,12 +61,14 @@ class DirectLink:
         self,
         me: str,
         peer: str,
+        device: str,
         dialed_by: str,
         body_limit: int,
         incoming: AsyncIterator[pb.Frame] | None = None,
     ) -> None:
         self.me = me
         self._peer = peer
+        self._device = device  # the peer's device: its certificate's key (tls.device_id)
         self.dialed_by = dialed_by
         self.incoming = incoming
         self._body_limit = body_limit
@@ -79,6 +81,10 @@ class DirectLink:
     @property
     def peer(self) -> str:
         return self._peer
+
+    @property
+    def device(self) -> str:
+        return self._device
 
     # -- sending ----------------------------------------------------------------------------
 

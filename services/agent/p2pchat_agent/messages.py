@@ -40,8 +40,9 @@ class UnknownPeerKeyError(_Missing):
 
 
 class StoredMessage(NamedTuple):
-    """One message of `<username>.db`. A NamedTuple, not a frozen dataclass: thousands are
-    made per second on a busy link, and a tuple is made several times faster."""
+    """One message of `<username>.db`, in the direct conversation (conversations.py) with
+    `peer`. A NamedTuple, not a frozen dataclass: thousands are made per second on a busy link,
+    and a tuple is made several times faster."""
 
     id: str
     peer: str  # the other party
@@ -78,3 +79,4 @@ class PeerKey:
     pinned_at: datetime
     presented_sha256: str | None  # a different key seen since, not (yet) trusted
     changed_at: datetime | None
+    device: str = ""  # the pinned key's device (tls.device_id of sha256)

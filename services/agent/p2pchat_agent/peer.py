@@ -61,6 +61,7 @@ from p2pchat_common.errors import (
 )
 from p2pchat_common.tls import (
     certificate_sha256,
+    device_id,
     public_key_sha256,
     user_dns_name,
     user_identity,
@@ -223,8 +224,9 @@ class LinkManager:
             )
         cert_sha = certificate_sha256(cert)
         await self._revocation.require_good(peer, cert_sha)
-        await self.pins.check(peer, public_key_sha256(cert))
-        link = DirectLink(self.me, peer, peer, self._body_limit, incoming)
+        key_sha = public_key_sha256(cert)
+        await self.pins.check(peer, key_sha)
+        link = DirectLink(self.me, peer, device_id(key_sha), peer, self._body_limit, incoming)
         await link.send(answer_hello(self.me, self._identity().key_pem, first.hello))
         runner = asyncio.create_task(self._run(link, cert_sha))
         try:
@@ -255,7 +257,8 @@ class LinkManager:
         creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
         options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", user_dns_name(peer))]
         async with grpc.aio.secure_channel(address, creds, options=options) as channel:
-            link = DirectLink(identity.username, peer, identity.username, self._body_limit)
+            device = device_id(key_sha)
+            link = DirectLink(identity.username, peer, device, identity.username, self._body_limit)
             hello = dialler_hello(identity.username)
             await link.send(hello)
             call = peer_pb2_grpc.PeerServiceStub(channel).Link(link.frames_out())

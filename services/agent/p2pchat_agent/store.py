@@ -1,5 +1,7 @@
-"""The user's own message store, `<username>.db`: every message sent or received, the outbox
-(outgoing messages still pending), a full-text index over bodies, and the pinned keys of peers.
+"""The user's own message store, `<username>.db`: every message sent or received, each in its
+conversation (conversations.py), the delivery state of each outgoing one per recipient (the
+outbox: those still pending), a full-text index over bodies, and the pinned keys of peers'
+devices (store_pins.py). The tables are those of schema.py.
 
 SQLite in WAL mode through plain sqlite3: one connection per thread, kept open. Every call blocks
 and runs in its own transaction, so the store may be used from several threads at once (the async
@@ -18,6 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
+from p2pchat_agent import store_pins
+from p2pchat_agent.conversations import Conversations
 from p2pchat_agent.messages import (
     Direction,
     DuplicateMessageError,
@@ -27,13 +31,16 @@ from p2pchat_agent.messages import (
     Status,
     StoredMessage,
     UnknownMessageError,
-    UnknownPeerKeyError,
 )
 from p2pchat_agent.schema import connect, migrate, transaction
 from p2pchat_agent.store_rows import (
+    DELIVERY_MARKS,
     INSERT,
+    INSERT_DELIVERIES,
     INSERT_NEW,
+    MESSAGES,
     NO_SEQ_LIMIT,
+    PENDING,
     ROWS_PER_INSERT,
     SEARCH,
     SELECT_COLUMNS,
@@ -42,14 +49,13 @@ from p2pchat_agent.store_rows import (
     check_limit,
     chunks,
     duplicate,
-    flat_params,
-    from_tuple,
     insert_rows,
+    to_messages,
 )
 from p2pchat_common.errors import DiskFull
 from p2pchat_common.files import private_dir, private_file
 from p2pchat_common.sqlite import ThreadConnections
-from p2pchat_common.timestamps import sqlite_text, sqlite_time
+from p2pchat_common.timestamps import sqlite_text
 from p2pchat_common.validation import shown
 
 log = logging.getLogger(__name__)
@@ -68,19 +74,22 @@ def fts_query(text: str | None, prefix: bool = True) -> str | None:
 class MessageStore:
     """One user's `<username>.db`. Open with `MessageStore.open(path)`, close with `close()`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, owner: str) -> None:
         self._path = path
+        self.owner = owner
+        self._conversations = Conversations(owner)
         self._connections = ThreadConnections(lambda: connect(path), f"the message store {path}")
 
     @classmethod
-    def open(cls, path: Path) -> MessageStore:
-        """Opens (creating if needed, mode 0600) the database and brings its schema up to date.
+    def open(cls, path: Path, owner: str | None = None) -> MessageStore:
+        """Opens (creating if needed, mode 0600) `owner`'s database (by default the user the
+        file is named after: `<username>.db`) and brings its schema up to date.
 
         Raises RuntimeError if the file was written by a newer version of the agent.
         """
         private_dir(path.parent)
         private_file(path)  # before SQLite opens it: its -wal and -shm files take its mode
-        store = cls(path)
+        store = cls(path, owner or path.stem)
         try:
             with store._connections.use() as conn:
                 version = migrate(conn, path)
@@ -154,7 +163,8 @@ class MessageStore:
         return stored
 
     def add_outgoing_many(self, messages: Sequence[OutgoingMessage]) -> list[StoredMessage]:
-        """Stores messages to send as pending, in order, in one transaction (group commit).
+        """Stores messages to send as pending, in order, in one transaction (group commit):
+        each in the direct conversation with its recipient, with one delivery row to them.
         A duplicate id raises DuplicateMessageError and stores none of them."""
         rows = []
         for m in messages:
@@ -177,22 +187,32 @@ class MessageStore:
         if not rows:
             return []
         seqs: dict[str, int] = {}
+        fresh: dict[str, int] = {}
         with self._cursor(write=True) as cur:
             for chunk in chunks(rows, ROWS_PER_INSERT):
+                params: list[object] = []
+                for row in chunk:
+                    conversation = self._conversations.ensure(cur, row.peer, fresh)
+                    params += (row.id, conversation, "out", row.sender, row.body)
+                    params += (sqlite_text(row.sent_at), None)
                 try:
-                    cur.execute(insert_rows(len(chunk), INSERT), flat_params(chunk))
+                    cur.execute(insert_rows(len(chunk), INSERT, returning="seq, id"), params)
                 except sqlite3.IntegrityError:
                     raise DuplicateMessageError(
                         f"message {duplicate(cur, chunk)} already exists"
                     ) from None
                 seqs.update((id, seq) for seq, id in cur.fetchall())
+                deliveries = [v for row in chunk for v in (seqs[row.id], row.recipient)]
+                cur.execute(insert_rows(len(chunk), INSERT_DELIVERIES, DELIVERY_MARKS), deliveries)
+        self._conversations.remember(fresh)
         return [row._replace(seq=seqs[row.id]) for row in rows]
 
     def store_incoming(
         self, messages: Sequence[IncomingMessage], received_at: datetime
     ) -> list[StoredMessage]:
-        """Stores a batch of received messages in one transaction, skipping ids already stored
-        (also repeats within the batch: the first one counts). Returns the new ones, in order."""
+        """Stores a batch of received messages in one transaction, each in the direct
+        conversation with its sender, skipping ids already stored (also repeats within the
+        batch: the first one counts). Returns the new ones, in order."""
         received_at = aware(received_at, "received_at")
         batch: dict[str, IncomingMessage] = {}
         for m in messages:
@@ -204,16 +224,18 @@ class MessageStore:
         sent = [aware(m.sent_at, "sent_at") for m in rows]
         received = sqlite_text(received_at)
         seqs: dict[str, int] = {}
+        fresh: dict[str, int] = {}
         with self._cursor(write=True) as cur:
             for start in range(0, len(rows), ROWS_PER_INSERT):
                 chunk = zip(rows[start : start + ROWS_PER_INSERT], sent[start:], strict=False)
                 params: list[object] = []
                 for m, at in chunk:
-                    text = sqlite_text(at)
-                    params += (m.id, m.sender, "in", m.sender, m.recipient, m.body, text, received)
-                    params.append("received")
-                cur.execute(insert_rows(len(params) // 9, INSERT_NEW), params)
+                    conversation = self._conversations.ensure(cur, m.sender, fresh)
+                    params += (m.id, conversation, "in", m.sender, m.body, sqlite_text(at))
+                    params.append(received)
+                cur.execute(insert_rows(len(params) // 7, INSERT_NEW, returning="seq, id"), params)
                 seqs.update((id, seq) for seq, id in cur.fetchall())
+        self._conversations.remember(fresh)
         in_, received_status = Direction.IN, Status.RECEIVED
         return [
             StoredMessage(
@@ -233,52 +255,63 @@ class MessageStore:
             if m.id in seqs
         ]
 
-    def mark_delivered(self, peer: str, ids: Sequence[str], delivered_at: datetime) -> list[str]:
-        """Marks pending outgoing messages to `peer` delivered, in one transaction. Returns the
-        ids of those that changed, in seq order; unknown ids, messages to anyone else and
-        messages not pending are left alone (a peer acknowledges only what it was sent)."""
+    def mark_delivered(
+        self, peer: str, ids: Sequence[str], delivered_at: datetime, device: str = ""
+    ) -> list[str]:
+        """Records that `peer`'s `device` (the one a transport reached; '' when it cannot
+        tell) acknowledged the messages `ids`, in one transaction. Returns the ids of those whose
+        delivery to `peer` was pending, in seq order; unknown ids, messages to anyone else and
+        deliveries not pending are left alone (a peer acknowledges only what it was sent)."""
         when = sqlite_text(aware(delivered_at, "delivered_at"))
         changed: list[tuple[int, str]] = []
         with self._cursor(write=True) as cur:
             for chunk in chunks(list(dict.fromkeys(ids))):
                 marks = ",".join("?" * len(chunk))
+                cur.execute(f"SELECT seq, id FROM messages WHERE id IN ({marks})", chunk)
+                by_seq = dict(cur.fetchall())
+                if not by_seq:
+                    continue
                 cur.execute(
-                    f"UPDATE messages SET status = 'delivered', delivered_at = ? WHERE id IN "
-                    f"({marks}) AND peer = ? AND status = 'pending' AND direction = 'out' "
-                    "RETURNING seq, id",
-                    (when, *chunk, peer),
+                    "UPDATE deliveries SET status = 'delivered', delivered_at = ?, "
+                    f"delivered_to = ? WHERE message IN ({','.join('?' * len(by_seq))}) "
+                    "AND recipient = ? AND device IN ('', ?) AND status = 'pending' "
+                    "RETURNING message",
+                    (when, device or None, *by_seq, peer, device),
                 )
-                changed.extend(cur.fetchall())
+                changed.extend((seq, by_seq[seq]) for (seq,) in cur.fetchall())
         changed.sort()
         return [id for _, id in changed]
 
     def get(self, id: str) -> StoredMessage | None:
         with self._cursor(write=False) as cur:
-            cur.execute(f"SELECT {SELECT_COLUMNS} FROM messages WHERE id = ?", (id,))
-            row = cur.fetchone()
-            return None if row is None else from_tuple(row)
+            cur.execute(f"SELECT {SELECT_COLUMNS} FROM {MESSAGES} WHERE m.id = ?", (id,))
+            found = to_messages(cur.fetchall(), self.owner)
+            return found[0] if found else None
 
     # -- the outbox -------------------------------------------------------------------------
 
-    def pending_for(self, peer: str, after_seq: int = 0, limit: int = 500) -> list[StoredMessage]:
-        """Outgoing messages to `peer` still pending, after `after_seq`, oldest first."""
+    def pending_for(
+        self, peer: str, after_seq: int = 0, limit: int = 500, device: str = ""
+    ) -> list[StoredMessage]:
+        """Outgoing messages whose delivery to `peer` (to `device`, or to whichever device of
+        theirs) is pending, after `after_seq`, oldest first."""
         check_limit(limit)
         with self._cursor(write=False) as cur:
-            cur.execute(
-                f"SELECT {SELECT_COLUMNS} FROM messages WHERE peer = ? AND status = 'pending' "
-                "AND seq > ? AND direction = 'out' ORDER BY seq LIMIT ?",
-                (peer, after_seq, limit),
-            )
-            return list(map(from_tuple, cur.fetchall()))
+            cur.execute(PENDING, (peer, device, after_seq, limit))
+            return to_messages(cur.fetchall(), self.owner)
 
     def peers_with_pending(self) -> list[str]:
         with self._cursor(write=False) as cur:
-            cur.execute("SELECT DISTINCT peer FROM messages WHERE status = 'pending' ORDER BY peer")
+            cur.execute(
+                "SELECT DISTINCT recipient FROM deliveries WHERE status = 'pending' "
+                "ORDER BY recipient"
+            )
             return [row[0] for row in cur.fetchall()]
 
     def count_pending(self) -> int:
+        """Deliveries pending: one per outgoing message not yet acknowledged, today."""
         with self._cursor(write=False) as cur:
-            cur.execute("SELECT count(*) FROM messages WHERE status = 'pending'")
+            cur.execute("SELECT count(*) FROM deliveries WHERE status = 'pending'")
             return int(cur.fetchone()[0])
 
     # -- history ----------------------------------------------------------------------------
@@ -305,75 +338,53 @@ class MessageStore:
             if behind:
                 self.index_pending()
         with self._cursor(write=False) as cur:
+            conversation = self._conversations.find(cur, peer)
             before = NO_SEQ_LIMIT
             if before_id is not None:
-                cur.execute("SELECT seq FROM messages WHERE id = ? AND peer = ?", (before_id, peer))
+                cur.execute(
+                    "SELECT seq FROM messages WHERE id = ? AND conversation = ?",
+                    (before_id, conversation),
+                )
                 found = cur.fetchone()
                 if found is None:
                     raise UnknownMessageError(f"no message {shown(before_id)} with {peer}")
                 before = int(found[0])
+            if conversation is None:
+                return [], False
             if not searching:
                 cur.execute(
-                    f"SELECT {SELECT_COLUMNS} FROM messages WHERE peer = ? AND seq < ? "
-                    "ORDER BY seq DESC LIMIT ?",
-                    (peer, before, limit + 1),
+                    f"SELECT {SELECT_COLUMNS} FROM {MESSAGES} WHERE m.conversation = ? "
+                    "AND m.seq < ? ORDER BY m.seq DESC LIMIT ?",
+                    (conversation, before, limit + 1),
                 )
                 rows = cur.fetchall()
             else:
                 rows = []
                 for prefix in (False, True):  # exact words are far cheaper than prefixes
-                    cur.execute(SEARCH, (fts_query(query, prefix), before, peer, limit + 1))
+                    params = (fts_query(query, prefix), before, conversation, limit + 1)
+                    cur.execute(SEARCH, params)
                     rows = cur.fetchall()
                     if len(rows) > limit:
                         break
         has_more = len(rows) > limit
-        return [from_tuple(r) for r in reversed(rows[:limit])], has_more
+        rows.reverse()
+        return to_messages(rows[1:] if has_more else rows, self.owner), has_more
 
-    # -- pinned keys ------------------------------------------------------------------------
+    # -- pinned keys (store_pins.py) --------------------------------------------------------
 
     def get_pin(self, peer: str) -> PeerKey | None:
         with self._cursor(write=False) as cur:
-            return _get_pin(cur, peer)
+            return store_pins.get_pin(cur, peer)
 
     def pin(self, peer: str, sha256: str, at: datetime) -> PeerKey:
         """Trusts `sha256` as the key of `peer` (first contact, or the user accepting a change)."""
         when = sqlite_text(aware(at, "at"))
         with self._cursor(write=True) as cur:
-            cur.execute(
-                "INSERT INTO peer_keys (peer, sha256, pinned_at, presented_sha256, changed_at) "
-                "VALUES (?, ?, ?, NULL, NULL) ON CONFLICT (peer) DO UPDATE SET "
-                "sha256 = excluded.sha256, pinned_at = excluded.pinned_at, "
-                "presented_sha256 = NULL, changed_at = NULL",
-                (peer, sha256, when),
-            )
-            pinned = _get_pin(cur, peer)
-        assert pinned is not None
-        return pinned
+            return store_pins.pin(cur, peer, sha256, when)
 
     def record_key_change(self, peer: str, presented_sha256: str, at: datetime) -> PeerKey:
         """Notes that `peer` presented a key other than the pinned one. The first time a given
         key was seen is kept. Raises UnknownPeerKeyError if nothing is pinned for `peer`."""
         when = sqlite_text(aware(at, "at"))
         with self._cursor(write=True) as cur:
-            cur.execute(
-                "UPDATE peer_keys SET presented_sha256 = ?, changed_at = ? "
-                "WHERE peer = ? AND presented_sha256 IS NOT ?",
-                (presented_sha256, when, peer, presented_sha256),
-            )
-            pinned = _get_pin(cur, peer)
-        if pinned is None:
-            raise UnknownPeerKeyError(f"no key pinned for {peer}")
-        return pinned
-
-
-def _get_pin(cur: sqlite3.Cursor, peer: str) -> PeerKey | None:
-    cur.execute(
-        "SELECT sha256, pinned_at, presented_sha256, changed_at FROM peer_keys WHERE peer = ?",
-        (peer,),
-    )
-    row = cur.fetchone()
-    if row is None:
-        return None
-    pinned_at = sqlite_time(row[1])
-    assert pinned_at is not None
-    return PeerKey(row[0], pinned_at, row[2], sqlite_time(row[3]))
+            return store_pins.record_key_change(cur, peer, presented_sha256, when)

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.messages import Direction, Status, StoredMessage
-from p2pchat_common.timestamps import sqlite_text
 from p2pchat_common.validation import shown
 
 T = TypeVar("T")
@@ -20,37 +19,53 @@ _CHUNK = 500  # ids per IN (...) list, well under SQLite's bound-parameter limit
 
 
 NO_SEQ_LIMIT = 2**63 - 1
-_COLUMN_NAMES = (
-    "seq",
-    "id",
-    "peer",
-    "direction",
-    "sender",
-    "recipient",
-    "body",
-    "sent_at",
-    "received_at",
-    "delivered_at",
-    "status",
+
+# A StoredMessage read from a message row `m` and its conversation `c`. An outgoing message's
+# status comes from its deliveries: pending while any recipient's device has not acknowledged it,
+# delivered (at the latest acknowledgement) once all have; an incoming one is received. Scalar
+# subqueries, one primary-key lookup each, run only for the rows returned.
+_PENDING_ANY = "(SELECT max(d.status = 'pending') FROM deliveries d WHERE d.message = m.seq)"
+_DELIVERED_AT = (
+    "(SELECT CASE WHEN max(d.status = 'pending') THEN NULL ELSE max(d.delivered_at) END "
+    "FROM deliveries d WHERE d.message = m.seq)"
 )
-SELECT_COLUMNS = ", ".join(_COLUMN_NAMES)
+_STATUS = (
+    f"CASE WHEN m.direction = 'in' THEN 'received' WHEN {_PENDING_ANY} THEN 'pending' "
+    "ELSE 'delivered' END"
+)
+_ROW = "m.seq, m.id, c.peer, m.direction, m.sender, m.body, m.sent_at, m.received_at"
+SELECT_COLUMNS = f"{_ROW}, {_DELIVERED_AT}, {_STATUS}"
+MESSAGES = "messages m CROSS JOIN conversations c ON c.id = m.conversation"
+# The outbox of one recipient's device, driven by the partial index ix_deliveries_pending
+# (CROSS JOIN fixes the order in SQLite); every row it yields is pending by construction.
+PENDING = (
+    f"SELECT {_ROW}, NULL, 'pending' FROM deliveries dl "
+    "CROSS JOIN messages m ON m.seq = dl.message "
+    "CROSS JOIN conversations c ON c.id = m.conversation WHERE dl.recipient = ? "
+    "AND dl.status = 'pending' AND dl.device IN ('', ?) AND dl.message > ? "
+    "ORDER BY dl.message LIMIT ?"
+)
 # Driven by the full-text index (CROSS JOIN fixes the order in SQLite): FTS5 yields the hits newest
 # first, so the search stops after limit + 1 hits in this conversation. The other way round
 # (walking the conversation, matching each row) costs a full FTS5 query per row.
 SEARCH = (
-    f"SELECT {', '.join('messages.' + c for c in _COLUMN_NAMES)} FROM messages_fts "
-    "CROSS JOIN messages ON messages.seq = messages_fts.rowid WHERE messages_fts MATCH ? "
-    "AND messages_fts.rowid < ? AND messages.peer = ? ORDER BY messages_fts.rowid DESC LIMIT ?"
+    f"SELECT {SELECT_COLUMNS} FROM messages_fts "
+    "CROSS JOIN messages m ON m.seq = messages_fts.rowid "
+    "CROSS JOIN conversations c ON c.id = m.conversation WHERE messages_fts MATCH ? "
+    "AND messages_fts.rowid < ? AND m.conversation = ? ORDER BY messages_fts.rowid DESC LIMIT ?"
 )
-_INSERT_COLUMNS = "id, peer, direction, sender, recipient, body, sent_at, received_at, status"
+_INSERT_COLUMNS = "id, conversation, direction, sender, body, sent_at, received_at"
 INSERT = f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES "
 INSERT_NEW = INSERT.replace("INSERT INTO", "INSERT OR IGNORE INTO")
-_ROW_MARKS = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+MESSAGE_MARKS = "(?, ?, ?, ?, ?, ?, ?)"
+# One delivery row per outgoing message today: to the recipient, whichever device takes it.
+INSERT_DELIVERIES = "INSERT INTO deliveries (message, recipient, status) VALUES "
+DELIVERY_MARKS = "(?, ?, 'pending')"
 # Rows per INSERT statement: one statement for a batch costs far less than one per row, and
-# 100 x 9 parameters stay well under SQLite's limit.
+# 100 x 7 parameters stay well under SQLite's limit.
 ROWS_PER_INSERT = 100
 # Queries name 'pending' literally, not as a bound parameter, so that SQLite can pick the
-# partial index ix_messages_pending.
+# partial index ix_deliveries_pending.
 
 
 def aware(value: datetime, name: str) -> datetime:
@@ -77,13 +92,9 @@ def chunks(items: list[T], size: int = _CHUNK) -> Iterator[list[T]]:
 
 
 @functools.cache
-def insert_rows(count: int, insert: str) -> str:
-    """`insert` for `count` rows, returning the seq and id of each row it inserts."""
-    return insert + ", ".join([_ROW_MARKS] * count) + " RETURNING seq, id"
-
-
-def flat_params(rows: list[StoredMessage]) -> list[object]:
-    return [value for row in rows for value in _params(row)]
+def insert_rows(count: int, insert: str, marks: str = MESSAGE_MARKS, returning: str = "") -> str:
+    """`insert` for `count` rows of `marks`, with its RETURNING clause if any."""
+    return insert + ", ".join([marks] * count) + (f" RETURNING {returning}" if returning else "")
 
 
 def duplicate(cur: sqlite3.Cursor, rows: list[StoredMessage]) -> str:
@@ -99,49 +110,29 @@ def duplicate(cur: sqlite3.Cursor, rows: list[StoredMessage]) -> str:
     return "(unknown)"
 
 
-def _params(m: StoredMessage) -> tuple[object, ...]:
-    """The INSERT values of an outgoing message (the enums are str: sqlite3 stores their text)."""
-    return (
-        m.id,
-        m.peer,
-        m.direction,
-        m.sender,
-        m.recipient,
-        m.body,
-        sqlite_text(m.sent_at),
-        None,
-        m.status,
-    )
-
-
 _DIRECTIONS = {d.value: d for d in Direction}
 _STATUSES = {s.value: s for s in Status}
 
 
-def from_tuple(row: tuple[Any, ...]) -> StoredMessage:
-    (
-        seq,
-        id,
-        peer,
-        direction,
-        sender,
-        recipient,
-        body,
-        sent_at,
-        received_at,
-        delivered_at,
-        status,
-    ) = row
-    return StoredMessage(  # positional: several times faster than keywords for a NamedTuple
-        id,
-        peer,
-        _DIRECTIONS[direction],
-        sender,
-        recipient,
-        body,
-        datetime.fromisoformat(sent_at + "+00:00"),
-        None if received_at is None else datetime.fromisoformat(received_at + "+00:00"),
-        None if delivered_at is None else datetime.fromisoformat(delivered_at + "+00:00"),
-        _STATUSES[status],
-        seq,
-    )
+def to_messages(rows: list[tuple[Any, ...]], owner: str) -> list[StoredMessage]:
+    """StoredMessages from rows of SELECT_COLUMNS (or PENDING) in `owner`'s database: the
+    recipient of a direct message is the peer when it went out, the owner when it came in."""
+    out = []
+    for seq, id, peer, direction, sender, body, sent_at, received_at, delivered_at, status in rows:
+        outgoing = direction == "out"
+        out.append(  # positional: several times faster than keywords for a NamedTuple
+            StoredMessage(
+                id,
+                peer,
+                _DIRECTIONS[direction],
+                sender,
+                peer if outgoing else owner,
+                body,
+                datetime.fromisoformat(sent_at + "+00:00"),
+                None if received_at is None else datetime.fromisoformat(received_at + "+00:00"),
+                None if delivered_at is None else datetime.fromisoformat(delivered_at + "+00:00"),
+                _STATUSES[status],
+                seq,
+            )
+        )
+    return out
