@@ -88,6 +88,31 @@ def test_both_user_databases_hold_the_same_conversation(
     assert {key for _, _, key, _ in alice_rows} == {"direct:alice:bob"}
 
 
+def test_the_pin_and_the_delivery_state_name_the_device_the_link_reached(
+    make_agent: Callable[[str], InProcessAgent],
+) -> None:
+    from cryptography import x509
+
+    from p2pchat_common.tls import user_identity
+
+    (a, alice), (b, bob) = _contacts(make_agent, "alice", "bob")
+    alice.send("bob", "to your device")
+    wait_until(lambda: alice.status().pending_messages == 0)
+    cert = x509.load_pem_x509_certificate((b.settings.data_dir / "bob.crt").read_bytes())
+    named = user_identity(cert)
+    assert named is not None and named[0] == "bob"
+    bobs_device = named[1]
+
+    with sqlite3.connect(a.settings.data_dir / "alice.db") as db:
+        pins = db.execute("SELECT peer, device, substr(sha256, 1, 16) FROM peer_keys").fetchall()
+        deliveries = db.execute(
+            "SELECT recipient, device, status, delivered_to FROM deliveries"
+        ).fetchall()
+    db.close()
+    assert pins == [("bob", bobs_device, bobs_device)]
+    assert deliveries == [("bob", "", "delivered", bobs_device)]
+
+
 def test_bad_sends_are_refused_with_clear_errors(
     make_agent: Callable[[str], InProcessAgent],
 ) -> None:

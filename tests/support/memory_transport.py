@@ -75,8 +75,10 @@ class MemoryTransport:
         await self._closed.wait()
 
 
-def memory_pair(a: str, b: str) -> tuple[MemoryTransport, MemoryTransport]:
-    """(a's end towards b, b's end towards a)."""
-    one, two = MemoryTransport(a, b), MemoryTransport(b, a)
+def memory_pair(
+    a: str, b: str, b_device: str = "", a_device: str = ""
+) -> tuple[MemoryTransport, MemoryTransport]:
+    """(a's end towards b's `b_device`, b's end towards a's `a_device`)."""
+    one, two = MemoryTransport(a, b, b_device), MemoryTransport(b, a, a_device)
     one.other, two.other = two, one
     return one, two

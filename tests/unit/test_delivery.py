@@ -5,6 +5,7 @@ side has a real <username>.db."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,9 +94,11 @@ async def run_both(
     alice: Side,
     bob: Side,
     body: Callable[[MemoryTransport, MemoryTransport, Outflow], Awaitable[None]],
+    bob_device: str = "",
 ) -> None:
-    """Delivery on both ends of an in-memory pair while `body` runs, then the pair closes."""
-    a_end, b_end = memory_pair("alice", "bob")
+    """Delivery on both ends of an in-memory pair while `body` runs, then the pair closes;
+    alice's end reaches `bob_device`."""
+    a_end, b_end = memory_pair("alice", "bob", bob_device)
     a_out = Outflow()
     runs = [
         asyncio.create_task(alice.delivery().run(a_end, a_out)),
@@ -128,6 +131,46 @@ def test_the_outbox_goes_in_order_and_acks_mark_it_delivered(tmp_path: Path) -> 
             assert isinstance(item, DeliveryEvent)
             delivered.extend(item.ids)
         assert delivered == ids
+
+    with_sides(tmp_path, test)
+
+
+def test_delivery_state_is_kept_per_device_of_the_recipient(tmp_path: Path) -> None:
+    """A message addressed to another of bob's devices stays pending over a transport that
+    reaches his first one; what that device acknowledges names it (schema v3 deliveries)."""
+
+    async def test(alice: Side, bob: Side) -> None:
+        first, second, third = await alice.queue("bob", "one", "two", "three")
+        with sqlite3.connect(tmp_path / "alice.db") as db:  # what fan-out to devices will write
+            db.execute(
+                "UPDATE deliveries SET device = 'dev2' WHERE message = "
+                "(SELECT seq FROM messages WHERE id = ?)",
+                (second,),
+            )
+        db.close()
+
+        async def one_pending() -> bool:
+            return await alice.store.count_pending() == 1
+
+        async def body(a: MemoryTransport, b: MemoryTransport, out: Outflow) -> None:
+            await until(one_pending)
+            assert [i for batch in a.sent for i in batch] == [first, third]
+
+        await run_both(alice, bob, body, bob_device="dev1")
+        assert await alice.bodies("bob") == [
+            ("one", "delivered"),
+            ("two", "pending"),
+            ("three", "delivered"),
+        ]
+        assert [m.id for m in await alice.store.pending_for("bob", device="dev2")] == [second]
+        assert await alice.store.pending_for("bob", device="dev1") == []
+        with sqlite3.connect(tmp_path / "alice.db") as db:
+            rows = db.execute(
+                "SELECT m.id, d.device, d.delivered_to FROM deliveries d "
+                "JOIN messages m ON m.seq = d.message ORDER BY m.seq"
+            ).fetchall()
+        db.close()
+        assert rows == [(first, "", "dev1"), (second, "dev2", None), (third, "", "dev1")]
 
     with_sides(tmp_path, test)
 
