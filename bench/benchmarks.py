@@ -25,7 +25,7 @@ import grpc
 from bench.bare import OWN_CONNECTION, BareServer, bare_unary_rate, stream_rate, unary_rate
 from bench.cluster import PASSWORD, Agent, World, cpu_seconds, rss_mb, wait_for
 from bench.peers import PeerLinks, make_identities
-from bench.prefill import Corpus, fill_history, fill_outbox
+from bench.prefill import Corpus, fill_history, fill_history_v2, fill_outbox, v2_schema_hash
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import agent_pb2_grpc, directory_pb2_grpc
 from p2pchat.v1 import directory_pb2 as dpb
@@ -49,6 +49,7 @@ class Params:
     history_rows: int = 1_000_000
     history_peers: int = 10
     history_queries: int = 200  # of each kind, through the API (half as many on the store)
+    migration_pending: int = 300  # of the history_rows of the version 2 file: its outbox
     memory_links: int = 200
     idle_settle: float = 3.0
 
@@ -68,6 +69,7 @@ QUICK = Params(
     idle_settle=1.0,
 )
 
+HISTORY_USER = "hist"  # the owner of the history databases
 HISTORY_PEER = "peer0"  # the conversation the history benchmark reads
 BODY = "benchmark message with a body of a typical chat length: hello there, how are you?"
 
@@ -78,6 +80,7 @@ class Context:
     root: Path  # work dir of this invocation
     results_dir: Path
     history_db: Path | None = None  # the pre-filled template, made once per invocation
+    migration_db: Path | None = None  # the version 2 template of store_migration, likewise
     profile: set[str] = field(default_factory=set)
     profile_mode: str = "gil"  # or "wall"
     profile_files: list[str] = field(default_factory=list)
@@ -407,8 +410,9 @@ def _check_received(db: Path, peer: str, like: str) -> Figures:
         ids = [
             row[0]
             for row in conn.execute(
-                "SELECT id FROM messages WHERE peer = ? AND direction = 'in' AND body LIKE ?"
-                " ORDER BY seq",
+                "SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation "
+                "WHERE c.kind = 'direct' AND c.peer = ? AND m.direction = 'in' "
+                "AND m.body LIKE ? ORDER BY m.seq",
                 (peer, like),
             )
         ]
@@ -604,7 +608,7 @@ def build_history_template(ctx: Context, cache_dir: Path | None) -> tuple[Path, 
     tmp = target.with_suffix(".tmp")
     for suffix in ("", "-wal", "-shm"):
         Path(str(tmp) + suffix).unlink(missing_ok=True)
-    seconds = fill_history(tmp, "hist", peers, p.history_rows)
+    seconds = fill_history(tmp, HISTORY_USER, peers, p.history_rows)
     os.replace(tmp, target)
     return target, seconds, False
 
@@ -631,13 +635,13 @@ def _schema_key(root: Path) -> str:
 async def history(ctx: Context, lazy: Lazy) -> Figures:
     p = ctx.params
     assert ctx.history_db is not None
-    agent = lazy.world.agent("hist")
+    agent = lazy.world.agent(HISTORY_USER)
     agent.data_dir.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(shutil.copyfile, ctx.history_db, agent.db_path)
     agent.start()
     with agent.sync_client() as c:
-        c.register("hist")
-        c.login("hist")
+        c.register(HISTORY_USER)
+        c.login(HISTORY_USER)
     queries = history_queries()
     ch, stub = agent_stub(agent)
     last50: list[float] = []
@@ -714,6 +718,106 @@ def _store_direct(db: Path, queries: list[str], n: int) -> tuple[list[float], li
     return last50, search
 
 
+# -- store_migration -----------------------------------------------------------------------------
+
+
+def build_migration_template(ctx: Context, cache_dir: Path | None) -> tuple[Path, float, bool]:
+    """The version 2 database of store_migration (the history of `history`, as an agent of
+    version 2 left it, with an outbox), from the cache when one for this size and the SQL of
+    versions 1 and 2 exists."""
+    p = ctx.params
+    peers = [f"peer{i}" for i in range(p.history_peers)]
+    key = f"{v2_schema_hash()}-{p.history_rows}-{p.history_peers}-{p.migration_pending}"
+    if cache_dir is not None:
+        cached = cache_dir / f"history-v2-{key}.db"
+        if cached.exists():
+            return cached, 0.0, True
+    target = (cache_dir or ctx.root) / f"history-v2-{key}.db"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(str(tmp) + suffix).unlink(missing_ok=True)
+    seconds = fill_history_v2(tmp, HISTORY_USER, peers, p.history_rows, p.migration_pending)
+    os.replace(tmp, target)
+    return target, seconds, False
+
+
+def _mb(path: Path) -> float:
+    return path.stat().st_size / 1e6 if path.exists() else 0.0
+
+
+def _migrate(template: Path, path: Path, rows: int, pending: int) -> Figures:
+    """Opens a copy of the version 2 `template` at `path` with MessageStore.open (which
+    migrates it to the current schema), timed, then checks it through the store's API."""
+    from p2pchat_agent import schema
+    from p2pchat_agent.store import MessageStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, path)  # also leaves it in the page cache: a warm start
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())  # but not its writing back to disk, during the measurement
+    wal = Path(f"{path}-wal")
+    before = _mb(path)
+    t = time.perf_counter()
+    store = MessageStore.open(path)
+    migration_s = time.perf_counter() - t
+    try:
+        wal_mb = _mb(wal)  # the WAL is never truncated while the store is open: its peak
+        still_pending = store.count_pending()
+        t = time.perf_counter()
+        recent, _ = store.history(HISTORY_PEER, 50)
+        history_ms = (time.perf_counter() - t) * 1000
+        word = Corpus().vocab[0]
+        t = time.perf_counter()
+        found, _ = store.history(HISTORY_PEER, 50, query=word)
+        search_ms = (time.perf_counter() - t) * 1000
+    finally:
+        store.close()
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        (free_pages,) = conn.execute("PRAGMA freelist_count").fetchone()
+    finally:
+        conn.close()
+    failed = []
+    if version != len(schema.MIGRATIONS):
+        failed.append(f"schema version {version} after open")
+    if still_pending != pending:
+        failed.append(f"{still_pending} pending after migration, not {pending}")
+    if len(recent) != 50:
+        failed.append(f"history({HISTORY_PEER}, 50) returned {len(recent)} messages")
+    if not found or not all(word in m.body.split() for m in found):
+        failed.append(f"a search of {word!r} found {len(found)} messages")
+    if failed:
+        raise RuntimeError("store_migration check failed: " + "; ".join(failed))
+    return {
+        "rows": rows,
+        "pending": pending,
+        "migration_s": migration_s,
+        "rows_per_s": rows / migration_s,
+        "db_mb_before": before,
+        "db_mb_after": _mb(path),
+        "free_mb_after": free_pages * page_size / 1e6,
+        "wal_mb_peak": wal_mb,
+        "first_history_ms": history_ms,
+        "first_search_ms": search_ms,
+        "note": (
+            "MessageStore.open of a copy of a version 2 file (warm page cache), migrations run "
+            "in one transaction, the commit's WAL checkpoint included"
+        ),
+    }
+
+
+async def store_migration(ctx: Context, lazy: Lazy) -> Figures:
+    p = ctx.params
+    assert ctx.migration_db is not None
+    path = lazy.world.root / "store-migration" / f"{HISTORY_USER}.db"
+    return await asyncio.to_thread(
+        _migrate, ctx.migration_db, path, p.history_rows, p.migration_pending
+    )
+
+
 # -- memory ----------------------------------------------------------------------------------------
 
 
@@ -770,5 +874,6 @@ BENCHMARKS: dict[str, Callable[[Context, Lazy], Awaitable[Figures]]] = {
     "send_rate": send_rate,
     "directory_lookup": directory_lookup,
     "history": history,
+    "store_migration": store_migration,
     "memory": memory,
 }

@@ -34,11 +34,20 @@ from bench.benchmarks import (
     Context,
     Lazy,
     build_history_template,
+    build_migration_template,
 )
 from bench.cluster import World
 
 HERE = Path(__file__).resolve().parent
-RUN_ORDER = ["send_rate", "directory_lookup", "outbox_flush", "live_latency", "history", "memory"]
+RUN_ORDER = [
+    "send_rate",
+    "directory_lookup",
+    "outbox_flush",
+    "live_latency",
+    "history",
+    "store_migration",
+    "memory",
+]
 
 # (benchmark, figure, comparison, threshold, what the target says) — issue 6, item 3.
 TARGETS = [
@@ -48,6 +57,7 @@ TARGETS = [
     ("directory_lookup", "ratio", ">=", 0.8, ">= 0.8x baseline"),
     ("history", "last50_p99_ms", "<=", 10.0, "last-50 p99 <= 10 ms"),
     ("history", "search_p99_ms", "<=", 50.0, "search p99 <= 50 ms"),
+    ("store_migration", "migration_s", "<=", 10.0, "1M-row v2 -> v3 migration <= 10 s"),
     ("memory", "idle_rss_mb", "<=", 80.0, "idle <= 80 MB"),
     ("memory", "links_rss_mb", "<=", 150.0, "200 links <= 150 MB"),
 ]
@@ -67,6 +77,13 @@ COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
         ("last50_p99_ms", "last-50 p99 ms", None),
         ("search_p50_ms", "search p50 ms", None),
         ("search_p99_ms", "search p99 ms", None),
+    ],
+    "store_migration": [
+        ("migration_s", "migration s", None),
+        ("rows_per_s", "rows/s", None),
+        ("db_mb_before", "db MB before", None),
+        ("db_mb_after", "db MB after", None),
+        ("wal_mb_peak", "WAL MB peak", None),
     ],
     "memory": [("idle_rss_mb", "idle RSS MB", None), ("links_rss_mb", "200-link RSS MB", None)],
 }
@@ -99,10 +116,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
     p.add_argument(
-        "--cache", type=Path, default=HERE / ".cache", help="where the 1M-row history db is kept"
+        "--cache",
+        type=Path,
+        default=HERE / ".cache",
+        help="where the 1M-row history dbs (current schema and version 2) are kept",
     )
     p.add_argument(
-        "--no-cache", action="store_true", help="build the history db afresh, keep it nowhere"
+        "--no-cache", action="store_true", help="build the history dbs afresh, keep them nowhere"
     )
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, databases)")
     p.add_argument(
@@ -133,7 +153,7 @@ async def one_run(ctx: Context, names: list[str], index: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     try:
         for name in names:
-            if name in ("history", "memory"):
+            if name in ("history", "store_migration", "memory"):
                 lazy.stop_pair()
             started = time.perf_counter()
             print(f"  run {index}: {name} ...", file=sys.stderr, flush=True)
@@ -327,20 +347,29 @@ async def amain(args: argparse.Namespace) -> int:
     }
     print(f"p2pchat bench ({'quick' if args.quick else 'full'}), work dir {root}", file=sys.stderr)
     try:
-        if "history" in names:
-            cache = None if args.no_cache else args.cache
+        cache = None if args.no_cache else args.cache
+        for bench, label, build in (
+            ("history", "history_db", build_history_template),
+            ("store_migration", "migration_db", build_migration_template),
+        ):
+            if bench not in names:
+                continue
             t = time.perf_counter()
-            ctx.history_db, fill_s, cached = await asyncio.to_thread(
-                build_history_template, ctx, cache
-            )
-            meta["history_db"] = {
+            print(f"  {label}: {params.history_rows:,} rows ...", file=sys.stderr, flush=True)
+            db, fill_s, cached = await asyncio.to_thread(build, ctx, cache)
+            if bench == "history":
+                ctx.history_db = db
+            else:
+                ctx.migration_db = db
+            meta[label] = {
                 "rows": params.history_rows,
+                "path": str(db),
                 "from_cache": cached,
                 "fill_s": fill_s,
                 "prepare_s": time.perf_counter() - t,
             }
             print(
-                f"  history db: {params.history_rows:,} rows "
+                f"  {label}: {params.history_rows:,} rows "
                 f"({'cached' if cached else f'built in {fill_s:.1f} s'})",
                 file=sys.stderr,
             )
