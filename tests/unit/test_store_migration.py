@@ -472,6 +472,19 @@ def test_migration_makes_one_direct_conversation_per_peer_keyed_by_both_sorted_n
         assert after == [(key, peer) for _, key, _, peer in conversations] + [
             ("direct:alice:carol", "carol")
         ]
+        # Each is a two-member conversation: the owner and the peer, migrated or new.
+        members = _query(
+            db_path,
+            "SELECT c.peer, group_concat(cm.member, ',') FROM conversations c JOIN "
+            "(SELECT * FROM conversation_members ORDER BY member) cm ON cm.conversation = c.id "
+            "GROUP BY c.id ORDER BY c.id",
+        )
+        assert members == [
+            ("aaron", "aaron,alice"),
+            ("bob", "alice,bob"),
+            ("zoe", "alice,zoe"),
+            ("carol", "alice,carol"),
+        ]
 
 
 # -- seq numbers -------------------------------------------------------------------------------

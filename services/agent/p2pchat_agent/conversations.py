@@ -1,9 +1,10 @@
 """Conversations: a message belongs to one. Every conversation is a direct one between two users
 today; its key is derived from the two usernames, so both users' databases name it alike.
 
-`<username>.db` keeps each conversation once, in `conversations` (schema v3): rows refer to it
-by a local integer id. `Conversations` finds and creates a store's direct conversations by peer
-and caches their ids once the transaction that made them has committed.
+`<username>.db` keeps each conversation once, in `conversations` (schema v3), with its members
+in `conversation_members` (a direct conversation has two: the owner and the peer); rows refer
+to it by a local integer id. `Conversations` finds and creates a store's direct conversations
+by peer and caches their ids once the transaction that made them has committed.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class Conversations:
                 (direct_key(self.owner, peer), peer),
             )
             found = int(cur.fetchone()[0])
+            cur.executemany(
+                "INSERT INTO conversation_members (conversation, member) VALUES (?, ?)",
+                [(found, self.owner), (found, peer)],
+            )
             fresh[peer] = found
         return found
 

@@ -27,6 +27,10 @@ COLUMNS: dict[str, dict[str, bool]] = {
         "kind": False,
         "peer": True,
     },
+    "conversation_members": {
+        "conversation": False,
+        "member": False,
+    },
     "messages": {
         "seq": False,
         "id": False,
@@ -122,7 +126,9 @@ _SCHEMA_V2 = [
 # - `conversations`: a message belongs to one. A direct conversation's `key` is derived from the
 #   two usernames (conversations.direct_key: "direct:" + both names in code point order, joined
 #   by ":", which no username holds), the same string in both users' databases; `id` is the
-#   local handle that rows refer to (an integer: four bytes a row, not a key's forty).
+#   local handle that rows refer to (an integer: four bytes a row, not a key's forty). A direct
+#   conversation is a two-member one (`conversation_members`: the owner and `peer`), so that a
+#   group is more members, not another model.
 # - `messages` loses `peer`, `recipient`, `status` and `delivered_at`: who a message is for, and
 #   whether it got there, is per recipient, in `deliveries` (one row per outgoing message and
 #   recipient today; per member and device later, or held by a mailbox). An incoming message has
@@ -144,11 +150,20 @@ _SCHEMA_V3 = [
         kind VARCHAR(8) NOT NULL CHECK (kind IN ('direct')),
         peer VARCHAR(32), CHECK (kind != 'direct' OR peer IS NOT NULL))""",
     "CREATE UNIQUE INDEX ix_conversations_direct ON conversations (peer) WHERE kind = 'direct'",
+    """CREATE TABLE conversation_members (
+        conversation INTEGER NOT NULL REFERENCES conversations (id), member VARCHAR(32) NOT NULL,
+        PRIMARY KEY (conversation, member)) WITHOUT ROWID""",
     # Each peer's first row names both users (the index on (peer, seq) finds it).
     """INSERT INTO conversations (key, kind, peer)
         SELECT (SELECT 'direct:' || min(m.sender, m.recipient) || ':' || max(m.sender, m.recipient)
                 FROM messages m WHERE m.peer = p.peer ORDER BY m.seq LIMIT 1), 'direct', p.peer
         FROM (SELECT DISTINCT peer FROM messages) p ORDER BY p.peer""",
+    # The two members, from the key ("direct:" is 7 characters).
+    """INSERT INTO conversation_members (conversation, member)
+        SELECT id, substr(pair, 1, instr(pair, ':') - 1) FROM
+            (SELECT id, substr(key, 8) AS pair FROM conversations)
+        UNION SELECT id, substr(pair, instr(pair, ':') + 1) FROM
+            (SELECT id, substr(key, 8) AS pair FROM conversations)""",
     "DROP TRIGGER messages_fts_ad",
     "DROP TRIGGER messages_fts_au",
     "DROP INDEX ix_messages_pending",

@@ -21,25 +21,20 @@ _CHUNK = 500  # ids per IN (...) list, well under SQLite's bound-parameter limit
 NO_SEQ_LIMIT = 2**63 - 1
 
 # A StoredMessage read from a message row `m` and its conversation `c`. An outgoing message's
-# status comes from its deliveries: pending while any recipient's device has not acknowledged it,
-# delivered (at the latest acknowledgement) once all have; an incoming one is received. Scalar
-# subqueries, one primary-key lookup each, run only for the rows returned.
-_PENDING_ANY = "(SELECT max(d.status = 'pending') FROM deliveries d WHERE d.message = m.seq)"
-_DELIVERED_AT = (
-    "(SELECT CASE WHEN max(d.status = 'pending') THEN NULL ELSE max(d.delivered_at) END "
-    "FROM deliveries d WHERE d.message = m.seq)"
-)
-_STATUS = (
-    f"CASE WHEN m.direction = 'in' THEN 'received' WHEN {_PENDING_ANY} THEN 'pending' "
-    "ELSE 'delivered' END"
+# state is folded from its deliveries into one value: 'p' while any recipient's device has not
+# acknowledged it, else 'd' and the latest acknowledgement's time; NULL for an incoming message
+# (received). One scalar subquery (a primary-key range) per outgoing row returned.
+_STATE = (
+    "CASE m.direction WHEN 'out' THEN (SELECT CASE WHEN max(d.status = 'pending') THEN 'p' "
+    "ELSE 'd' || max(d.delivered_at) END FROM deliveries d WHERE d.message = m.seq) END"
 )
 _ROW = "m.seq, m.id, c.peer, m.direction, m.sender, m.body, m.sent_at, m.received_at"
-SELECT_COLUMNS = f"{_ROW}, {_DELIVERED_AT}, {_STATUS}"
+SELECT_COLUMNS = f"{_ROW}, {_STATE}"
 MESSAGES = "messages m CROSS JOIN conversations c ON c.id = m.conversation"
 # The outbox of one recipient's device, driven by the partial index ix_deliveries_pending
 # (CROSS JOIN fixes the order in SQLite); every row it yields is pending by construction.
 PENDING = (
-    f"SELECT {_ROW}, NULL, 'pending' FROM deliveries dl "
+    f"SELECT {_ROW}, 'p' FROM deliveries dl "
     "CROSS JOIN messages m ON m.seq = dl.message "
     "CROSS JOIN conversations c ON c.id = m.conversation WHERE dl.recipient = ? "
     "AND dl.status = 'pending' AND dl.device IN ('', ?) AND dl.message > ? "
@@ -110,28 +105,34 @@ def duplicate(cur: sqlite3.Cursor, rows: list[StoredMessage]) -> str:
     return "(unknown)"
 
 
-_DIRECTIONS = {d.value: d for d in Direction}
-_STATUSES = {s.value: s for s in Status}
-
-
 def to_messages(rows: list[tuple[Any, ...]], owner: str) -> list[StoredMessage]:
     """StoredMessages from rows of SELECT_COLUMNS (or PENDING) in `owner`'s database: the
     recipient of a direct message is the peer when it went out, the owner when it came in."""
     out = []
-    for seq, id, peer, direction, sender, body, sent_at, received_at, delivered_at, status in rows:
+    in_, out_ = Direction.IN, Direction.OUT
+    received, pending, delivered = Status.RECEIVED, Status.PENDING, Status.DELIVERED
+    for seq, id, peer, direction, sender, body, sent_at, received_at, state in rows:
+        delivered_at = None
+        if direction == "in":
+            status = received
+        elif state == "p" or state is None:
+            status = pending
+        else:
+            status = delivered
+            delivered_at = datetime.fromisoformat(state[1:] + "+00:00")
         outgoing = direction == "out"
         out.append(  # positional: several times faster than keywords for a NamedTuple
             StoredMessage(
                 id,
                 peer,
-                _DIRECTIONS[direction],
+                out_ if outgoing else in_,
                 sender,
                 peer if outgoing else owner,
                 body,
                 datetime.fromisoformat(sent_at + "+00:00"),
                 None if received_at is None else datetime.fromisoformat(received_at + "+00:00"),
-                None if delivered_at is None else datetime.fromisoformat(delivered_at + "+00:00"),
-                _STATUSES[status],
+                delivered_at,
+                status,
                 seq,
             )
         )
