@@ -62,12 +62,21 @@ def fit_page(messages: list[StoredMessage]) -> list[StoredMessage]:
     return messages
 
 
-def chat_events(event: Event) -> list[pb.ChatEvent]:
-    """What the CLI streams show of an event: one ChatEvent per message concerned."""
+def chat_events(event: Event, batches: bool = False) -> list[pb.ChatEvent]:
+    """What the CLI streams show of an event: one ChatEvent per message concerned, or with
+    `batches` one for all the delivery updates of an acknowledgement."""
     if isinstance(event, MessageEvent):
         return [pb.ChatEvent(message=chat_message(event.message))]
     if isinstance(event, DeliveryEvent):
         delivered_at = to_timestamp(event.delivered_at)
+        if batches:
+            updates = pb.DeliveryUpdates(
+                peer=event.peer,
+                ids=event.ids,
+                status=pb.MESSAGE_STATUS_DELIVERED,
+                delivered_at=delivered_at,
+            )
+            return [pb.ChatEvent(deliveries=updates)]
         return [
             pb.ChatEvent(
                 delivery=pb.DeliveryUpdate(
@@ -185,26 +194,44 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         if first.WhichOneof("kind") != "open":
             raise InvalidArgument("a chat starts with ChatOpen(peer)")
 
-        async def texts() -> AsyncIterator[str]:
+        async def texts() -> AsyncIterator[list[str]]:
             async for item in request_iterator:
-                if item.WhichOneof("kind") == "text":
-                    yield item.text.body
+                kind = item.WhichOneof("kind")
+                if kind == "text":
+                    yield [item.text.body]
+                elif kind == "texts":
+                    yield [text.body for text in item.texts.texts]
 
         limit = first.open.history_limit or 50
-        async for item in chat.chat(self._agent, first.open.peer, limit, texts()):
-            if isinstance(item, chat.Past):
-                yield pb.ChatEvent(message=chat_message(item.message))
-            elif isinstance(item, chat.PastEnd):
-                yield pb.ChatEvent(history_end=pb.HistoryEnd())
-            elif isinstance(item, Notice):
-                yield pb.ChatEvent(notice=pb.Notice(code=item.code, message=item.message))
-            else:
-                for event in chat_events(item):
-                    yield event
+        batches = first.open.batches
+        async for burst in chat.chat(self._agent, first.open.peer, limit, texts()):
+            events = [e for item in burst for e in chat_item_events(item, batches)]
+            for event in _batched(events) if batches else events:
+                yield event
 
     async def Serve(
         self, request: pb.ServeRequest, context: Context
     ) -> AsyncIterator[pb.ChatEvent]:
-        async for item in chat.serve(self._agent):
-            for event in chat_events(item):
+        batches = request.batches
+        async for burst in chat.serve(self._agent):
+            events = [e for item in burst for e in chat_events(item, batches)]
+            for event in _batched(events) if batches else events:
                 yield event
+
+
+def _batched(events: list[pb.ChatEvent]) -> list[pb.ChatEvent]:
+    """What is ready together as one ChatEvent (a batch when there are several)."""
+    if len(events) <= 1:
+        return events
+    return [pb.ChatEvent(batch=pb.ChatEventBatch(events=events))]
+
+
+def chat_item_events(item: chat.ChatItem, batches: bool) -> list[pb.ChatEvent]:
+    """The ChatEvents of one item of a chat."""
+    if isinstance(item, chat.Past):
+        return [pb.ChatEvent(message=chat_message(item.message))]
+    if isinstance(item, chat.PastEnd):
+        return [pb.ChatEvent(history_end=pb.HistoryEnd())]
+    if isinstance(item, Notice):
+        return [pb.ChatEvent(notice=pb.Notice(code=item.code, message=item.message))]
+    return chat_events(item, batches)

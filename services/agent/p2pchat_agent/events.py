@@ -19,7 +19,11 @@ from p2pchat_common.errors import DomainError
 
 log = logging.getLogger(__name__)
 
+# Events waiting unread before a subscriber is dropped. A chat's own texts cannot fill it (its
+# input is held back long before: chat.UNREAD); others' messages to a client that reads nothing
+# can, and then the stream ends with RESOURCE_EXHAUSTED (the messages are stored: History).
 QUEUE_LIMIT = 10_000
+_OVERFLOW = "too many events not read in time; reconnect to catch up"
 
 
 @dataclass(frozen=True)
@@ -76,12 +80,14 @@ class Subscription:
         self.accepts = accepts
         self.queue: asyncio.Queue[Item | None] = asyncio.Queue(QUEUE_LIMIT)
         self.overflowed = False
+        self._taken = asyncio.Event()  # set whenever the reader takes items
 
     async def get(self) -> Item:
         """The next item; waits for one."""
         item = await self.queue.get()
+        self._taken.set()
         if item is None:
-            raise Overflow("too many events not read in time; reconnect to catch up")
+            raise Overflow(_OVERFLOW)
         return item
 
     def get_nowait(self) -> Item | None:
@@ -89,9 +95,17 @@ class Subscription:
         if self.queue.empty():
             return None
         item = self.queue.get_nowait()
+        self._taken.set()
         if item is None:
-            raise Overflow("too many events not read in time; reconnect to catch up")
+            raise Overflow(_OVERFLOW)
         return item
+
+    async def room(self, below: int) -> None:
+        """Waits until fewer than `below` items wait unread: how the owner of a subscription
+        holds its own input back while its reader falls behind."""
+        while self.queue.qsize() >= below:
+            self._taken.clear()
+            await self._taken.wait()
 
     def put(self, item: Item) -> None:
         """Queues an item for this subscriber (events come from the hub; the owner may add its

@@ -614,18 +614,25 @@ class ChatOpen(_message.Message):
 
     PEER_FIELD_NUMBER: _builtins.int
     HISTORY_LIMIT_FIELD_NUMBER: _builtins.int
+    BATCHES_FIELD_NUMBER: _builtins.int
     peer: _builtins.str
     history_limit: _builtins.int
     """How many past messages to send first (0 means 50)."""
+    batches: _builtins.bool
+    """Send what is ready together: one ChatEvent.batch holds every event waiting (in order),
+    and the delivery updates of one acknowledgement travel as one ChatEvent.deliveries. False:
+    one ChatEvent per message and per delivery update (the first contract).
+    """
     def __init__(
         self,
         *,
         peer: _builtins.str = ...,
         history_limit: _builtins.int = ...,
+        batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["history_limit", b"history_limit", "peer", b"peer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "history_limit", b"history_limit", "peer", b"peer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -651,26 +658,57 @@ class ChatText(_message.Message):
 Global___ChatText: _TypeAlias = ChatText  # noqa: Y015
 
 @_typing.final
+class ChatTexts(_message.Message):
+    """Several texts written at once, stored in this order (each as if sent alone)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatText]: ...
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[Global___ChatText] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatTexts: _TypeAlias = ChatTexts  # noqa: Y015
+
+@_typing.final
 class ChatInput(_message.Message):
+    """After the ChatOpen, texts, one or many at a time. The agent reads its input only as fast as
+    it stores them and as its client reads the events they make: a writer faster than that is
+    held back by flow control, never dropped.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OPEN_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___ChatOpen: ...
     @_builtins.property
     def text(self) -> Global___ChatText: ...
+    @_builtins.property
+    def texts(self) -> Global___ChatTexts: ...
     def __init__(
         self,
         *,
         open: Global___ChatOpen | None = ...,
         text: Global___ChatText | None = ...,
+        texts: Global___ChatTexts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "open", b"open", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "open", b"open", "text", b"text", "texts", b"texts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "open", b"open", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "open", b"open", "text", b"text", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "text"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "text", "texts"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -704,6 +742,60 @@ class DeliveryUpdate(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliveryUpdate: _TypeAlias = DeliveryUpdate  # noqa: Y015
+
+@_typing.final
+class DeliveryUpdates(_message.Message):
+    """Outgoing messages to `peer` acknowledged together (one acknowledgement), in the order sent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DELIVERED_AT_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    status: Global___MessageStatus.ValueType
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def delivered_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+        status: Global___MessageStatus.ValueType = ...,
+        delivered_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "ids", b"ids", "peer", b"peer", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryUpdates: _TypeAlias = DeliveryUpdates  # noqa: Y015
+
+@_typing.final
+class ChatEventBatch(_message.Message):
+    """Events that were ready together, in order (never nested: no batch inside a batch)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___ChatEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatEventBatch: _TypeAlias = ChatEventBatch  # noqa: Y015
 
 @_typing.final
 class HistoryEnd(_message.Message):
@@ -780,12 +872,17 @@ Global___Notice: _TypeAlias = Notice  # noqa: Y015
 class ServeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    BATCHES_FIELD_NUMBER: _builtins.int
+    batches: _builtins.bool
+    """As ChatOpen.batches."""
     def __init__(
         self,
+        *,
+        batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -800,6 +897,8 @@ class ChatEvent(_message.Message):
     HISTORY_END_FIELD_NUMBER: _builtins.int
     KEY_CHANGED_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def message(self) -> Global___ChatMessage: ...
     @_builtins.property
@@ -810,6 +909,12 @@ class ChatEvent(_message.Message):
     def key_changed(self) -> Global___PeerKeyChanged: ...
     @_builtins.property
     def notice(self) -> Global___Notice: ...
+    @_builtins.property
+    def deliveries(self) -> Global___DeliveryUpdates:
+        """Only to a client that asked for batches."""
+
+    @_builtins.property
+    def batch(self) -> Global___ChatEventBatch: ...
     def __init__(
         self,
         *,
@@ -818,12 +923,14 @@ class ChatEvent(_message.Message):
         history_end: Global___HistoryEnd | None = ...,
         key_changed: Global___PeerKeyChanged | None = ...,
         notice: Global___Notice | None = ...,
+        deliveries: Global___DeliveryUpdates | None = ...,
+        batch: Global___ChatEventBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "history_end", b"history_end", "key_changed", b"key_changed", "kind", b"kind", "message", b"message", "notice", b"notice"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "deliveries", b"deliveries", "delivery", b"delivery", "history_end", b"history_end", "key_changed", b"key_changed", "kind", b"kind", "message", b"message", "notice", b"notice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "history_end", b"history_end", "key_changed", b"key_changed", "kind", b"kind", "message", b"message", "notice", b"notice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "deliveries", b"deliveries", "delivery", b"delivery", "history_end", b"history_end", "key_changed", b"key_changed", "kind", b"kind", "message", b"message", "notice", b"notice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["message", "delivery", "history_end", "key_changed", "notice"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["message", "delivery", "history_end", "key_changed", "notice", "deliveries", "batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

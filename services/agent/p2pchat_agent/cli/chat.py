@@ -34,7 +34,20 @@ class _Printer:
 
     def show(self, event: apb.ChatEvent) -> None:
         kind = event.WhichOneof("kind")
-        if kind == "message":
+        if kind == "batch":
+            for one in event.batch.events:
+                self.show(one)
+        elif kind == "deliveries":
+            updates = event.deliveries
+            for id in updates.ids:
+                update = apb.DeliveryUpdate(
+                    id=id,
+                    peer=updates.peer,
+                    status=updates.status,
+                    delivered_at=updates.delivered_at,
+                )
+                self.console.say(delivery_line(update, self.bodies.pop(id, "")))
+        elif kind == "message":
             m = event.message
             self.bodies[m.id] = m.body
             if m.direction == apb.DIRECTION_INCOMING:
@@ -90,6 +103,29 @@ async def _read_lines(
         stream.result()  # the agent ended the stream: say why
 
 
+OUTGOING_LINES = 1_000
+
+
+async def _batches(lines: asyncio.Queue[str | None]) -> AsyncIterator[apb.ChatInput]:
+    """Lines as ChatInputs until None: every line waiting goes in one input (ChatTexts), at
+    once; nothing waits for a batch to fill."""
+    while True:
+        line = await lines.get()
+        if line is None:
+            return
+        texts = [apb.ChatText(body=line)]
+        while not lines.empty():
+            more = lines.get_nowait()
+            if more is None:
+                yield apb.ChatInput(texts=apb.ChatTexts(texts=texts))
+                return
+            texts.append(apb.ChatText(body=more))
+        if len(texts) == 1:
+            yield apb.ChatInput(text=texts[0])
+        else:
+            yield apb.ChatInput(texts=apb.ChatTexts(texts=texts))
+
+
 async def _stop(call: grpc.aio.Call, stream: asyncio.Task[None]) -> None:
     call.cancel()
     stream.cancel()
@@ -121,12 +157,13 @@ async def _show_history(conn: AgentConnection, console: Console, peer: str, arg:
 
 async def chat(conn: AgentConnection, console: Console, peer: str, me: str) -> None:
     """Prints the history with `peer`, then chats live until /quit, Ctrl-D or Ctrl-C."""
-    outgoing: asyncio.Queue[apb.ChatInput | None] = asyncio.Queue()
+    # Bounded: when the agent holds the stream back, reading more lines waits too.
+    outgoing: asyncio.Queue[str | None] = asyncio.Queue(OUTGOING_LINES)
 
     async def inputs() -> AsyncIterator[apb.ChatInput]:
-        yield apb.ChatInput(open=apb.ChatOpen(peer=peer, history_limit=50))
-        while (item := await outgoing.get()) is not None:
-            yield item
+        yield apb.ChatInput(open=apb.ChatOpen(peer=peer, history_limit=50, batches=True))
+        async for texts in _batches(outgoing):
+            yield texts
 
     call = conn.stub.Chat(inputs())
     printer = _Printer(console)
@@ -139,7 +176,7 @@ async def chat(conn: AgentConnection, console: Console, peer: str, me: str) -> N
         elif BODY_CONTROL.search(line):  # the agent would end the chat for it: say so here
             console.say("(not sent: the line holds control characters, e.g. a pasted escape)")
         else:
-            await outgoing.put(apb.ChatInput(text=apb.ChatText(body=line)))
+            await outgoing.put(line)
 
     try:
         await _until_ready(task, printer.history_done)
@@ -156,7 +193,7 @@ async def serve(conn: AgentConnection, console: Console, me: str) -> None:
     status = await conn.status()
     console.say(f"--- serving as {safe(me)}, reachable at {safe(status.address)} ---")
     console.say(f"--- {SERVE_HELP} ---")
-    call = conn.stub.Serve(apb.ServeRequest())
+    call = conn.stub.Serve(apb.ServeRequest(batches=True))
     printer = _Printer(console)
     task = asyncio.create_task(printer.run(conn, call))
 
