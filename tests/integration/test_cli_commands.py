@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.agent import InProcessAgent, wait_until
+from tests.support.agent import AgentClient, InProcessAgent, wait_until
 from tests.support.cli import run_cli
 from tests.support.process import free_port
 
@@ -142,3 +142,47 @@ def test_help_texts_explain_every_command(tmp_path: Path) -> None:
     assert "--wait" in send_help and "TEXT" in send_help.upper()
     history_help = run_cli(free_port(), tmp_path, "history", "--help").stdout
     assert "--json" in history_help and "--search" in history_help
+
+
+def test_send_dash_sends_every_line_of_stdin_in_order_and_waits_for_delivery(
+    make_agent: Callable[[str], InProcessAgent], tmp_path: Path
+) -> None:
+    port, alice, bob = _two_contacts(make_agent)
+    lines = [f"line {i:04d} from a pipe" for i in range(2000)]
+    stdin = "\n".join(lines[:1000]) + "\n\n" + "\n".join(lines[1000:]) + "\n"  # a blank line
+
+    result = run_cli(port, tmp_path, "send", "bob", "-", "--wait", "30", stdin=stdin)
+
+    assert result.returncode == 0, result.stderr
+    out = [line.split() for line in result.stdout.splitlines()]
+    assert len(out) == 2000 and {state for _, state in out} == {"delivered"}
+    stored = bob.history("alice", limit=1000)
+    assert [m.body for m in stored] == lines[1000:]
+    assert [m.id for m in alice.history("bob", limit=1000)] == [id for id, _ in out[1000:]]
+
+
+def test_send_dash_refuses_lines_with_control_characters_and_sends_the_rest(
+    make_agent: Callable[[str], InProcessAgent], tmp_path: Path
+) -> None:
+    port, alice, bob = _two_contacts(make_agent)
+
+    result = run_cli(port, tmp_path, "send", "bob", "-", stdin="first\nbad \x1b[2J\nlast\n")
+
+    assert result.returncode == 2
+    assert "1 line(s) not sent: they hold control characters" in result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    wait_until(lambda: [m.body for m in bob.history("alice")] == ["first", "last"])
+
+
+def _two_contacts(
+    make_agent: Callable[[str], InProcessAgent],
+) -> tuple[int, AgentClient, AgentClient]:
+    """alice's control port, and clients of alice and bob, logged in and each other's contact."""
+    a, b = make_agent("alice"), make_agent("bob")
+    alice, bob = a.client(), b.client()
+    for client, name in ((alice, "alice"), (bob, "bob")):
+        client.register(name)
+        client.login(name)
+    alice.add_contact("bob")
+    bob.add_contact("alice")
+    return a.server.control_port, alice, bob

@@ -24,6 +24,7 @@ from p2pchat_agent.cli.render import (
     message_line,
     safe,
 )
+from p2pchat_agent.cli.send_lines import send_lines
 
 Handler = Callable[[AgentConnection, Console, argparse.Namespace], Awaitable[int]]
 
@@ -157,6 +158,8 @@ async def cmd_trust(conn: AgentConnection, console: Console, args: argparse.Name
 
 
 async def cmd_send(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
+    if args.text == "-":
+        return await send_lines(conn, console, args.user, args.wait)
     message = await conn.send(args.user, args.text, args.wait)
     state = STATUS_NAMES.get(message.status, "unknown")
     if args.wait is not None and state == "pending":
@@ -226,7 +229,11 @@ def _wait(text: str) -> float:
 
 def _send_args(p: argparse.ArgumentParser) -> None:
     _user(p)
-    p.add_argument("text", help="the message (UTF-8, at most 16 KiB by default)")
+    p.add_argument(
+        "text",
+        help="the message (UTF-8, at most 16 KiB by default); '-' sends each line of standard "
+        "input as a message, in order, in batches",
+    )
     p.add_argument(
         "--wait",
         nargs="?",
@@ -267,7 +274,12 @@ COMMANDS = [
     Command("contacts", "list your contacts with address and presence", cmd_contacts, _json),
     Command("add-contact", "add USER to your contacts", cmd_add_contact, _user_address),
     Command("remove-contact", "remove USER from your contacts", cmd_remove_contact, _user),
-    Command("send", "send TEXT to USER; prints the message id and state", cmd_send, _send_args),
+    Command(
+        "send",
+        "send TEXT (or each line of stdin: -) to USER; prints each message's id and state",
+        cmd_send,
+        _send_args,
+    ),
     Command("history", "print your conversation with USER", cmd_history, _history_args),
     Command("chat", "chat with USER live (history first)", cmd_chat, _user),
     Command("serve", "show every incoming message live, with replies", cmd_serve),
