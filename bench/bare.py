@@ -105,10 +105,12 @@ async def stream_rate(
     server: BareServer, count: int, body: bytes, timeout: float
 ) -> dict[str, Any]:
     """`count` messages on one bidi stream, one per gRPC message, each acked by one gRPC message.
-    msg/s from the first write to the last ack."""
+    msg/s from the first write to the last ack; the CPU per message of the server and of this
+    process (the client)."""
     async with server.channel() as channel:
         await channel.channel_ready()
         call: Any = channel.stream_stream(STREAM)()
+        server_cpu, client_cpu = cpu_seconds(server.child.pid), time.process_time()
 
         async def writer() -> None:
             for i in range(count):
@@ -128,6 +130,8 @@ async def stream_rate(
         except TimeoutError:
             pass
         elapsed = time.perf_counter() - started
+        server_cpu = cpu_seconds(server.child.pid) - server_cpu
+        client_cpu = time.process_time() - client_cpu
         task.cancel()
         call.cancel()
         return {
@@ -135,7 +139,33 @@ async def stream_rate(
             "seconds": elapsed,
             "msgs_per_s": acked / elapsed,
             "complete": acked == count and time.perf_counter() <= deadline + 1,
+            "server_cpu_us_per_msg": server_cpu / max(1, acked) * 1e6,
+            "client_cpu_us_per_msg": client_cpu / max(1, acked) * 1e6,
         }
+
+
+async def ping_pong(
+    server: BareServer, count: int, body: bytes, timeout: float, warmup: int = 20
+) -> dict[str, Any]:
+    """`count` sequential round trips on one bidi stream: write one message, wait for its echo
+    (one gRPC message each way: one hop there and back). Returns the round-trip times (s)."""
+    async with server.channel() as channel:
+        await channel.channel_ready()
+        call: Any = channel.stream_stream(STREAM)()
+        rtts: list[float] = []
+        try:
+            async with asyncio.timeout(timeout):
+                for i in range(warmup + count):
+                    t = time.perf_counter()
+                    await call.write(b"%026d" % i + body)
+                    await call.read()
+                    if i >= warmup:
+                        rtts.append(time.perf_counter() - t)
+        except TimeoutError:
+            pass
+        finally:
+            call.cancel()
+        return {"round_trips": len(rtts), "rtts": rtts, "complete": len(rtts) == count}
 
 
 async def unary_rate(

@@ -1,5 +1,5 @@
-"""The benchmarks of issue 6. Each takes the run's context and world and returns its figures for
-that run (its baseline, when it has one, measured right next to it in the same run)."""
+"""The benchmarks of issues 6 and 12. Each takes the run's context and world and returns its
+figures for that run (its baseline, when it has one, measured right next to it in the same run)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ from typing import Any
 import grpc
 
 from bench.bare import OWN_CONNECTION, BareServer, bare_unary_rate, stream_rate, unary_rate
+from bench.bare import ping_pong as bare_ping_pong
 from bench.cluster import PASSWORD, Agent, World, cpu_seconds, rss_mb, wait_for
 from bench.peers import PeerLinks, make_identities
 from bench.prefill import Corpus, fill_history, fill_history_v2, fill_outbox, v2_schema_hash
+from bench.streams import ChatClient, StreamsChild, burst_body, tcp_counters, tcp_delta
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import agent_pb2_grpc, directory_pb2_grpc
 from p2pchat.v1 import directory_pb2 as dpb
@@ -52,6 +54,16 @@ class Params:
     migration_pending: int = 300  # of the history_rows of the version 2 file: its outbox
     memory_links: int = 200
     idle_settle: float = 3.0
+    burst_messages: int = 20_000  # chat_burst: texts per burst
+    bursts: int = 10
+    burst_batch: int = 500  # texts per ChatInput at most
+    burst_body: int = 100  # bytes per text
+    burst_timeout: float = 30.0  # a burst not acked by then has stalled
+    burst_seconds: float = 40.0  # no further burst starts once it would end later than this
+    ping_rounds: int = 2_000
+    ping_warmup: int = 20
+    ping_timeout: float = 5.0  # a round trip not back by then is lost
+    ping_seconds: float = 40.0  # no further round trip starts after this
 
 
 FULL = Params()
@@ -67,6 +79,12 @@ QUICK = Params(
     history_queries=40,
     memory_links=20,
     idle_settle=1.0,
+    burst_messages=2_000,
+    bursts=2,
+    burst_timeout=15.0,
+    burst_seconds=15.0,
+    ping_rounds=200,
+    ping_seconds=15.0,
 )
 
 HISTORY_USER = "hist"  # the owner of the history databases
@@ -575,6 +593,372 @@ async def live_latency(ctx: Context, lazy: Lazy) -> Figures:
     return figures
 
 
+# -- chat_burst and ping_pong (issue 12) ----------------------------------------------------------
+
+
+def _cpu_now(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each process in `pids`, and of this one ("bench")."""
+    now: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            now[name] = cpu_seconds(pid)
+        except OSError:  # it has ended
+            now[name] = float("nan")
+    now["bench"] = time.process_time()
+    return now
+
+
+def _cpu_add(total: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
+    for name in after:
+        total[name] = total.get(name, 0.0) + after[name] - before[name]
+
+
+async def _serve_live(client: ChatClient, child: StreamsChild, timeout: float = 20.0) -> int:
+    """Warm-up texts on alice's Chat until bob's Serve client has seen one (his subscription is
+    live); returns how many were written."""
+    deadline = time.monotonic() + timeout
+    i = 0
+    while True:
+        await client.write_text(f"warm {i} {BODY}")
+        i += 1
+        try:
+            line = await child.line(0.2)
+        except TimeoutError:
+            line = ""
+        if line is None:
+            raise RuntimeError("bob's Serve client ended during the warm-up")
+        if line == "warm":
+            return i
+        if time.monotonic() > deadline:
+            raise TimeoutError("bob's Serve stream saw no warm-up message")
+
+
+async def _one_burst(
+    p: Params,
+    client: ChatClient,
+    child: StreamsChild,
+    k: int,
+    pids: dict[str, int],
+    cpu: dict[str, float],
+    link_ports: set[int],
+) -> Figures:
+    """Burst k: p.burst_messages texts written on alice's Chat as fast as it takes them, until
+    alice's Chat has shown every delivery update and bob's Serve every message (or it stalls)."""
+    n = p.burst_messages
+    prefix = f"cb{k:02d}-"
+    burst = client.start_burst(prefix, n)
+    inputs0, events0 = client.inputs, client.events
+    link0 = tcp_counters(pids["alice"], link_ports)
+    cpu0 = _cpu_now(pids)
+    t0 = time.monotonic()
+    deadline = t0 + p.burst_timeout
+
+    async def writer() -> None:
+        size = p.burst_body
+        for start in range(0, n, p.burst_batch):
+            end = min(n, start + p.burst_batch)
+            await client.write_texts([burst_body(prefix, i, size) for i in range(start, end)])
+
+    writing = asyncio.create_task(writer())
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(burst.done.wait(), p.burst_timeout)
+    t_serve: float | None = None
+    serve_events = duplicates = bob_got = 0
+    bob_failed: list[str] = []
+    while t_serve is None:
+        try:
+            line = await child.line(deadline - time.monotonic())
+        except TimeoutError:
+            break
+        if line is None:
+            bob_failed.append("bob's Serve client ended")
+            break
+        words = line.split()
+        if words[:1] == ["done"] and int(words[1]) == k:
+            t_serve, serve_events, duplicates = float(words[2]), int(words[3]), int(words[4])
+            bob_got = n
+        elif words[:1] == ["at"] and int(words[1]) == k:
+            bob_got = int(words[2])
+        elif words[:1] == ["failed"]:
+            bob_failed.append(words[1])
+    cpu1 = _cpu_now(pids)
+    link1 = tcp_counters(pids["alice"], link_ports)
+    write_error = None
+    if not writing.done():
+        writing.cancel()
+        write_error = "writer still held back"
+    elif not writing.cancelled() and writing.exception() is not None:
+        exc = writing.exception()
+        write_error = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+    ok = burst.t_acked is not None and t_serve is not None and not bob_failed
+    figures: Figures = {"burst": k, "ok": ok}
+    if ok:
+        assert burst.t_acked is not None and t_serve is not None
+        _cpu_add(cpu, cpu0, cpu1)
+        figures.update(
+            msgs_per_s=n / (t_serve - t0),
+            acked_msgs_per_s=n / (burst.t_acked - t0),
+            serve_s=t_serve - t0,
+            acked_s=burst.t_acked - t0,
+            inputs=client.inputs - inputs0,
+            events=client.events - events0,
+            serve_events=serve_events,
+            serve_duplicates=duplicates,
+            link=tcp_delta(link0, link1),
+        )
+    else:
+        state = (
+            f"alice's Chat: {burst.echoed} echoed, {burst.acked} acked; bob's Serve: {bob_got}"
+            f" received (of {n}) after {time.monotonic() - t0:.1f} s"
+        )
+        figures.update(
+            chat_error=client.error if client.ended.is_set() else None,
+            write_error=write_error,
+            serve_errors=bob_failed,
+            state=state,
+        )
+    return figures
+
+
+async def chat_burst(ctx: Context, lazy: Lazy) -> Figures:
+    """Bursts of texts written on alice's Chat(batches=True), as a client with that many
+    queued would; bob's Serve(batches=True) in his own process (see bench/README.md)."""
+    p = ctx.params
+    n = p.burst_messages
+    alice, bob = lazy.pair()
+    if not await wait_pending(alice, 60):
+        raise RuntimeError("alice still has messages pending from an earlier benchmark")
+    bare = lazy.bare()
+    base_body = burst_body("bare-", 0, p.burst_body - 26).encode()  # + the 26-byte id: 100 B
+    base_before = await stream_rate(bare, n, base_body, 120)
+    child = await StreamsChild.start(
+        lazy.world.root / "logs" / "chat-burst-bob.log",
+        "count",
+        "--port",
+        str(bob.control_port),
+        "--peer",
+        "alice",
+        "--messages",
+        str(n),
+        "--timeout",
+        str(p.burst_seconds + p.burst_timeout + 60),
+    )
+    ch, stub = agent_stub(alice)
+    pids = {
+        "alice": alice.pid,
+        "bob": bob.pid,
+        "directory": lazy.world.directory.child.pid,
+        "bob_client": child.pid,
+    }
+    link_ports = {alice.peer_port, bob.peer_port}
+    bursts: list[Figures] = []
+    cpu: dict[str, float] = {}
+    client = ChatClient(stub, "bob")
+    reopened = 0
+    stats: dict[str, str] = {}
+    try:
+        await client.open()
+        warm = await _serve_live(client, child)
+        if not await wait_pending(alice, 30):
+            raise RuntimeError("the warm-up texts were not delivered")
+        started = time.monotonic()
+        with profiled(ctx, "chat_burst", {"alice": alice.pid, "bob": bob.pid}):
+            for k in range(p.bursts):
+                longest = max((b.get("acked_s", p.burst_timeout) for b in bursts), default=0.0)
+                if time.monotonic() - started + longest > p.burst_seconds:
+                    break
+                if client.ended.is_set() or (bursts and not bursts[-1]["ok"]):
+                    # the stream failed or stalled: a new one, as a client would reconnect
+                    await client.close()
+                    client = ChatClient(stub, "bob")
+                    await client.open()
+                    reopened += 1
+                    await wait_pending(alice, p.burst_timeout)
+                bursts.append(await _one_burst(p, client, child, k, pids, cpu, link_ports))
+    finally:
+        await client.close()
+        await ch.close()
+        stats = await child.stop()
+    base_after = await stream_rate(bare, n, base_body, 120)
+    baseline = (base_before["msgs_per_s"] + base_after["msgs_per_s"]) / 2
+    good = [b for b in bursts if b["ok"]]
+    done = n * len(good)
+    figures: Figures = {
+        "messages_per_burst": n,
+        "texts_per_input": p.burst_batch,
+        "body_bytes": p.burst_body,
+        "bursts": len(bursts),
+        "bursts_ok": len(good),
+        "dropped": len(bursts) - len(good),
+        "streams_reopened": reopened,
+        "warmup_texts": warm,
+        "baseline_msgs_per_s": baseline,
+        "baseline_msgs_per_s_before": base_before["msgs_per_s"],
+        "baseline_msgs_per_s_after": base_after["msgs_per_s"],
+        "baseline_server_cpu_us_per_msg": base_before["server_cpu_us_per_msg"],
+        "baseline_client_cpu_us_per_msg": base_before["client_cpu_us_per_msg"],
+        "bob_client_stats": stats,
+        "per_burst": bursts,
+    }
+    if good:
+        acked = statistics.median(b["acked_msgs_per_s"] for b in good)
+        figures.update(
+            msgs_per_s=statistics.median(b["msgs_per_s"] for b in good),
+            acked_msgs_per_s=acked,
+            acked_msgs_per_s_min=min(b["acked_msgs_per_s"] for b in good),
+            acked_msgs_per_s_max=max(b["acked_msgs_per_s"] for b in good),
+            ratio=acked / baseline,
+            client_in_msgs_per_msg=sum(b["inputs"] for b in good) / done,
+            client_out_events_per_msg=sum(b["events"] for b in good) / done,
+            serve_events_per_msg=sum(b["serve_events"] for b in good) / done,
+            serve_duplicates=sum(b["serve_duplicates"] for b in good),
+            **{f"cpu_us_per_msg_{name}": seconds / done * 1e6 for name, seconds in cpu.items()},
+        )
+        links = [b["link"] for b in good if b["link"] is not None]
+        if links:
+            sent = sum(link["bytes_sent"] for link in links) / (n * len(links))
+            received = sum(link["bytes_received"] for link in links) / (n * len(links))
+            segs_out = sum(link["data_segs_out"] for link in links) / (n * len(links))
+            segs_in = sum(link["data_segs_in"] for link in links) / (n * len(links))
+            figures.update(
+                link_bytes_per_msg=sent,
+                link_ack_bytes_per_msg=received,
+                link_tcp_segs_per_msg=segs_out,
+                link_ack_tcp_segs_per_msg=segs_in,
+            )
+    failed = [b for b in bursts if not b["ok"]]
+    if failed:
+        figures["failures"] = failed
+    if len(bursts) < p.bursts:
+        figures["note"] = (
+            f"{len(bursts)} of {p.bursts} bursts: the next would have ended after "
+            f"{p.burst_seconds:.0f} s"
+        )
+    return figures
+
+
+async def ping_pong(ctx: Context, lazy: Lazy) -> Figures:
+    """Sequential round trips alice -> bob -> alice through both agents; bob's echo client in its
+    own process (Serve to read, a Chat with alice to answer)."""
+    p = ctx.params
+    alice, bob = lazy.pair()
+    await wait_pending(alice, 60)
+    bare = lazy.bare()
+    sample = f"ping {0:07d} {BODY}"
+    base_body = sample.encode()[: len(sample) - 26].ljust(len(sample) - 26, b"x")
+    base_before = await bare_ping_pong(bare, p.ping_rounds, base_body, 60)
+    child = await StreamsChild.start(
+        lazy.world.root / "logs" / "ping-pong-bob.log",
+        "echo",
+        "--port",
+        str(bob.control_port),
+        "--peer",
+        "alice",
+        "--timeout",
+        str(p.ping_seconds + 60),
+    )
+    pids = {
+        "alice": alice.pid,
+        "bob": bob.pid,
+        "directory": lazy.world.directory.child.pid,
+        "bob_client": child.pid,
+    }
+    ch, stub = agent_stub(alice)
+    client = ChatClient(stub, "bob")
+    loop = asyncio.get_running_loop()
+
+    async def round_trip(body: str, timeout: float) -> float | None:
+        future: asyncio.Future[float] = loop.create_future()
+        client.expect = ("pong " + body, future)
+        t = time.monotonic()
+        await client.write_text(body)
+        try:
+            return await asyncio.wait_for(future, timeout) - t
+        except TimeoutError:
+            client.expect = None
+            return None
+
+    rtts: list[float] = []
+    lost = 0
+    warm = 0
+    stats: dict[str, str] = {}
+    cpu: dict[str, float] = {}
+    try:
+        await client.open()
+        line = await child.line(20)
+        if line != "ready":
+            raise RuntimeError(f"bob's echo client said {line!r}")
+        deadline = time.monotonic() + 20
+        answered = 0
+        while answered < p.ping_warmup:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{answered} of {p.ping_warmup} warm-up pings answered")
+            warm += 1
+            if await round_trip(f"warm {warm} {BODY}", 1.0) is not None:
+                answered += 1
+        await wait_pending(alice, 10)
+        events0, inputs0 = client.events, client.inputs
+        cpu0 = _cpu_now(pids)
+        stop = time.monotonic() + p.ping_seconds
+        with profiled(ctx, "ping_pong", {"alice": alice.pid, "bob": bob.pid}):
+            in_a_row = 0  # lost round trips in a row: after 5, the echo is gone, stop
+            for i in range(p.ping_rounds):
+                if time.monotonic() > stop or client.ended.is_set() or in_a_row >= 5:
+                    break
+                rtt = await round_trip(f"ping {i:07d} {BODY}", p.ping_timeout)
+                if rtt is None:
+                    lost += 1
+                    in_a_row += 1
+                else:
+                    rtts.append(rtt)
+                    in_a_row = 0
+        _cpu_add(cpu, cpu0, _cpu_now(pids))
+        events, inputs = client.events - events0, client.inputs - inputs0
+    finally:
+        await client.close()
+        await ch.close()
+        stats = await child.stop()
+    base_after = await bare_ping_pong(bare, p.ping_rounds, base_body, 60)
+    rounds = len(rtts) + lost
+    # A lost round trip counts with the time it was waited for: percentiles are then lower bounds.
+    halves = [r / 2 for r in rtts] + [p.ping_timeout / 2] * lost
+    base_halves = sorted(r / 2 for r in base_before["rtts"] + base_after["rtts"])
+    base_p50 = statistics.fmean(
+        percentile(sorted(b["rtts"]), 50) / 2 * 1000 for b in (base_before, base_after)
+    )
+    half = summary_ms(halves, "half_rtt_")
+    figures: Figures = {
+        "round_trips": rounds,
+        "answered": len(rtts),
+        "lost": lost,
+        **half,
+        "rtt_p50_ms": half["half_rtt_p50_ms"] * 2,
+        "baseline_half_rtt_p50_ms": base_p50,
+        "baseline_half_rtt_p50_ms_before": percentile(sorted(base_before["rtts"]), 50) / 2 * 1000,
+        "baseline_half_rtt_p50_ms_after": percentile(sorted(base_after["rtts"]), 50) / 2 * 1000,
+        "baseline_half_rtt_p99_ms": percentile(base_halves, 99) * 1000,
+        "baseline_round_trips": len(base_halves),
+        "ratio": half["half_rtt_p50_ms"] / base_p50,
+        "client_in_msgs_per_rtt": inputs / max(1, rounds),
+        "client_out_events_per_rtt": events / max(1, rounds),
+        "bob_client_stats": stats,
+        **{f"cpu_us_per_rtt_{name}": s / max(1, rounds) * 1e6 for name, s in cpu.items()},
+    }
+    echoed = int(stats.get("echoed", 0))
+    if echoed:  # bob's streams over all his echoes (the warm-up's included)
+        figures["bob_serve_events_per_rtt"] = int(stats["serve_events"]) / echoed
+        figures["bob_chat_events_per_rtt"] = int(stats["chat_events"]) / echoed
+        figures["bob_chat_inputs_per_rtt"] = int(stats["chat_inputs"]) / echoed
+    if rounds < p.ping_rounds:
+        figures["note"] = (
+            f"{rounds} of {p.ping_rounds} round trips ({lost} lost): stopped at "
+            f"{p.ping_seconds:.0f} s, after 5 lost in a row, or as alice's Chat ended"
+        )
+    if client.error is not None and not client.error.startswith("CANCELLED"):
+        figures["chat_error"] = client.error
+    return figures
+
+
 # -- history ---------------------------------------------------------------------------------------
 
 
@@ -871,6 +1255,8 @@ async def memory(ctx: Context, lazy: Lazy) -> Figures:
 BENCHMARKS: dict[str, Callable[[Context, Lazy], Awaitable[Figures]]] = {
     "outbox_flush": outbox_flush,
     "live_latency": live_latency,
+    "chat_burst": chat_burst,
+    "ping_pong": ping_pong,
     "send_rate": send_rate,
     "directory_lookup": directory_lookup,
     "history": history,

@@ -1,4 +1,4 @@
-"""`python -m bench`: runs the benchmarks of issue 6, prints a table, writes
+"""`python -m bench`: runs the benchmarks of issues 6 and 12, prints a table, writes
 bench/results/latest.json and bench/results/live_latency.png.
 
 Every run starts a fresh directory and fresh agents (real processes, mTLS, SQLite) in a temporary
@@ -44,15 +44,21 @@ RUN_ORDER = [
     "directory_lookup",
     "outbox_flush",
     "live_latency",
+    "chat_burst",
+    "ping_pong",
     "history",
     "store_migration",
     "memory",
 ]
 
-# (benchmark, figure, comparison, threshold, what the target says) — issue 6, item 3.
+# (benchmark, figure, comparison, threshold, what the target says) — issue 6, item 3, and
+# issue 12 (chat_burst, ping_pong). Comparisons: ">=", "<=", "==".
 TARGETS = [
     ("outbox_flush", "ratio", ">=", 10.0, ">= 10x baseline"),
     ("live_latency", "p99_ms", "<=", 5.0, "p99 <= 5 ms"),
+    ("chat_burst", "ratio", ">=", 1.5, "chat_burst acked >= 1.5x bare stream"),
+    ("chat_burst", "dropped", "==", 0, "no burst dropped"),
+    ("ping_pong", "ratio", "<=", 4.0, "ping_pong RTT/2 p50 <= 4x bare hop"),
     ("send_rate", "ratio", ">=", 0.6, ">= 0.6x baseline"),
     ("directory_lookup", "ratio", ">=", 0.8, ">= 0.8x baseline"),
     ("history", "last50_p99_ms", "<=", 10.0, "last-50 p99 <= 10 ms"),
@@ -69,6 +75,15 @@ COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
         ("p50_ms", "p50 ms", None),
         ("p99_ms", "p99 ms", None),
         ("max_ms", "max ms", None),
+    ],
+    "chat_burst": [
+        ("msgs_per_s", "msg/s to bob's Serve", None),
+        ("acked_msgs_per_s", "acked msg/s", "baseline_msgs_per_s"),
+        ("dropped", "dropped bursts", None),
+    ],
+    "ping_pong": [
+        ("half_rtt_p50_ms", "RTT/2 p50 ms", "baseline_half_rtt_p50_ms"),
+        ("half_rtt_p99_ms", "RTT/2 p99 ms", None),
     ],
     "send_rate": [("calls_per_s", "calls/s", "baseline_calls_per_s")],
     "directory_lookup": [("calls_per_s", "calls/s", "baseline_calls_per_s")],
@@ -205,9 +220,14 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
         value = entry.get(figure)
         met = None
         if isinstance(value, int | float):
-            met = value >= threshold if op == ">=" else value <= threshold
+            if op == ">=":
+                met = value >= threshold
+            elif op == "<=":
+                met = value <= threshold
+            else:
+                met = value == threshold
         verdict = {"figure": figure, "target": text, "value": value, "met": met}
-        if isinstance(value, int | float) and value:
+        if isinstance(value, int | float) and value and threshold:
             verdict["off_by"] = f"{value / threshold:.2f}x the limit"
         entry.setdefault("targets", []).append(verdict)
         verdicts.append({"benchmark": bench, **verdict})
