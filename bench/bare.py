@@ -2,7 +2,9 @@
 no TLS unless asked), run as its own process so that client and server do not share a core, just
 as two agents do not.
 
-    python -m bench.bare [--tls DIR]    serves /bare.Bare/Unary and /bare.Bare/Stream
+    python -m bench.bare [--tls DIR] [--unix PATH]
+        serves /bare.Bare/Unary and /bare.Bare/Stream on a loopback TCP port (with --unix, on the
+        Unix socket PATH too: the same server, both listeners)
 
 Unary answers every request with a 2-byte reply; Stream answers every message with one ack
 message (its first 26 bytes: the id), one gRPC message each way per chat message.
@@ -39,7 +41,7 @@ async def _stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator
         yield request[:ID_LEN]
 
 
-async def _serve(tls_dir: Path | None) -> None:
+async def _serve(tls_dir: Path | None, unix: Path | None) -> None:
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
         "bare.Bare",
@@ -56,6 +58,8 @@ async def _serve(tls_dir: Path | None) -> None:
             [((tls_dir / "key.pem").read_bytes(), (tls_dir / "cert.pem").read_bytes())]
         )
         port = server.add_secure_port("127.0.0.1:0", creds)
+    if unix is not None:
+        server.add_insecure_port(f"unix:{unix}")
     await server.start()
     print(f"bare serving on port {port}", file=sys.stderr, flush=True)
     await server.wait_for_termination()
@@ -73,22 +77,34 @@ def make_tls(dir: Path) -> bytes:
 
 
 class BareServer:
-    """The bare server as a child process."""
+    """The bare server as a child process; without TLS it also serves on the Unix socket
+    `unix_path` (ROOT/bare.sock)."""
 
     _READY = re.compile(r"bare serving on port (\d+)")
 
     def __init__(self, root: Path, tls: bool = False) -> None:
         self.root_pem: bytes | None = None
+        self.unix_path: Path | None = None
         args = [sys.executable, "-m", "bench.bare"]
         if tls:
             tls_dir = root / "bare-tls"
             self.root_pem = make_tls(tls_dir)
             args += ["--tls", str(tls_dir)]
+        else:
+            self.unix_path = root / "bare.sock"
+            self.unix_path.unlink(missing_ok=True)
+            args += ["--unix", str(self.unix_path)]
         name = "bare-tls" if tls else "bare"
         self.child = Child(args, root / "logs" / f"{name}.log", self._READY)
         self.port = int(self.child.match.group(1))
 
-    def channel(self) -> grpc.aio.Channel:
+    def channel(self, unix: bool = False) -> grpc.aio.Channel:
+        """A channel of its own (its own connection) to the server: over loopback TCP, or with
+        `unix` over its Unix socket."""
+        if unix:
+            if self.unix_path is None:
+                raise ValueError("the TLS bare server has no Unix socket")
+            return grpc.aio.insecure_channel(f"unix:{self.unix_path}", options=OWN_CONNECTION)
         if self.root_pem is None:
             return grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options=OWN_CONNECTION)
         creds = grpc.ssl_channel_credentials(self.root_pem)
@@ -145,11 +161,17 @@ async def stream_rate(
 
 
 async def ping_pong(
-    server: BareServer, count: int, body: bytes, timeout: float, warmup: int = 20
+    server: BareServer,
+    count: int,
+    body: bytes,
+    timeout: float,
+    warmup: int = 20,
+    unix: bool = False,
 ) -> dict[str, Any]:
     """`count` sequential round trips on one bidi stream: write one message, wait for its echo
-    (one gRPC message each way: one hop there and back). Returns the round-trip times (s)."""
-    async with server.channel() as channel:
+    (one gRPC message each way: one hop there and back), over loopback TCP or with `unix` over
+    the server's Unix socket. Returns the round-trip times (s)."""
+    async with server.channel(unix) as channel:
         await channel.channel_ready()
         call: Any = channel.stream_stream(STREAM)()
         rtts: list[float] = []
@@ -235,9 +257,10 @@ async def bare_unary_rate(
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bare")
     parser.add_argument("--tls", type=Path, default=None)
+    parser.add_argument("--unix", type=Path, default=None, help="also serve on this Unix socket")
     args = parser.parse_args()
     try:
-        asyncio.run(_serve(args.tls))
+        asyncio.run(_serve(args.tls, args.unix))
     except KeyboardInterrupt:
         pass
 

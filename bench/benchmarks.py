@@ -60,10 +60,11 @@ class Params:
     burst_body: int = 100  # bytes per text
     burst_timeout: float = 30.0  # a burst not acked by then has stalled
     burst_seconds: float = 40.0  # no further burst starts once it would end later than this
-    ping_rounds: int = 2_000
+    ping_rounds: int = 2_000  # per control transport (half on each pair of agents)
     ping_warmup: int = 20
+    ping_block: int = 100  # round trips on one pair before the other's turn
     ping_timeout: float = 5.0  # a round trip not back by then is lost
-    ping_seconds: float = 40.0  # no further round trip starts after this
+    ping_seconds: float = 40.0  # no further round trip starts after this (half of it per phase)
 
 
 FULL = Params()
@@ -84,6 +85,7 @@ QUICK = Params(
     burst_timeout=15.0,
     burst_seconds=15.0,
     ping_rounds=200,
+    ping_block=25,
     ping_seconds=15.0,
 )
 
@@ -170,7 +172,7 @@ def profiled(ctx: Context, bench: str, pids: dict[str, int]) -> Iterator[None]:
 
 def agent_stub(agent: Agent, own_connection: bool = False) -> tuple[grpc.aio.Channel, Any]:
     options = OWN_CONNECTION if own_connection else None
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{agent.control_port}", options=options)
+    ch = grpc.aio.insecure_channel(agent.control_target, options=options)
     return ch, agent_pb2_grpc.AgentServiceStub(ch)
 
 
@@ -190,35 +192,51 @@ async def wait_pending(agent: Agent, timeout: float) -> bool:
 
 
 class Lazy:
-    """What several benchmarks of one run share: alice and bob, the bare servers."""
+    """What several benchmarks of one run share: alice and bob (control API on loopback TCP),
+    carol and dave (on their Unix control sockets, for ping_pong), the bare servers."""
 
     def __init__(self, world: World) -> None:
         self.world = world
-        self._pair: tuple[Agent, Agent] | None = None
-        self._pair_error: str | None = None
+        self._pairs: dict[tuple[str, str], tuple[Agent, Agent]] = {}
+        self._pair_errors: dict[tuple[str, str], str] = {}
         self._bare: BareServer | None = None
         self._bare_tls: BareServer | None = None
 
     def pair(self) -> tuple[Agent, Agent]:
         """alice and bob, running, contacts of each other, one message already delivered
-        (so each has pinned the other's key)."""
-        if self._pair_error is not None:
-            raise RuntimeError(f"alice and bob could not be set up: {self._pair_error}")
-        if self._pair is None:
+        (so each has pinned the other's key); their control API on loopback TCP."""
+        return self._pair("alice", "bob", unix_control=False)
+
+    def unix_pair(self) -> tuple[Agent, Agent]:
+        """carol and dave, as alice and bob are, but each serving its control API on its Unix
+        socket (DATA_DIR/control.sock, the CLI's default) instead of loopback TCP."""
+        return self._pair("carol", "dave", unix_control=True)
+
+    def _pair(self, first: str, second: str, unix_control: bool) -> tuple[Agent, Agent]:
+        key = (first, second)
+        if key in self._pair_errors:
+            raise RuntimeError(
+                f"{first} and {second} could not be set up: {self._pair_errors[key]}"
+            )
+        if key not in self._pairs:
             try:
-                alice, bob = self.world.users("alice", "bob")
+                a, b = self.world.users(first, second, unix_control=unix_control)
+                with a.sync_client() as c:
+                    sent = c.send(second, f"hello {second}", wait=15)
+                    if sent.status != apb.MESSAGE_STATUS_DELIVERED:
+                        raise RuntimeError(f"{first}'s first message to {second} was not delivered")
             except Exception as exc:
-                self._pair_error = f"{type(exc).__name__}: {exc}"[:300]
+                self._pair_errors[key] = f"{type(exc).__name__}: {exc}"[:300]
                 raise
-            with alice.sync_client() as c:
-                sent = c.send("bob", "hello bob", wait=15)
-                if sent.status != apb.MESSAGE_STATUS_DELIVERED:
-                    raise RuntimeError("alice's first message to bob was not delivered")
-            self._pair = (alice, bob)
-        for agent in self._pair:
+            self._pairs[key] = (a, b)
+        pair = self._pairs[key]
+        for agent in pair:
+            if agent.unix_control != unix_control:  # ping_pong swaps them: back as they were
+                agent.stop()
+                agent.unix_control = unix_control
             if agent.child is None or not agent.child.running:
                 agent.start()
-        return self._pair
+        return pair
 
     def bare(self, tls: bool = False) -> BareServer:
         if tls:
@@ -230,9 +248,10 @@ class Lazy:
         return self._bare
 
     def stop_pair(self) -> None:
-        """Stops alice and bob (so they take no CPU from later benchmarks)."""
-        for agent in self._pair or ():
-            agent.stop()
+        """Stops alice and bob, and carol and dave (so they take no CPU from later benchmarks)."""
+        for pair in self._pairs.values():
+            for agent in pair:
+                agent.stop()
 
     def close(self) -> None:
         for server in (self._bare, self._bare_tls):
@@ -734,8 +753,8 @@ async def chat_burst(ctx: Context, lazy: Lazy) -> Figures:
     child = await StreamsChild.start(
         lazy.world.root / "logs" / "chat-burst-bob.log",
         "count",
-        "--port",
-        str(bob.control_port),
+        "--agent",
+        bob.control_target,
         "--peer",
         "alice",
         "--messages",
@@ -837,125 +856,258 @@ async def chat_burst(ctx: Context, lazy: Lazy) -> Figures:
     return figures
 
 
-async def ping_pong(ctx: Context, lazy: Lazy) -> Figures:
-    """Sequential round trips alice -> bob -> alice through both agents; bob's echo client in its
-    own process (Serve to read, a Chat with alice to answer)."""
-    p = ctx.params
-    alice, bob = lazy.pair()
-    await wait_pending(alice, 60)
-    bare = lazy.bare()
-    sample = f"ping {0:07d} {BODY}"
-    base_body = sample.encode()[: len(sample) - 26].ljust(len(sample) - 26, b"x")
-    base_before = await bare_ping_pong(bare, p.ping_rounds, base_body, 60)
-    child = await StreamsChild.start(
-        lazy.world.root / "logs" / "ping-pong-bob.log",
-        "echo",
-        "--port",
-        str(bob.control_port),
-        "--peer",
-        "alice",
-        "--timeout",
-        str(p.ping_seconds + 60),
-    )
-    pids = {
-        "alice": alice.pid,
-        "bob": bob.pid,
-        "directory": lazy.world.directory.child.pid,
-        "bob_client": child.pid,
-    }
-    ch, stub = agent_stub(alice)
-    client = ChatClient(stub, "bob")
-    loop = asyncio.get_running_loop()
+@dataclass
+class _PingTally:
+    """What one control transport of ping_pong measured, over both phases (both pairs).
+    `prefix` starts its figures' names: "" for the Unix control sockets (the CLI's default),
+    "tcp_" for loopback TCP."""
 
-    async def round_trip(body: str, timeout: float) -> float | None:
-        future: asyncio.Future[float] = loop.create_future()
-        client.expect = ("pong " + body, future)
+    prefix: str
+    rtts: list[float] = field(default_factory=list)
+    lost: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # by role, see _PingSide.pids
+    events: int = 0  # ChatEvents read on the sender's Chat
+    inputs: int = 0  # ChatInputs written on it
+    echo_stats: dict[str, int] = field(default_factory=dict)  # summed over the echo clients
+    by_pair: dict[str, list[float]] = field(default_factory=dict)  # rtts by sender
+    pairs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def figures(self, p: Params, base_p50: float) -> Figures:
+        pre, rounds = self.prefix, len(self.rtts) + self.lost
+        # A lost round trip counts with the time it was waited for: percentiles are then lower
+        # bounds.
+        halves = [r / 2 for r in self.rtts] + [p.ping_timeout / 2] * self.lost
+        half = summary_ms(halves, f"{pre}half_rtt_")
+        figures: Figures = {
+            f"{pre}pairs": ", then ".join(self.pairs),
+            f"{pre}round_trips": rounds,
+            f"{pre}answered": len(self.rtts),
+            f"{pre}lost": self.lost,
+            **half,
+            f"{pre}rtt_p50_ms": half[f"{pre}half_rtt_p50_ms"] * 2,
+            f"{pre}ratio": half[f"{pre}half_rtt_p50_ms"] / base_p50,
+            **{
+                f"{pre}half_rtt_p50_ms_{sender}": percentile(sorted(rtts), 50) / 2 * 1000
+                for sender, rtts in self.by_pair.items()
+            },
+            f"{pre}client_in_msgs_per_rtt": self.inputs / max(1, rounds),
+            f"{pre}client_out_events_per_rtt": self.events / max(1, rounds),
+            f"{pre}echo_client_stats": self.echo_stats,
+            **{f"{pre}cpu_us_per_rtt_{k}": s / max(1, rounds) * 1e6 for k, s in self.cpu.items()},
+        }
+        echoed = self.echo_stats.get("echoed", 0)
+        if echoed:  # the echo clients' streams over all their echoes (the warm-ups' included)
+            for kind in ("serve_events", "chat_events", "chat_inputs"):
+                figures[f"{pre}echo_{kind}_per_rtt"] = self.echo_stats.get(kind, 0) / echoed
+        if rounds < p.ping_rounds:
+            figures[f"{pre}note"] = (
+                f"{rounds} of {p.ping_rounds} round trips ({self.lost} lost): a phase stopped at "
+                f"{p.ping_seconds / 2:.0f} s, after 5 lost in a row, or as a Chat ended"
+            )
+        if self.errors:
+            figures[f"{pre}chat_errors"] = self.errors
+        return figures
+
+
+@dataclass
+class _PingSide:
+    """One pair of agents in one phase of ping_pong: the sender's Chat client in this process, the
+    echo client in its own; what it measures goes to its transport's tally."""
+
+    tally: _PingTally
+    sender: Agent
+    echo: Agent
+    child: StreamsChild
+    channel: grpc.aio.Channel
+    client: ChatClient
+    pids: dict[str, int]
+    in_a_row: int = 0  # lost round trips in a row: after 5, the echo is gone, stop
+    warm: int = 0
+
+    @classmethod
+    async def start(
+        cls, tally: _PingTally, lazy: Lazy, pair: tuple[Agent, Agent], timeout: float
+    ) -> _PingSide:
+        sender, echo = pair
+        child = await StreamsChild.start(
+            lazy.world.root / "logs" / f"ping-pong-{echo.name}.log",
+            "echo",
+            "--agent",
+            echo.control_target,
+            "--peer",
+            sender.name,
+            "--timeout",
+            str(timeout),
+        )
+        ch, stub = agent_stub(sender)
+        pids = {
+            "sender": sender.pid,
+            "echo": echo.pid,
+            "directory": lazy.world.directory.child.pid,
+            "echo_client": child.pid,
+        }
+        tally.pairs.append(f"{sender.name} -> {echo.name}")
+        tally.by_pair.setdefault(sender.name, [])
+        return cls(tally, sender, echo, child, ch, ChatClient(stub, echo.name), pids)
+
+    @property
+    def active(self) -> bool:
+        return not self.client.ended.is_set() and self.in_a_row < 5
+
+    async def round_trip(self, body: str, timeout: float) -> float | None:
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.client.expect = ("pong " + body, future)
         t = time.monotonic()
-        await client.write_text(body)
+        await self.client.write_text(body)
         try:
             return await asyncio.wait_for(future, timeout) - t
         except TimeoutError:
-            client.expect = None
+            self.client.expect = None
             return None
 
-    rtts: list[float] = []
-    lost = 0
-    warm = 0
-    stats: dict[str, str] = {}
-    cpu: dict[str, float] = {}
-    try:
-        await client.open()
-        line = await child.line(20)
+    async def warm_up(self, rounds: int) -> None:
+        """Opens the Chat and waits for the echo client, then `rounds` answered round trips."""
+        await self.client.open()
+        line = await self.child.line(20)
         if line != "ready":
-            raise RuntimeError(f"bob's echo client said {line!r}")
+            raise RuntimeError(f"{self.echo.name}'s echo client said {line!r}")
         deadline = time.monotonic() + 20
         answered = 0
-        while answered < p.ping_warmup:
+        while answered < rounds:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{answered} of {p.ping_warmup} warm-up pings answered")
-            warm += 1
-            if await round_trip(f"warm {warm} {BODY}", 1.0) is not None:
+                raise TimeoutError(f"{answered} of {rounds} warm-up pings answered")
+            self.warm += 1
+            if await self.round_trip(f"warm {self.warm} {BODY}", 1.0) is not None:
                 answered += 1
-        await wait_pending(alice, 10)
-        events0, inputs0 = client.events, client.inputs
-        cpu0 = _cpu_now(pids)
-        stop = time.monotonic() + p.ping_seconds
-        with profiled(ctx, "ping_pong", {"alice": alice.pid, "bob": bob.pid}):
-            in_a_row = 0  # lost round trips in a row: after 5, the echo is gone, stop
-            for i in range(p.ping_rounds):
-                if time.monotonic() > stop or client.ended.is_set() or in_a_row >= 5:
-                    break
-                rtt = await round_trip(f"ping {i:07d} {BODY}", p.ping_timeout)
-                if rtt is None:
-                    lost += 1
-                    in_a_row += 1
-                else:
-                    rtts.append(rtt)
-                    in_a_row = 0
-        _cpu_add(cpu, cpu0, _cpu_now(pids))
-        events, inputs = client.events - events0, client.inputs - inputs0
+        await wait_pending(self.sender, 10)
+
+    async def block(self, first: int, n: int, timeout: float) -> None:
+        """Round trips `first` .. `first + n - 1`, with the CPU and the client's gRPC messages."""
+        tally = self.tally
+        events0, inputs0 = self.client.events, self.client.inputs
+        cpu0 = _cpu_now(self.pids)
+        for i in range(first, first + n):
+            if not self.active:
+                break
+            rtt = await self.round_trip(f"ping {i:07d} {BODY}", timeout)
+            if rtt is None:
+                tally.lost += 1
+                self.in_a_row += 1
+            else:
+                tally.rtts.append(rtt)
+                tally.by_pair[self.sender.name].append(rtt)
+                self.in_a_row = 0
+        _cpu_add(tally.cpu, cpu0, _cpu_now(self.pids))
+        tally.events += self.client.events - events0
+        tally.inputs += self.client.inputs - inputs0
+
+    async def close(self) -> None:
+        try:
+            await self.client.close()
+            await self.channel.close()
+        finally:
+            stats = await self.child.stop()
+            for k, v in stats.items():
+                self.tally.echo_stats[k] = self.tally.echo_stats.get(k, 0) + int(v)
+            error = self.client.error
+            if error is not None and not error.startswith("CANCELLED"):
+                self.tally.errors.append(f"{self.sender.name}: {error}")
+
+
+async def _ping_phase(
+    p: Params, lazy: Lazy, tallies: dict[bool, _PingTally], pairs: list[tuple[Agent, Agent]]
+) -> None:
+    """One phase of ping_pong: p.ping_rounds / 2 round trips on each pair (each to the tally of
+    its transport), in alternating blocks of p.ping_block (ABBA: drifts of the load even out),
+    for p.ping_seconds / 2 at most."""
+    rounds = p.ping_rounds // 2
+    sides: list[_PingSide] = []
+    try:
+        for pair in pairs:
+            tally = tallies[pair[0].unix_control]
+            sides.append(await _PingSide.start(tally, lazy, pair, p.ping_seconds + 60))
+        for side in sides:
+            await side.warm_up(p.ping_warmup)
+        stop = time.monotonic() + p.ping_seconds / 2
+        for k, first in enumerate(range(0, rounds, p.ping_block)):
+            n = min(p.ping_block, rounds - first)
+            for side in sides if k % 2 == 0 else sides[::-1]:
+                if time.monotonic() < stop:
+                    await side.block(first, n, p.ping_timeout)
+            if time.monotonic() > stop or not any(s.active for s in sides):
+                break
     finally:
-        await client.close()
-        await ch.close()
-        stats = await child.stop()
-    base_after = await bare_ping_pong(bare, p.ping_rounds, base_body, 60)
-    rounds = len(rtts) + lost
-    # A lost round trip counts with the time it was waited for: percentiles are then lower bounds.
-    halves = [r / 2 for r in rtts] + [p.ping_timeout / 2] * lost
-    base_halves = sorted(r / 2 for r in base_before["rtts"] + base_after["rtts"])
-    base_p50 = statistics.fmean(
-        percentile(sorted(b["rtts"]), 50) / 2 * 1000 for b in (base_before, base_after)
-    )
-    half = summary_ms(halves, "half_rtt_")
+        for side in sides:
+            await side.close()
+
+
+def _bare_p50_ms(run: Figures) -> float:
+    return percentile(sorted(run["rtts"]), 50) / 2 * 1000
+
+
+async def ping_pong(ctx: Context, lazy: Lazy) -> Figures:
+    """Sequential round trips sender -> echo -> sender through two agents, the echo client in its
+    own process (Serve to read, a Chat with the sender to answer), with the clients reaching their
+    agents over the agents' Unix control sockets and over loopback TCP: two pairs at once,
+    alice -> bob and carol -> dave, one on each transport, in alternating blocks; then every
+    agent is restarted on the other transport and it is done again, so that each transport has
+    both pairs (which pair it is moves the p50 more than the transport does)."""
+    p = ctx.params
+    tcp_pair, unix_pair = lazy.pair(), lazy.unix_pair()
+    for sender, _ in (tcp_pair, unix_pair):
+        await wait_pending(sender, 60)
+    bare = lazy.bare()
+    sample = f"ping {0:07d} {BODY}"
+    base_body = sample.encode()[: len(sample) - 26].ljust(len(sample) - 26, b"x")
+    base: dict[str, list[Figures]] = {"tcp": [], "unix": []}
+    for transport in ("tcp", "unix"):
+        got = await bare_ping_pong(bare, p.ping_rounds, base_body, 60, unix=transport == "unix")
+        base[transport].append(got)
+    tallies = {True: _PingTally(""), False: _PingTally("tcp_")}
+    agents = [*unix_pair, *tcp_pair]
+    with profiled(ctx, "ping_pong", {a.name: a.pid for a in agents}):
+        await _ping_phase(p, lazy, tallies, [unix_pair, tcp_pair])
+    t = time.perf_counter()
+    for agent in agents:
+        agent.stop()
+    for agent in agents:  # each on the other transport, the same data dir and ports
+        agent.unix_control = not agent.unix_control
+        agent.start()
+    swap_s = time.perf_counter() - t
+    with profiled(ctx, "ping_pong", {a.name + "-2": a.pid for a in agents}):
+        await _ping_phase(p, lazy, tallies, [tcp_pair, unix_pair])  # alice and bob on Unix now
+    for transport in ("unix", "tcp"):
+        got = await bare_ping_pong(bare, p.ping_rounds, base_body, 60, unix=transport == "unix")
+        base[transport].append(got)
+    base_tcp = statistics.fmean(_bare_p50_ms(b) for b in base["tcp"])
+    base_unix = statistics.fmean(_bare_p50_ms(b) for b in base["unix"])
     figures: Figures = {
-        "round_trips": rounds,
-        "answered": len(rtts),
-        "lost": lost,
-        **half,
-        "rtt_p50_ms": half["half_rtt_p50_ms"] * 2,
-        "baseline_half_rtt_p50_ms": base_p50,
-        "baseline_half_rtt_p50_ms_before": percentile(sorted(base_before["rtts"]), 50) / 2 * 1000,
-        "baseline_half_rtt_p50_ms_after": percentile(sorted(base_after["rtts"]), 50) / 2 * 1000,
-        "baseline_half_rtt_p99_ms": percentile(base_halves, 99) * 1000,
-        "baseline_round_trips": len(base_halves),
-        "ratio": half["half_rtt_p50_ms"] / base_p50,
-        "client_in_msgs_per_rtt": inputs / max(1, rounds),
-        "client_out_events_per_rtt": events / max(1, rounds),
-        "bob_client_stats": stats,
-        **{f"cpu_us_per_rtt_{name}": s / max(1, rounds) * 1e6 for name, s in cpu.items()},
+        **tallies[True].figures(p, base_unix),
+        **tallies[False].figures(p, base_tcp),
+        "baseline_half_rtt_p50_ms": base_tcp,
+        "baseline_half_rtt_p50_ms_before": _bare_p50_ms(base["tcp"][0]),
+        "baseline_half_rtt_p50_ms_after": _bare_p50_ms(base["tcp"][1]),
+        "baseline_half_rtt_p99_ms": percentile(
+            sorted(r / 2 * 1000 for b in base["tcp"] for r in b["rtts"]), 99
+        ),
+        "baseline_round_trips": sum(len(b["rtts"]) for b in base["tcp"]),
+        "baseline_unix_half_rtt_p50_ms": base_unix,
+        "baseline_unix_half_rtt_p50_ms_before": _bare_p50_ms(base["unix"][0]),
+        "baseline_unix_half_rtt_p50_ms_after": _bare_p50_ms(base["unix"][1]),
+        "baseline_unix_half_rtt_p99_ms": percentile(
+            sorted(r / 2 * 1000 for b in base["unix"] for r in b["rtts"]), 99
+        ),
+        "baseline_unix_round_trips": sum(len(b["rtts"]) for b in base["unix"]),
+        "block_round_trips": p.ping_block,
+        "swap_s": swap_s,
     }
-    echoed = int(stats.get("echoed", 0))
-    if echoed:  # bob's streams over all his echoes (the warm-up's included)
-        figures["bob_serve_events_per_rtt"] = int(stats["serve_events"]) / echoed
-        figures["bob_chat_events_per_rtt"] = int(stats["chat_events"]) / echoed
-        figures["bob_chat_inputs_per_rtt"] = int(stats["chat_inputs"]) / echoed
-    if rounds < p.ping_rounds:
-        figures["note"] = (
-            f"{rounds} of {p.ping_rounds} round trips ({lost} lost): stopped at "
-            f"{p.ping_seconds:.0f} s, after 5 lost in a row, or as alice's Chat ended"
-        )
-    if client.error is not None and not client.error.startswith("CANCELLED"):
-        figures["chat_error"] = client.error
+    # What TCP costs over the Unix socket: per bare hop, and per chat half trip (two control
+    # hops: the sender's client -> its agent, the echo's agent -> its client).
+    figures["tcp_minus_unix_half_rtt_p50_ms"] = (
+        figures["tcp_half_rtt_p50_ms"] - figures["half_rtt_p50_ms"]
+    )
+    figures["baseline_tcp_minus_unix_half_rtt_p50_ms"] = base_tcp - base_unix
     return figures
 
 

@@ -170,9 +170,14 @@ class Directory:
         return ch, directory_pb2_grpc.DirectoryServiceStub(ch)
 
 
+CONTROL_SOCKET = "control.sock"  # in the agent's data dir, as the agent and the CLI default to
+
+
 @dataclass
 class Agent:
-    """One user's agent with a fixed data dir and ports, so that it can be stopped and restarted."""
+    """One user's agent with a fixed data dir and ports, so that it can be stopped and restarted.
+    Its control API is served on loopback TCP (`control_port`), or with `unix_control` on the
+    Unix socket DATA_DIR/control.sock (the agent's and the CLI's default)."""
 
     name: str
     root: Path
@@ -180,8 +185,9 @@ class Agent:
     peer_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
     child: Child | None = None
+    unix_control: bool = False
 
-    _READY = re.compile(r"agent serving: control port (\d+), peer port (\d+)")
+    _READY = re.compile(r"agent serving: control (?:port \d+|socket \S+), peer port (\d+)")
 
     @property
     def data_dir(self) -> Path:
@@ -190,6 +196,21 @@ class Agent:
     @property
     def db_path(self) -> Path:
         return self.data_dir / f"{self.name}.db"
+
+    @property
+    def control_socket(self) -> Path | None:
+        return self.data_dir / CONTROL_SOCKET if self.unix_control else None
+
+    @property
+    def control_listen(self) -> str:
+        """Its --control-listen: "unix:PATH" or 127.0.0.1:PORT."""
+        sock = self.control_socket
+        return f"unix:{sock}" if sock is not None else f"127.0.0.1:{self.control_port}"
+
+    @property
+    def control_target(self) -> str:
+        """The gRPC target of its control API (the same string: grpc dials "unix:PATH")."""
+        return self.control_listen
 
     def start(self) -> Agent:
         assert self.child is None or not self.child.running, "already running"
@@ -207,7 +228,7 @@ class Agent:
                 "--peer-listen",
                 f"127.0.0.1:{self.peer_port}",
                 "--control-listen",
-                f"127.0.0.1:{self.control_port}",
+                self.control_listen,
                 "--retry-max",
                 "1",
             ],
@@ -230,14 +251,14 @@ class Agent:
         return self.child.pid
 
     def sync_client(self) -> SyncControl:
-        return SyncControl(self.control_port)
+        return SyncControl(self.control_target)
 
 
 class SyncControl:
-    """Blocking control-port client for setup steps."""
+    """Blocking control API client for setup steps (`target`: 127.0.0.1:PORT or unix:PATH)."""
 
-    def __init__(self, port: int) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.insecure_channel(target)
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
 
     def register(self, name: str) -> None:
@@ -278,16 +299,17 @@ class World:
         self.directory = Directory(root)
         self.agents: dict[str, Agent] = {}
 
-    def agent(self, name: str) -> Agent:
+    def agent(self, name: str, unix_control: bool = False) -> Agent:
         if name in self.agents:
             raise RuntimeError(f"agent {name} already exists in this world")
-        agent = Agent(name, self.root, self.directory)
+        agent = Agent(name, self.root, self.directory, unix_control=unix_control)
         self.agents[name] = agent
         return agent
 
-    def users(self, *names: str, befriend: bool = True) -> list[Agent]:
-        """Started agents for new users: registered, logged in, each with the others as contacts."""
-        agents = [self.agent(name).start() for name in names]
+    def users(self, *names: str, befriend: bool = True, unix_control: bool = False) -> list[Agent]:
+        """Started agents for new users: registered, logged in, each with the others as contacts
+        (`unix_control`: each serving its control API on its Unix socket, not on TCP)."""
+        agents = [self.agent(name, unix_control).start() for name in names]
         for agent in agents:
             with agent.sync_client() as c:
                 c.register(agent.name)

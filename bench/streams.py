@@ -2,15 +2,16 @@
 the bench process, and bob's clients, each in a process of its own (one core each way, as two
 users' terminals would be).
 
-    python -m bench.streams count --port P --peer alice --messages N --timeout S
+    python -m bench.streams count --agent TARGET --peer alice --messages N --timeout S
         bob's `Serve(batches=True)`: counts the messages of each burst (bodies "cbKK-..."), prints
         "warm" at the first other message from the peer, "done K MONOTONIC EVENTS DUPLICATES"
         once burst K is complete, "at K COUNT" about once a second while one is under way,
         "failed CODE" when the stream fails (it is opened again).
-    python -m bench.streams echo --port P --peer alice --timeout S
+    python -m bench.streams echo --agent TARGET --peer alice --timeout S
         bob's `Serve(batches=True)` and his `Chat(batches=True)` with the peer: every incoming
         "ping ..." or "warm ..." is answered with "pong ..." on the Chat stream.
 
+TARGET is bob's control API: 127.0.0.1:PORT (loopback TCP) or unix:PATH (his control socket).
 Both end at the timeout or on SIGTERM and then print "stats k=v ..." (what they read and wrote).
 Every time is time.monotonic(): one clock for every process on the machine.
 """
@@ -297,7 +298,7 @@ def _say(line: str) -> None:
 
 
 async def _count(
-    port: int, peer: str, messages: int, timeout: float, stats: dict[str, int]
+    target: str, peer: str, messages: int, timeout: float, stats: dict[str, int]
 ) -> None:
     """bob's Serve stream for chat_burst (see the module's doc)."""
     got: dict[int, set[str]] = {}
@@ -306,7 +307,7 @@ async def _count(
     finished: set[int] = set()
     stats.update(events=0, messages=0, failures=0)
     warm = False
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(target) as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         deadline = time.monotonic() + timeout
         last_progress = time.monotonic()
@@ -359,10 +360,10 @@ async def _count(
                 call.cancel()
 
 
-async def _echo(port: int, peer: str, timeout: float, stats: dict[str, int]) -> None:
+async def _echo(target: str, peer: str, timeout: float, stats: dict[str, int]) -> None:
     """bob's Serve and Chat streams for ping_pong (see the module's doc)."""
     stats.update(serve_events=0, chat_events=0, echoed=0, chat_inputs=0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(target) as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         chat: Any = stub.Chat()
         await chat.write(apb.ChatInput(open=apb.ChatOpen(peer=peer, history_limit=1, batches=True)))
@@ -404,9 +405,9 @@ async def _echo(port: int, peer: str, timeout: float, stats: dict[str, int]) -> 
 async def _run(args: argparse.Namespace) -> None:
     stats: dict[str, int] = {}
     if args.mode == "count":
-        work = _count(args.port, args.peer, args.messages, args.timeout, stats)
+        work = _count(args.agent, args.peer, args.messages, args.timeout, stats)
     else:
-        work = _echo(args.port, args.peer, args.timeout, stats)
+        work = _echo(args.agent, args.peer, args.timeout, stats)
     task = asyncio.create_task(work)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     with contextlib.suppress(asyncio.CancelledError):
@@ -417,7 +418,9 @@ async def _run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.streams")
     parser.add_argument("mode", choices=["count", "echo"])
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--agent", required=True, help="the control API: 127.0.0.1:PORT or unix:PATH"
+    )
     parser.add_argument("--peer", required=True)
     parser.add_argument("--messages", type=int, default=0)
     parser.add_argument("--timeout", type=float, required=True)
