@@ -129,6 +129,11 @@ def test_many_texts_in_one_input_come_back_batched_with_every_state_in_order(
         # 600 events unbatched (an echo and an update per text); batched, a handful.
         assert carriers <= 30, carriers
         wait_until(lambda: [m.body for m in bob.history("alice")] == bodies)
+        # The link batches too: a handful of frames (the Hello, message frames, acks) for 300.
+        sent, received = alice.status(), bob.status()
+        assert 1 < sent.link_frames_sent <= 30, sent.link_frames_sent
+        assert received.link_frames_received == sent.link_frames_sent
+        assert sent.link_frames_received == received.link_frames_sent >= 2  # Hello and acks
     finally:
         inputs.put(None)
         chat.call.cancel()  # type: ignore[attr-defined]

@@ -141,6 +141,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 response.session_expires_at.CopyFrom(to_timestamp(found.session_expires_at))
             response.pending_messages = found.pending_messages
             response.linked_peers.extend(found.linked_peers)
+            response.link_frames_sent = found.link_frames_sent
+            response.link_frames_received = found.link_frames_received
         return response
 
     async def ListContacts(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat_agent.delivery import SEND_WINDOW
@@ -52,6 +53,15 @@ def messages_frame(messages: list[StoredMessage]) -> pb.Frame:
     return frame
 
 
+@dataclass(slots=True)
+class FrameCounts:
+    """gRPC messages written and read on links (Hellos included), shared by the links of one
+    session: what `p2pchat status` reports as link frames."""
+
+    sent: int = 0
+    received: int = 0
+
+
 class DirectLink:
     """A Transport over one Link stream: `frames_out()` is what the stream writes, `incoming`
     what it reads after the Hellos (the dialler sets it once the call exists: the call needs
@@ -65,9 +75,11 @@ class DirectLink:
         dialed_by: str,
         body_limit: int,
         incoming: AsyncIterator[pb.Frame] | None = None,
+        counts: FrameCounts | None = None,
     ) -> None:
         self.me = me
         self._peer = peer
+        self.counts = counts if counts is not None else FrameCounts()
         self._device = device  # the peer's device: its certificate's key (tls.device_id)
         self.dialed_by = dialed_by
         self.incoming = incoming
@@ -105,6 +117,7 @@ class DirectLink:
             frame = await self._outgoing.get()
             if frame is None:
                 return
+            self.counts.sent += 1
             yield frame
 
     def close(self) -> None:
@@ -130,6 +143,7 @@ class DirectLink:
         if self.incoming is None:
             raise RuntimeError("the link's incoming stream is not set")
         async for frame in self.incoming:
+            self.counts.received += 1
             kind = frame.WhichOneof("kind")
             if kind == "messages":
                 yield MessagesReceived(self._checked_messages(frame.messages.messages))

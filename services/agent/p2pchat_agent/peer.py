@@ -38,7 +38,7 @@ from p2pchat.v1 import peer_pb2_grpc
 from p2pchat_agent.agent_store import AgentStore
 from p2pchat_agent.delivery import Delivery
 from p2pchat_agent.dialer import Dialer, Target
-from p2pchat_agent.direct import MAX_PEER_MESSAGE, DirectLink
+from p2pchat_agent.direct import MAX_PEER_MESSAGE, DirectLink, FrameCounts
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import EventHub
 from p2pchat_agent.handshake import (
@@ -140,6 +140,7 @@ class LinkManager:
         self._delivery = delivery
         self._revocation = revocation
         self._body_limit = body_limit
+        self.frames = FrameCounts()  # of every link of this session
         self.registry = LinkRegistry(lambda: self.me)
         self.pins = KeyPins(store, events)
 
@@ -226,7 +227,9 @@ class LinkManager:
         await self._revocation.require_good(peer, cert_sha)
         key_sha = public_key_sha256(cert)
         await self.pins.check(peer, key_sha)
-        link = DirectLink(self.me, peer, device_id(key_sha), peer, self._body_limit, incoming)
+        device = device_id(key_sha)
+        link = DirectLink(self.me, peer, device, peer, self._body_limit, incoming, self.frames)
+        self.frames.received += 1  # the Hello, read above
         await link.send(answer_hello(self.me, self._identity().key_pem, first.hello))
         runner = asyncio.create_task(self._run(link, cert_sha))
         try:
@@ -258,7 +261,8 @@ class LinkManager:
         options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", user_dns_name(peer))]
         async with grpc.aio.secure_channel(address, creds, options=options) as channel:
             device = device_id(key_sha)
-            link = DirectLink(identity.username, peer, device, identity.username, self._body_limit)
+            me = identity.username
+            link = DirectLink(me, peer, device, me, self._body_limit, counts=self.frames)
             hello = dialler_hello(identity.username)
             await link.send(hello)
             call = peer_pb2_grpc.PeerServiceStub(channel).Link(link.frames_out())
@@ -269,6 +273,7 @@ class LinkManager:
                     first = await asyncio.wait_for(anext(responses), HELLO_TIMEOUT)
                 except StopAsyncIteration:
                     raise Unavailable(f"{peer} closed the link before Hello") from None
+                self.frames.received += 1
                 if first.WhichOneof("kind") != "hello" or first.hello.username != peer:
                     raise Unauthenticated(f"{peer} answered without a proper Hello")
                 # The key checked (revocation above, pin below) is the key of this connection.

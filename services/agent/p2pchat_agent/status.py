@@ -19,6 +19,8 @@ class AgentStatus:
     session_expires_at: datetime | None = None
     pending_messages: int = 0
     linked_peers: list[str] = field(default_factory=list)
+    link_frames_sent: int = 0  # since this login (peer.LinkManager.frames)
+    link_frames_received: int = 0
 
 
 async def status(agent: Agent) -> AgentStatus:
@@ -37,4 +39,6 @@ async def status(agent: Agent) -> AgentStatus:
         session_expires_at=None if active is None else active.session.expires_at,
         pending_messages=0 if active is None else await active.store.count_pending(),
         linked_peers=[] if active is None else active.links.linked_peers,
+        link_frames_sent=0 if active is None else active.links.frames.sent,
+        link_frames_received=0 if active is None else active.links.frames.received,
     )

@@ -27,17 +27,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from p2pchat.v1 import common_pb2 as p2pchat_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16p2pchat/v1/agent.proto\x12\np2pchat.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17p2pchat/v1/common.proto\"\xbd\x02\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.p2pchat.v1.Direction\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x11\n\trecipient\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\t\x12+\n\x07sent_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06status\x18\n \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\"K\n\x14\x41gentRegisterRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\")\n\x15\x41gentRegisterResponse\x12\x10\n\x08username\x18\x01 \x01(\t\"7\n\x11\x41gentLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\xab\x01\n\x12\x41gentLoginResponse\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x36\n\x12session_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x16\x63\x65rtificate_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"\x14\n\x12\x41gentLogoutRequest\"\x15\n\x13\x41gentLogoutResponse\"\x1a\n\x18\x41gentListContactsRequest\"B\n\x19\x41gentListContactsResponse\x12%\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32\x13.p2pchat.v1.Contact\";\n\x16\x41gentAddContactRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"?\n\x17\x41gentAddContactResponse\x12$\n\x07\x63ontact\x18\x01 \x01(\x0b\x32\x13.p2pchat.v1.Contact\"-\n\x19\x41gentRemoveContactRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\x1c\n\x1a\x41gentRemoveContactResponse\"\x0f\n\rStatusRequest\"\xa1\x02\n\x0eStatusResponse\x12\x11\n\tlogged_in\x18\x01 \x01(\x08\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x11\n\tdirectory\x18\x03 \x01(\t\x12\x1b\n\x13\x64irectory_reachable\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x36\n\x12session_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10pending_messages\x18\x07 \x01(\x04\x12\x14\n\x0clinked_peers\x18\x08 \x03(\t\x12/\n\x0c\x63lock_offset\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08warnings\x18\n \x03(\t\"\'\n\x13TrustPeerKeyRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"1\n\x14TrustPeerKeyResponse\x12\x19\n\x11public_key_sha256\x18\x01 \x01(\t\"R\n\x0bSendRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n\x0cSendResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.p2pchat.v1.ChatMessage\"O\n\x0eHistoryRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\tbefore_id\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\"N\n\x0fHistoryResponse\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.p2pchat.v1.ChatMessage\x12\x10\n\x08has_more\x18\x02 \x01(\x08\"@\n\x08\x43hatOpen\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x15\n\rhistory_limit\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x08\"\x18\n\x08\x43hatText\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\"0\n\tChatTexts\x12#\n\x05texts\x18\x01 \x03(\x0b\x32\x14.p2pchat.v1.ChatText\"\x87\x01\n\tChatInput\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.p2pchat.v1.ChatOpenH\x00\x12$\n\x04text\x18\x02 \x01(\x0b\x32\x14.p2pchat.v1.ChatTextH\x00\x12&\n\x05texts\x18\x03 \x01(\x0b\x32\x15.p2pchat.v1.ChatTextsH\x00\x42\x06\n\x04kind\"\x87\x01\n\x0e\x44\x65liveryUpdate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\x12\x30\n\x0c\x64\x65livered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x01\n\x0f\x44\x65liveryUpdates\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\x12\x30\n\x0c\x64\x65livered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x0e\x43hatEventBatch\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.p2pchat.v1.ChatEvent\"\x0c\n\nHistoryEnd\"O\n\x0ePeerKeyChanged\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x15\n\rpinned_sha256\x18\x02 \x01(\t\x12\x18\n\x10presented_sha256\x18\x03 \x01(\t\"\'\n\x06Notice\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1f\n\x0cServeRequest\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x08\"\xd7\x02\n\tChatEvent\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x17.p2pchat.v1.ChatMessageH\x00\x12.\n\x08\x64\x65livery\x18\x02 \x01(\x0b\x32\x1a.p2pchat.v1.DeliveryUpdateH\x00\x12-\n\x0bhistory_end\x18\x03 \x01(\x0b\x32\x16.p2pchat.v1.HistoryEndH\x00\x12\x31\n\x0bkey_changed\x18\x04 \x01(\x0b\x32\x1a.p2pchat.v1.PeerKeyChangedH\x00\x12$\n\x06notice\x18\x05 \x01(\x0b\x32\x12.p2pchat.v1.NoticeH\x00\x12\x31\n\ndeliveries\x18\x06 \x01(\x0b\x32\x1b.p2pchat.v1.DeliveryUpdatesH\x00\x12+\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x1a.p2pchat.v1.ChatEventBatchH\x00\x42\x06\n\x04kind*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_OUTGOING\x10\x01\x12\x16\n\x12\x44IRECTION_INCOMING\x10\x02*\x86\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_DELIVERED\x10\x02\x12\x1b\n\x17MESSAGE_STATUS_RECEIVED\x10\x03\x32\x8f\x07\n\x0c\x41gentService\x12O\n\x08Register\x12 .p2pchat.v1.AgentRegisterRequest\x1a!.p2pchat.v1.AgentRegisterResponse\x12\x46\n\x05Login\x12\x1d.p2pchat.v1.AgentLoginRequest\x1a\x1e.p2pchat.v1.AgentLoginResponse\x12I\n\x06Logout\x12\x1e.p2pchat.v1.AgentLogoutRequest\x1a\x1f.p2pchat.v1.AgentLogoutResponse\x12?\n\x06Status\x12\x19.p2pchat.v1.StatusRequest\x1a\x1a.p2pchat.v1.StatusResponse\x12[\n\x0cListContacts\x12$.p2pchat.v1.AgentListContactsRequest\x1a%.p2pchat.v1.AgentListContactsResponse\x12U\n\nAddContact\x12\".p2pchat.v1.AgentAddContactRequest\x1a#.p2pchat.v1.AgentAddContactResponse\x12^\n\rRemoveContact\x12%.p2pchat.v1.AgentRemoveContactRequest\x1a&.p2pchat.v1.AgentRemoveContactResponse\x12Q\n\x0cTrustPeerKey\x12\x1f.p2pchat.v1.TrustPeerKeyRequest\x1a .p2pchat.v1.TrustPeerKeyResponse\x12\x39\n\x04Send\x12\x17.p2pchat.v1.SendRequest\x1a\x18.p2pchat.v1.SendResponse\x12\x42\n\x07History\x12\x1a.p2pchat.v1.HistoryRequest\x1a\x1b.p2pchat.v1.HistoryResponse\x12\x38\n\x04\x43hat\x12\x15.p2pchat.v1.ChatInput\x1a\x15.p2pchat.v1.ChatEvent(\x01\x30\x01\x12:\n\x05Serve\x12\x18.p2pchat.v1.ServeRequest\x1a\x15.p2pchat.v1.ChatEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16p2pchat/v1/agent.proto\x12\np2pchat.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17p2pchat/v1/common.proto\"\xbd\x02\n\x0b\x43hatMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.p2pchat.v1.Direction\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x11\n\trecipient\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\t\x12+\n\x07sent_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06status\x18\n \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\"K\n\x14\x41gentRegisterRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\")\n\x15\x41gentRegisterResponse\x12\x10\n\x08username\x18\x01 \x01(\t\"7\n\x11\x41gentLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"\xab\x01\n\x12\x41gentLoginResponse\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x36\n\x12session_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x16\x63\x65rtificate_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\"\x14\n\x12\x41gentLogoutRequest\"\x15\n\x13\x41gentLogoutResponse\"\x1a\n\x18\x41gentListContactsRequest\"B\n\x19\x41gentListContactsResponse\x12%\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32\x13.p2pchat.v1.Contact\";\n\x16\x41gentAddContactRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"?\n\x17\x41gentAddContactResponse\x12$\n\x07\x63ontact\x18\x01 \x01(\x0b\x32\x13.p2pchat.v1.Contact\"-\n\x19\x41gentRemoveContactRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\x1c\n\x1a\x41gentRemoveContactResponse\"\x0f\n\rStatusRequest\"\xd9\x02\n\x0eStatusResponse\x12\x11\n\tlogged_in\x18\x01 \x01(\x08\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x11\n\tdirectory\x18\x03 \x01(\t\x12\x1b\n\x13\x64irectory_reachable\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x36\n\x12session_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10pending_messages\x18\x07 \x01(\x04\x12\x14\n\x0clinked_peers\x18\x08 \x03(\t\x12/\n\x0c\x63lock_offset\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08warnings\x18\n \x03(\t\x12\x18\n\x10link_frames_sent\x18\x0b \x01(\x04\x12\x1c\n\x14link_frames_received\x18\x0c \x01(\x04\"\'\n\x13TrustPeerKeyRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"1\n\x14TrustPeerKeyResponse\x12\x19\n\x11public_key_sha256\x18\x01 \x01(\t\"R\n\x0bSendRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"8\n\x0cSendResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.p2pchat.v1.ChatMessage\"O\n\x0eHistoryRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\tbefore_id\x18\x03 \x01(\t\x12\r\n\x05query\x18\x04 \x01(\t\"N\n\x0fHistoryResponse\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.p2pchat.v1.ChatMessage\x12\x10\n\x08has_more\x18\x02 \x01(\x08\"@\n\x08\x43hatOpen\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x15\n\rhistory_limit\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x08\"\x18\n\x08\x43hatText\x12\x0c\n\x04\x62ody\x18\x01 \x01(\t\"0\n\tChatTexts\x12#\n\x05texts\x18\x01 \x03(\x0b\x32\x14.p2pchat.v1.ChatText\"\x87\x01\n\tChatInput\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.p2pchat.v1.ChatOpenH\x00\x12$\n\x04text\x18\x02 \x01(\x0b\x32\x14.p2pchat.v1.ChatTextH\x00\x12&\n\x05texts\x18\x03 \x01(\x0b\x32\x15.p2pchat.v1.ChatTextsH\x00\x42\x06\n\x04kind\"\x87\x01\n\x0e\x44\x65liveryUpdate\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04peer\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\x12\x30\n\x0c\x64\x65livered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x89\x01\n\x0f\x44\x65liveryUpdates\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.p2pchat.v1.MessageStatus\x12\x30\n\x0c\x64\x65livered_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x0e\x43hatEventBatch\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.p2pchat.v1.ChatEvent\"\x0c\n\nHistoryEnd\"O\n\x0ePeerKeyChanged\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x15\n\rpinned_sha256\x18\x02 \x01(\t\x12\x18\n\x10presented_sha256\x18\x03 \x01(\t\"\'\n\x06Notice\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1f\n\x0cServeRequest\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x08\"\xd7\x02\n\tChatEvent\x12*\n\x07message\x18\x01 \x01(\x0b\x32\x17.p2pchat.v1.ChatMessageH\x00\x12.\n\x08\x64\x65livery\x18\x02 \x01(\x0b\x32\x1a.p2pchat.v1.DeliveryUpdateH\x00\x12-\n\x0bhistory_end\x18\x03 \x01(\x0b\x32\x16.p2pchat.v1.HistoryEndH\x00\x12\x31\n\x0bkey_changed\x18\x04 \x01(\x0b\x32\x1a.p2pchat.v1.PeerKeyChangedH\x00\x12$\n\x06notice\x18\x05 \x01(\x0b\x32\x12.p2pchat.v1.NoticeH\x00\x12\x31\n\ndeliveries\x18\x06 \x01(\x0b\x32\x1b.p2pchat.v1.DeliveryUpdatesH\x00\x12+\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32\x1a.p2pchat.v1.ChatEventBatchH\x00\x42\x06\n\x04kind*V\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44IRECTION_OUTGOING\x10\x01\x12\x16\n\x12\x44IRECTION_INCOMING\x10\x02*\x86\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_DELIVERED\x10\x02\x12\x1b\n\x17MESSAGE_STATUS_RECEIVED\x10\x03\x32\x8f\x07\n\x0c\x41gentService\x12O\n\x08Register\x12 .p2pchat.v1.AgentRegisterRequest\x1a!.p2pchat.v1.AgentRegisterResponse\x12\x46\n\x05Login\x12\x1d.p2pchat.v1.AgentLoginRequest\x1a\x1e.p2pchat.v1.AgentLoginResponse\x12I\n\x06Logout\x12\x1e.p2pchat.v1.AgentLogoutRequest\x1a\x1f.p2pchat.v1.AgentLogoutResponse\x12?\n\x06Status\x12\x19.p2pchat.v1.StatusRequest\x1a\x1a.p2pchat.v1.StatusResponse\x12[\n\x0cListContacts\x12$.p2pchat.v1.AgentListContactsRequest\x1a%.p2pchat.v1.AgentListContactsResponse\x12U\n\nAddContact\x12\".p2pchat.v1.AgentAddContactRequest\x1a#.p2pchat.v1.AgentAddContactResponse\x12^\n\rRemoveContact\x12%.p2pchat.v1.AgentRemoveContactRequest\x1a&.p2pchat.v1.AgentRemoveContactResponse\x12Q\n\x0cTrustPeerKey\x12\x1f.p2pchat.v1.TrustPeerKeyRequest\x1a .p2pchat.v1.TrustPeerKeyResponse\x12\x39\n\x04Send\x12\x17.p2pchat.v1.SendRequest\x1a\x18.p2pchat.v1.SendResponse\x12\x42\n\x07History\x12\x1a.p2pchat.v1.HistoryRequest\x1a\x1b.p2pchat.v1.HistoryResponse\x12\x38\n\x04\x43hat\x12\x15.p2pchat.v1.ChatInput\x1a\x15.p2pchat.v1.ChatEvent(\x01\x30\x01\x12:\n\x05Serve\x12\x18.p2pchat.v1.ServeRequest\x1a\x15.p2pchat.v1.ChatEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pchat.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DIRECTION']._serialized_start=2977
-  _globals['_DIRECTION']._serialized_end=3063
-  _globals['_MESSAGESTATUS']._serialized_start=3066
-  _globals['_MESSAGESTATUS']._serialized_end=3200
+  _globals['_DIRECTION']._serialized_start=3033
+  _globals['_DIRECTION']._serialized_end=3119
+  _globals['_MESSAGESTATUS']._serialized_start=3122
+  _globals['_MESSAGESTATUS']._serialized_end=3256
   _globals['_CHATMESSAGE']._serialized_start=129
   _globals['_CHATMESSAGE']._serialized_end=446
   _globals['_AGENTREGISTERREQUEST']._serialized_start=448
@@ -67,43 +67,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=1143
   _globals['_STATUSREQUEST']._serialized_end=1158
   _globals['_STATUSRESPONSE']._serialized_start=1161
-  _globals['_STATUSRESPONSE']._serialized_end=1450
-  _globals['_TRUSTPEERKEYREQUEST']._serialized_start=1452
-  _globals['_TRUSTPEERKEYREQUEST']._serialized_end=1491
-  _globals['_TRUSTPEERKEYRESPONSE']._serialized_start=1493
-  _globals['_TRUSTPEERKEYRESPONSE']._serialized_end=1542
-  _globals['_SENDREQUEST']._serialized_start=1544
-  _globals['_SENDREQUEST']._serialized_end=1626
-  _globals['_SENDRESPONSE']._serialized_start=1628
-  _globals['_SENDRESPONSE']._serialized_end=1684
-  _globals['_HISTORYREQUEST']._serialized_start=1686
-  _globals['_HISTORYREQUEST']._serialized_end=1765
-  _globals['_HISTORYRESPONSE']._serialized_start=1767
-  _globals['_HISTORYRESPONSE']._serialized_end=1845
-  _globals['_CHATOPEN']._serialized_start=1847
-  _globals['_CHATOPEN']._serialized_end=1911
-  _globals['_CHATTEXT']._serialized_start=1913
-  _globals['_CHATTEXT']._serialized_end=1937
-  _globals['_CHATTEXTS']._serialized_start=1939
-  _globals['_CHATTEXTS']._serialized_end=1987
-  _globals['_CHATINPUT']._serialized_start=1990
-  _globals['_CHATINPUT']._serialized_end=2125
-  _globals['_DELIVERYUPDATE']._serialized_start=2128
-  _globals['_DELIVERYUPDATE']._serialized_end=2263
-  _globals['_DELIVERYUPDATES']._serialized_start=2266
-  _globals['_DELIVERYUPDATES']._serialized_end=2403
-  _globals['_CHATEVENTBATCH']._serialized_start=2405
-  _globals['_CHATEVENTBATCH']._serialized_end=2460
-  _globals['_HISTORYEND']._serialized_start=2462
-  _globals['_HISTORYEND']._serialized_end=2474
-  _globals['_PEERKEYCHANGED']._serialized_start=2476
-  _globals['_PEERKEYCHANGED']._serialized_end=2555
-  _globals['_NOTICE']._serialized_start=2557
-  _globals['_NOTICE']._serialized_end=2596
-  _globals['_SERVEREQUEST']._serialized_start=2598
-  _globals['_SERVEREQUEST']._serialized_end=2629
-  _globals['_CHATEVENT']._serialized_start=2632
-  _globals['_CHATEVENT']._serialized_end=2975
-  _globals['_AGENTSERVICE']._serialized_start=3203
-  _globals['_AGENTSERVICE']._serialized_end=4114
+  _globals['_STATUSRESPONSE']._serialized_end=1506
+  _globals['_TRUSTPEERKEYREQUEST']._serialized_start=1508
+  _globals['_TRUSTPEERKEYREQUEST']._serialized_end=1547
+  _globals['_TRUSTPEERKEYRESPONSE']._serialized_start=1549
+  _globals['_TRUSTPEERKEYRESPONSE']._serialized_end=1598
+  _globals['_SENDREQUEST']._serialized_start=1600
+  _globals['_SENDREQUEST']._serialized_end=1682
+  _globals['_SENDRESPONSE']._serialized_start=1684
+  _globals['_SENDRESPONSE']._serialized_end=1740
+  _globals['_HISTORYREQUEST']._serialized_start=1742
+  _globals['_HISTORYREQUEST']._serialized_end=1821
+  _globals['_HISTORYRESPONSE']._serialized_start=1823
+  _globals['_HISTORYRESPONSE']._serialized_end=1901
+  _globals['_CHATOPEN']._serialized_start=1903
+  _globals['_CHATOPEN']._serialized_end=1967
+  _globals['_CHATTEXT']._serialized_start=1969
+  _globals['_CHATTEXT']._serialized_end=1993
+  _globals['_CHATTEXTS']._serialized_start=1995
+  _globals['_CHATTEXTS']._serialized_end=2043
+  _globals['_CHATINPUT']._serialized_start=2046
+  _globals['_CHATINPUT']._serialized_end=2181
+  _globals['_DELIVERYUPDATE']._serialized_start=2184
+  _globals['_DELIVERYUPDATE']._serialized_end=2319
+  _globals['_DELIVERYUPDATES']._serialized_start=2322
+  _globals['_DELIVERYUPDATES']._serialized_end=2459
+  _globals['_CHATEVENTBATCH']._serialized_start=2461
+  _globals['_CHATEVENTBATCH']._serialized_end=2516
+  _globals['_HISTORYEND']._serialized_start=2518
+  _globals['_HISTORYEND']._serialized_end=2530
+  _globals['_PEERKEYCHANGED']._serialized_start=2532
+  _globals['_PEERKEYCHANGED']._serialized_end=2611
+  _globals['_NOTICE']._serialized_start=2613
+  _globals['_NOTICE']._serialized_end=2652
+  _globals['_SERVEREQUEST']._serialized_start=2654
+  _globals['_SERVEREQUEST']._serialized_end=2685
+  _globals['_CHATEVENT']._serialized_start=2688
+  _globals['_CHATEVENT']._serialized_end=3031
+  _globals['_AGENTSERVICE']._serialized_start=3259
+  _globals['_AGENTSERVICE']._serialized_end=4170
 # @@protoc_insertion_point(module_scope)

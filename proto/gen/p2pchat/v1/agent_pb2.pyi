@@ -416,6 +416,8 @@ class StatusResponse(_message.Message):
     LINKED_PEERS_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    LINK_FRAMES_SENT_FIELD_NUMBER: _builtins.int
+    LINK_FRAMES_RECEIVED_FIELD_NUMBER: _builtins.int
     logged_in: _builtins.bool
     username: _builtins.str
     directory: _builtins.str
@@ -425,6 +427,11 @@ class StatusResponse(_message.Message):
     """The address other agents dial to reach this one."""
     pending_messages: _builtins.int
     """Outgoing messages not yet delivered."""
+    link_frames_sent: _builtins.int
+    """Link frames (gRPC messages on peer links) written and read since this login, the Hellos
+    included: with the messages counted, how many frames each message cost.
+    """
+    link_frames_received: _builtins.int
     @_builtins.property
     def session_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -454,10 +461,12 @@ class StatusResponse(_message.Message):
         linked_peers: _abc.Iterable[_builtins.str] | None = ...,
         clock_offset: _duration_pb2.Duration | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        link_frames_sent: _builtins.int = ...,
+        link_frames_received: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clock_offset", b"clock_offset", "session_expires_at", b"session_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "clock_offset", b"clock_offset", "directory", b"directory", "directory_reachable", b"directory_reachable", "linked_peers", b"linked_peers", "logged_in", b"logged_in", "pending_messages", b"pending_messages", "session_expires_at", b"session_expires_at", "username", b"username", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "clock_offset", b"clock_offset", "directory", b"directory", "directory_reachable", b"directory_reachable", "link_frames_received", b"link_frames_received", "link_frames_sent", b"link_frames_sent", "linked_peers", b"linked_peers", "logged_in", b"logged_in", "pending_messages", b"pending_messages", "session_expires_at", b"session_expires_at", "username", b"username", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
