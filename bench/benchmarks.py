@@ -27,7 +27,15 @@ from bench.bare import ping_pong as bare_ping_pong
 from bench.cluster import PASSWORD, Agent, World, cpu_seconds, rss_mb, wait_for
 from bench.peers import PeerLinks, make_identities
 from bench.prefill import Corpus, fill_history, fill_history_v2, fill_outbox, v2_schema_hash
-from bench.streams import ChatClient, StreamsChild, burst_body, tcp_counters, tcp_delta
+from bench.streams import (
+    ChatClient,
+    StreamsChild,
+    burst_body,
+    frames_delta,
+    link_frames,
+    tcp_counters,
+    tcp_delta,
+)
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import agent_pb2_grpc, directory_pb2_grpc
 from p2pchat.v1 import directory_pb2 as dpb
@@ -660,6 +668,7 @@ async def _one_burst(
     pids: dict[str, int],
     cpu: dict[str, float],
     link_ports: set[int],
+    status_stubs: dict[str, Any],
 ) -> Figures:
     """Burst k: p.burst_messages texts written on alice's Chat as fast as it takes them, until
     alice's Chat has shown every delivery update and bob's Serve every message (or it stalls)."""
@@ -667,6 +676,7 @@ async def _one_burst(
     prefix = f"cb{k:02d}-"
     burst = client.start_burst(prefix, n)
     inputs0, events0 = client.inputs, client.events
+    frames0 = await link_frames(status_stubs)
     link0 = tcp_counters(pids["alice"], link_ports)
     cpu0 = _cpu_now(pids)
     t0 = time.monotonic()
@@ -702,6 +712,7 @@ async def _one_burst(
             bob_failed.append(words[1])
     cpu1 = _cpu_now(pids)
     link1 = tcp_counters(pids["alice"], link_ports)
+    frames1 = await link_frames(status_stubs)
     write_error = None
     if not writing.done():
         writing.cancel()
@@ -724,6 +735,7 @@ async def _one_burst(
             serve_events=serve_events,
             serve_duplicates=duplicates,
             link=tcp_delta(link0, link1),
+            link_frames=frames_delta(frames0, frames1),
         )
     else:
         state = (
@@ -763,6 +775,8 @@ async def chat_burst(ctx: Context, lazy: Lazy) -> Figures:
         str(p.burst_seconds + p.burst_timeout + 60),
     )
     ch, stub = agent_stub(alice)
+    bob_ch, bob_stub = agent_stub(bob)
+    status_stubs = {"alice": stub, "bob": bob_stub}  # their Status: the link frames
     pids = {
         "alice": alice.pid,
         "bob": bob.pid,
@@ -793,10 +807,13 @@ async def chat_burst(ctx: Context, lazy: Lazy) -> Figures:
                     await client.open()
                     reopened += 1
                     await wait_pending(alice, p.burst_timeout)
-                bursts.append(await _one_burst(p, client, child, k, pids, cpu, link_ports))
+                bursts.append(
+                    await _one_burst(p, client, child, k, pids, cpu, link_ports, status_stubs)
+                )
     finally:
         await client.close()
         await ch.close()
+        await bob_ch.close()
         stats = await child.stop()
     base_after = await stream_rate(bare, n, base_body, 120)
     baseline = (base_before["msgs_per_s"] + base_after["msgs_per_s"]) / 2
@@ -845,6 +862,12 @@ async def chat_burst(ctx: Context, lazy: Lazy) -> Figures:
                 link_tcp_segs_per_msg=segs_out,
                 link_ack_tcp_segs_per_msg=segs_in,
             )
+        # The link hop's gRPC messages (PeerService.Link frames), from alice's and bob's Status.
+        frames = [b["link_frames"] for b in good if b["link_frames"] is not None]
+        if frames:
+            for key in frames[0]:  # alice_sent, alice_received, bob_sent, bob_received
+                total = sum(f[key] for f in frames)
+                figures[f"link_frames_per_msg_{key}"] = total / (n * len(frames))
     failed = [b for b in bursts if not b["ok"]]
     if failed:
         figures["failures"] = failed
@@ -868,6 +891,10 @@ class _PingTally:
     cpu: dict[str, float] = field(default_factory=dict)  # by role, see _PingSide.pids
     events: int = 0  # ChatEvents read on the sender's Chat
     inputs: int = 0  # ChatInputs written on it
+    # Link frames (PeerService.Link gRPC messages) from the agents' Status, by "ROLE_sent" and
+    # "ROLE_received" (sender, echo), over `frame_rounds` round trips (blocks with a count).
+    frames: dict[str, int] = field(default_factory=dict)
+    frame_rounds: int = 0
     echo_stats: dict[str, int] = field(default_factory=dict)  # summed over the echo clients
     by_pair: dict[str, list[float]] = field(default_factory=dict)  # rtts by sender
     pairs: list[str] = field(default_factory=list)
@@ -896,6 +923,8 @@ class _PingTally:
             f"{pre}echo_client_stats": self.echo_stats,
             **{f"{pre}cpu_us_per_rtt_{k}": s / max(1, rounds) * 1e6 for k, s in self.cpu.items()},
         }
+        for key, count in self.frames.items():
+            figures[f"{pre}link_frames_per_rtt_{key}"] = count / max(1, self.frame_rounds)
         echoed = self.echo_stats.get("echoed", 0)
         if echoed:  # the echo clients' streams over all their echoes (the warm-ups' included)
             for kind in ("serve_events", "chat_events", "chat_inputs"):
@@ -922,6 +951,8 @@ class _PingSide:
     channel: grpc.aio.Channel
     client: ChatClient
     pids: dict[str, int]
+    echo_channel: grpc.aio.Channel  # the echo agent's control API, for its Status
+    status_stubs: dict[str, Any]  # by role: sender, echo
     in_a_row: int = 0  # lost round trips in a row: after 5, the echo is gone, stop
     warm: int = 0
 
@@ -941,6 +972,7 @@ class _PingSide:
             str(timeout),
         )
         ch, stub = agent_stub(sender)
+        echo_ch, echo_stub = agent_stub(echo)
         pids = {
             "sender": sender.pid,
             "echo": echo.pid,
@@ -949,7 +981,9 @@ class _PingSide:
         }
         tally.pairs.append(f"{sender.name} -> {echo.name}")
         tally.by_pair.setdefault(sender.name, [])
-        return cls(tally, sender, echo, child, ch, ChatClient(stub, echo.name), pids)
+        client = ChatClient(stub, echo.name)
+        stubs = {"sender": stub, "echo": echo_stub}
+        return cls(tally, sender, echo, child, ch, client, pids, echo_ch, stubs)
 
     @property
     def active(self) -> bool:
@@ -983,13 +1017,17 @@ class _PingSide:
         await wait_pending(self.sender, 10)
 
     async def block(self, first: int, n: int, timeout: float) -> None:
-        """Round trips `first` .. `first + n - 1`, with the CPU and the client's gRPC messages."""
+        """Round trips `first` .. `first + n - 1`, with the CPU, the client's gRPC messages and
+        the link frames of both agents."""
         tally = self.tally
         events0, inputs0 = self.client.events, self.client.inputs
+        frames0 = await link_frames(self.status_stubs)
         cpu0 = _cpu_now(self.pids)
+        done = 0
         for i in range(first, first + n):
             if not self.active:
                 break
+            done += 1
             rtt = await self.round_trip(f"ping {i:07d} {BODY}", timeout)
             if rtt is None:
                 tally.lost += 1
@@ -1001,11 +1039,17 @@ class _PingSide:
         _cpu_add(tally.cpu, cpu0, _cpu_now(self.pids))
         tally.events += self.client.events - events0
         tally.inputs += self.client.inputs - inputs0
+        frames = frames_delta(frames0, await link_frames(self.status_stubs))
+        if frames is not None:
+            for key, count in frames.items():
+                tally.frames[key] = tally.frames.get(key, 0) + count
+            tally.frame_rounds += done
 
     async def close(self) -> None:
         try:
             await self.client.close()
             await self.channel.close()
+            await self.echo_channel.close()
         finally:
             stats = await self.child.stop()
             for k, v in stats.items():

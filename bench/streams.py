@@ -97,6 +97,32 @@ def tcp_delta(
     return {f: sum(c[f] - before.get(k, zero)[f] for k, c in after.items()) for f in TCP_FIELDS}
 
 
+async def link_frames(stubs: dict[str, Any]) -> dict[str, int] | None:
+    """The link frames (gRPC messages on peer links, Hellos included) each agent has written and
+    read since its login, from its `Status` (link_frames_sent/_received), as "NAME_sent" and
+    "NAME_received" for each of `stubs` (control API stubs by name); None if a call fails."""
+    found: dict[str, int] = {}
+    for name, stub in stubs.items():
+        try:
+            status = await stub.Status(apb.StatusRequest(), timeout=10)
+        except grpc.aio.AioRpcError:
+            return None
+        found[f"{name}_sent"] = status.link_frames_sent
+        found[f"{name}_received"] = status.link_frames_received
+    return found
+
+
+def frames_delta(
+    before: dict[str, int] | None, after: dict[str, int] | None
+) -> dict[str, int] | None:
+    """What `link_frames` counted since `before`; None when either is unknown or a counter went
+    back (a new login starts from zero: no delta)."""
+    if before is None or after is None or set(before) != set(after):
+        return None
+    delta = {k: after[k] - before[k] for k in after}
+    return None if any(v < 0 for v in delta.values()) else delta
+
+
 # -- alice's client: a Chat stream in the bench process ---------------------------------------
 
 
