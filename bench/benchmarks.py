@@ -927,7 +927,7 @@ class _PingTally:
             figures[f"{pre}link_frames_per_rtt_{key}"] = count / max(1, self.frame_rounds)
         echoed = self.echo_stats.get("echoed", 0)
         if echoed:  # the echo clients' streams over all their echoes (the warm-ups' included)
-            for kind in ("serve_events", "chat_events", "chat_inputs"):
+            for kind in ("chat_events", "chat_inputs"):
                 figures[f"{pre}echo_{kind}_per_rtt"] = self.echo_stats.get(kind, 0) / echoed
         if rounds < p.ping_rounds:
             figures[f"{pre}note"] = (

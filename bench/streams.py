@@ -8,8 +8,8 @@ users' terminals would be).
         once burst K is complete, "at K COUNT" about once a second while one is under way,
         "failed CODE" when the stream fails (it is opened again).
     python -m bench.streams echo --agent TARGET --peer alice --timeout S
-        bob's `Serve(batches=True)` and his `Chat(batches=True)` with the peer: every incoming
-        "ping ..." or "warm ..." is answered with "pong ..." on the Chat stream.
+        bob's `Chat(batches=True)` with the peer, as a user in `p2pchat chat alice`: every
+        incoming "ping ..." or "warm ..." is answered with "pong ..." on the same stream.
 
 TARGET is bob's control API: 127.0.0.1:PORT (loopback TCP) or unix:PATH (his control socket).
 Both end at the timeout or on SIGTERM and then print "stats k=v ..." (what they read and wrote).
@@ -387,26 +387,24 @@ async def _count(
 
 
 async def _echo(target: str, peer: str, timeout: float, stats: dict[str, int]) -> None:
-    """bob's Serve and Chat streams for ping_pong (see the module's doc)."""
-    stats.update(serve_events=0, chat_events=0, echoed=0, chat_inputs=0)
+    """bob's Chat stream with the peer for ping_pong (see the module's doc): what a user in
+    `p2pchat chat alice` has open, reading alice's messages and answering on the same stream."""
+    stats.update(chat_events=0, echoed=0, chat_inputs=0)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = agent_pb2_grpc.AgentServiceStub(channel)
         chat: Any = stub.Chat()
         await chat.write(apb.ChatInput(open=apb.ChatOpen(peer=peer, history_limit=1, batches=True)))
-
-        async def drain() -> None:
-            async for _event in chat:
-                stats["chat_events"] += 1
-
-        drainer = asyncio.create_task(drain())
-        serve: Any = stub.Serve(apb.ServeRequest(batches=True))
         _say("ready")
+        live = False
         try:
             async with asyncio.timeout(timeout):
-                async for event in serve:
-                    stats["serve_events"] += 1
+                async for event in chat:
+                    stats["chat_events"] += 1
                     for e in flatten(event):
-                        if e.WhichOneof("kind") != "message":
+                        kind = e.WhichOneof("kind")
+                        if kind == "history_end":
+                            live = True
+                        if kind != "message" or not live:
                             continue
                         m = e.message
                         if m.direction != apb.DIRECTION_INCOMING or m.sender != peer:
@@ -419,13 +417,9 @@ async def _echo(target: str, peer: str, timeout: float, stats: dict[str, int]) -
         except TimeoutError:
             pass
         except grpc.aio.AioRpcError as exc:
-            _say(f"failed serve {exc.code().name}")
+            _say(f"failed chat {exc.code().name}")
         finally:
-            serve.cancel()
             chat.cancel()
-            drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await drainer
 
 
 async def _run(args: argparse.Namespace) -> None:
