@@ -100,12 +100,19 @@ class Subscription:
             raise Overflow(_OVERFLOW)
         return item
 
-    async def room(self, below: int) -> None:
+    async def room(self, below: int, idle: float) -> None:
         """Waits until fewer than `below` items wait unread: how the owner of a subscription
-        holds its own input back while its reader falls behind."""
+        holds its own input back while its reader falls behind. Overflow when the reader takes
+        nothing for `idle` seconds meanwhile (a client blocked writing, never reading)."""
         while self.queue.qsize() >= below:
             self._taken.clear()
-            await self._taken.wait()
+            try:
+                await asyncio.wait_for(self._taken.wait(), idle)
+            except TimeoutError:
+                raise Overflow(
+                    f"no event read for {idle:g} s while {self.queue.qsize()} waited and the "
+                    "input was held back; read the stream while writing to it"
+                ) from None
 
     def put(self, item: Item) -> None:
         """Queues an item for this subscriber (events come from the hub; the owner may add its
