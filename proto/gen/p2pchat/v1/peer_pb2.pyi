@@ -170,3 +170,82 @@ class AckBatch(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AckBatch: _TypeAlias = AckBatch  # noqa: Y015
+
+@_typing.final
+class SealedContent(_message.Message):
+    """--- Sealed envelopes (the directory's mailbox, issue 13) -----------------------------------
+    An envelope is HPKE (RFC 9180: ML-KEM-768+X25519 / HKDF-SHA256 / ChaCha20-Poly1305, info
+    "p2pchat mailbox envelope v1") sealed to the recipient's mailbox key; what it holds opened is
+    a Sealed. The directory stores envelopes and cannot open them.
+
+    What the sender signs: one message, naming its recipient and the mailbox key it was sealed
+    to, so that an envelope cannot be re-targeted (opened by one recipient, sealed to another).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    SENT_AT_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    RECIPIENT_MAILBOX_SHA256_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    conversation: _builtins.str
+    """conversations.direct_key of the two users: "direct:<a>:<b>"."""
+    sender: _builtins.str
+    recipient: _builtins.str
+    body: _builtins.str
+    recipient_mailbox_sha256: _builtins.str
+    """Hex SHA-256 of the recipient's mailbox public key the envelope is sealed to."""
+    @_builtins.property
+    def sent_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        conversation: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        recipient: _builtins.str = ...,
+        sent_at: _timestamp_pb2.Timestamp | None = ...,
+        body: _builtins.str = ...,
+        recipient_mailbox_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "conversation", b"conversation", "id", b"id", "recipient", b"recipient", "recipient_mailbox_sha256", b"recipient_mailbox_sha256", "sender", b"sender", "sent_at", b"sent_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedContent: _TypeAlias = SealedContent  # noqa: Y015
+
+@_typing.final
+class Sealed(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    SENDER_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    content: _builtins.bytes
+    """A serialized SealedContent: the bytes signed, carried as they were signed."""
+    sender_certificate: _builtins.bytes
+    """The sender's user certificate (DER), issued by the directory's users CA."""
+    signature: _builtins.bytes
+    """The sender's identity key over "p2pchat sealed content v1\\0" + content (ECDSA P-256 with
+    SHA-256, DER; or Ed25519).
+    """
+    def __init__(
+        self,
+        *,
+        content: _builtins.bytes = ...,
+        sender_certificate: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "sender_certificate", b"sender_certificate", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sealed: _TypeAlias = Sealed  # noqa: Y015
