@@ -5,7 +5,7 @@ translates what they yield into ChatEvents and what the CLI writes into texts.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from p2pchat_agent.agent import Agent
@@ -38,30 +38,20 @@ def event_peer(event: Event) -> str:
 # than IN_FLIGHT of this chat's texts wait for their commit and fewer than UNREAD events wait
 # for the client to read them. A faster writer is held back by gRPC flow control (the agent
 # stops reading its stream), never dropped; only a client that stops reading while others'
-# messages pile up is (events.QUEUE_LIMIT), or one that reads nothing for HOLD_IDLE seconds
-# while its input is held.
+# messages pile up is (events.QUEUE_LIMIT).
 IN_FLIGHT = 2_000
 UNREAD = 1_000
-# A client held back that reads no event for this long is dropped (RESOURCE_EXHAUSTED): one
-# that blocks writing and never reads would otherwise hang with its stream.
-HOLD_IDLE = 60.0
 
 
 async def chat(
-    agent: Agent,
-    username: str,
-    history_limit: int,
-    texts: AsyncIterator[list[str]],
-    abort: Callable[[DomainError], Awaitable[None]] | None = None,
+    agent: Agent, username: str, history_limit: int, texts: AsyncIterator[list[str]]
 ) -> AsyncIterator[list[ChatItem]]:
     """A chat with `username`: the last `history_limit` messages, then live messages, delivery
     updates, key warnings and the notices of texts refused, until `texts` ends (once what it
     sent is committed or refused) or fails. Yields what is ready together, in order: a burst
     goes at once, nothing waits to fill a batch. Texts (several per input at will) are queued
     in order without waiting for each commit: a fast writer is limited by group commit, not by a
-    transaction each, and held back (see IN_FLIGHT, UNREAD) rather than queued without bound.
-    `abort` ends the stream at once with an error (a client held back that reads nothing): what
-    this generator yields may be stuck in a write the client never takes."""
+    transaction each, and held back (see IN_FLIGHT, UNREAD) rather than queued without bound."""
     peer = normalize_username(username)
     await agent.require_contact(peer)
     with agent.events.subscribe(lambda e: event_peer(e) == peer) as sub:
@@ -94,12 +84,7 @@ async def chat(
                 while len(submitted) >= IN_FLIGHT:
                     room.clear()
                     await room.wait()
-                try:
-                    await sub.room(UNREAD, HOLD_IDLE)
-                except DomainError as exc:
-                    if abort is not None:
-                        await abort(exc)
-                    raise
+                await sub.room(UNREAD)
             # The CLI closed its side: the chat ends once what it sent is committed (or
             # refused, with its notice shown first).
             await asyncio.gather(*submitted, return_exceptions=True)

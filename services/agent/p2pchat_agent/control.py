@@ -15,7 +15,7 @@ from p2pchat_agent.events import DeliveryEvent, Event, MessageEvent, Notice
 from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.messages import StoredMessage
 from p2pchat_agent.status import status
-from p2pchat_common.errors import DomainError, InvalidArgument
+from p2pchat_common.errors import InvalidArgument
 from p2pchat_common.timestamps import to_timestamp
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -206,12 +206,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
         limit = first.open.history_limit or 50
         batches = first.open.batches
-
-        async def abort(exc: DomainError) -> None:
-            await context.abort(exc.code, str(exc))
-
-        chatting = chat.chat(self._agent, first.open.peer, limit, texts(), abort)
-        async for burst in chatting:
+        async for burst in chat.chat(self._agent, first.open.peer, limit, texts()):
             events = [e for item in burst for e in chat_item_events(item, batches)]
             for event in _batched(events) if batches else events:
                 yield event

@@ -100,19 +100,12 @@ class Subscription:
             raise Overflow(_OVERFLOW)
         return item
 
-    async def room(self, below: int, idle: float) -> None:
+    async def room(self, below: int) -> None:
         """Waits until fewer than `below` items wait unread: how the owner of a subscription
-        holds its own input back while its reader falls behind. Overflow when the reader takes
-        nothing for `idle` seconds meanwhile (a client blocked writing, never reading)."""
+        holds its own input back while its reader falls behind."""
         while self.queue.qsize() >= below:
             self._taken.clear()
-            try:
-                await asyncio.wait_for(self._taken.wait(), idle)
-            except TimeoutError:
-                raise Overflow(
-                    f"no event read for {idle:g} s while {self.queue.qsize()} waited and the "
-                    "input was held back; read the stream while writing to it"
-                ) from None
+            await self._taken.wait()
 
     def put(self, item: Item) -> None:
         """Queues an item for this subscriber (events come from the hub; the owner may add its

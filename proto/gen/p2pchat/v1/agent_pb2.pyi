@@ -692,8 +692,7 @@ Global___ChatTexts: _TypeAlias = ChatTexts  # noqa: Y015
 class ChatInput(_message.Message):
     """After the ChatOpen, texts, one or many at a time. The agent reads its input only as fast as
     it stores them and as its client reads the events they make: a writer faster than that is
-    held back by flow control, never dropped. A client held back that reads no event for 60 s
-    is ended with RESOURCE_EXHAUSTED (read the stream while writing to it).
+    held back by flow control, never dropped.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
