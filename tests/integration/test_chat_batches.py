@@ -200,3 +200,54 @@ def test_a_writer_faster_than_its_reader_is_held_back_not_dropped(
         inputs.put(None)
         chat.reading.set()
         chat.call.cancel()  # type: ignore[attr-defined]
+
+
+def test_one_input_of_15000_texts_is_taken_in_slices_and_never_overflows_the_chat(
+    make_agent: Callable[[str], InProcessAgent],
+) -> None:
+    alice, bob = logged_in(make_agent, "alice", "bob")
+    chat, inputs, _ = _open_chat(alice, "bob", batches=True)
+    try:
+        (end,) = _kinds(chat.take(lambda ev: len(_kinds(ev, "history_end")))[0], "history_end")
+        assert end.history_end.batches  # this agent takes ChatTexts
+        total = 15_000
+        texts = [apb.ChatText(body=f"{i:05d}") for i in range(total)]
+        inputs.put(apb.ChatInput(texts=apb.ChatTexts(texts=texts)))
+
+        events, _ = chat.take(lambda ev: len(_delivered_ids(ev)), total, timeout=120)
+
+        assert [e.message.body for e in _kinds(events, "message")] == [
+            f"{i:05d}" for i in range(total)
+        ]
+    finally:
+        inputs.put(None)
+        chat.call.cancel()  # type: ignore[attr-defined]
+
+
+def test_a_burst_larger_than_a_grpc_message_goes_in_several_batches(
+    make_agent: Callable[[str], InProcessAgent],
+) -> None:
+    """1,500 texts of 16 KiB (24 MB) echoed while the client pauses: one burst, which no single
+    ChatEvent may carry (16 MiB at most); it arrives whole, in order, in batches."""
+    alice, bob = logged_in(make_agent, "alice", "bob")
+    chat, inputs, _ = _open_chat(alice, "bob", batches=True)
+    try:
+        chat.take(lambda ev: len(_kinds(ev, "history_end")))
+        chat.reading.clear()
+        body = "z" * (16 * 1024 - 6)
+        for start in range(0, 1500, 500):
+            texts = [apb.ChatText(body=f"{start + i:05d}{body}") for i in range(500)]
+            inputs.put(apb.ChatInput(texts=apb.ChatTexts(texts=texts)))
+        time.sleep(3)
+        chat.reading.set()
+
+        events, carriers = chat.take(lambda ev: len(_kinds(ev, "message")), 1500, timeout=60)
+
+        assert [e.message.body[:5] for e in _kinds(events, "message")] == [
+            f"{i:05d}" for i in range(1500)
+        ]
+        assert carriers >= 6  # 24 MB in batches of at most 4 MiB
+    finally:
+        inputs.put(None)
+        chat.reading.set()
+        chat.call.cancel()  # type: ignore[attr-defined]

@@ -11,13 +11,14 @@ writer. Open it with `await AgentStore.open(path)`, close it with `await store.c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar, TypeVarTuple
+from typing import TypeVar, TypeVarTuple
 
 from p2pchat_agent.messages import IncomingMessage, OutgoingMessage, PeerKey, StoredMessage
 from p2pchat_agent.store import MessageStore, fts_query
@@ -139,11 +140,17 @@ class AgentStore:
 
     def _on_writer(self, fn: Callable[[*Ts], T], *args: *Ts) -> asyncio.Future[T]:
         self._queued += 1
-        future = self._loop.run_in_executor(self._writer, fn, *args)
-        future.add_done_callback(self._written)
-        return future
+        job = self._writer.submit(fn, *args)
+        # Counted down when the job has run (or was dropped unstarted), not when an awaiting
+        # caller is cancelled: until then an inline write would wait for its lock.
+        job.add_done_callback(self._job_done)
+        return asyncio.wrap_future(job, loop=self._loop)
 
-    def _written(self, _: asyncio.Future[Any]) -> None:
+    def _job_done(self, _: object) -> None:  # in the writer thread
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nothing left to count for
+            self._loop.call_soon_threadsafe(self._written)
+
+    def _written(self) -> None:
         self._queued -= 1
 
     async def _small_write(self, rows: int, fn: Callable[[*Ts], T], *args: *Ts) -> T:

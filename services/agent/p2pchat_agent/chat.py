@@ -41,6 +41,7 @@ def event_peer(event: Event) -> str:
 # messages pile up is (events.QUEUE_LIMIT).
 IN_FLIGHT = 2_000
 UNREAD = 1_000
+SLICE = 100  # texts of one input submitted between two checks
 
 
 async def chat(
@@ -73,18 +74,21 @@ async def chat(
 
         async def read_texts() -> None:
             async for bodies in texts:
-                for body in bodies:
-                    try:
-                        future = agent.submit(peer, body)
-                    except DomainError as exc:
-                        refused(exc)
-                        continue
-                    submitted.add(future)
-                    future.add_done_callback(stored)
-                while len(submitted) >= IN_FLIGHT:
-                    room.clear()
-                    await room.wait()
-                await sub.room(UNREAD)
+                # A slice at a time: one input may hold thousands of texts, and the checks
+                # below must hold between them, not only between inputs.
+                for start in range(0, len(bodies), SLICE):
+                    for body in bodies[start : start + SLICE]:
+                        try:
+                            future = agent.submit(peer, body)
+                        except DomainError as exc:
+                            refused(exc)
+                            continue
+                        submitted.add(future)
+                        future.add_done_callback(stored)
+                    while len(submitted) >= IN_FLIGHT:
+                        room.clear()
+                        await room.wait()
+                    await sub.room(UNREAD)
             # The CLI closed its side: the chat ends once what it sent is committed (or
             # refused, with its notice shown first).
             await asyncio.gather(*submitted, return_exceptions=True)

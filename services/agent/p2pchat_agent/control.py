@@ -221,11 +221,33 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 yield event
 
 
+# A ChatEventBatch holds at most this many events and bytes: a burst can be thousands of
+# large messages, and one gRPC message is at most 16 MiB (a single event, at most one body of
+# --body-limit <= 4 MiB, always fits).
+BATCH_EVENTS = 500
+BATCH_BYTES = 4 * 1024 * 1024
+
+
 def _batched(events: list[pb.ChatEvent]) -> list[pb.ChatEvent]:
-    """What is ready together as one ChatEvent (a batch when there are several)."""
+    """What is ready together as few ChatEvents: batches of several, within the bounds above."""
     if len(events) <= 1:
         return events
-    return [pb.ChatEvent(batch=pb.ChatEventBatch(events=events))]
+    out: list[pb.ChatEvent] = []
+    chunk: list[pb.ChatEvent] = []
+    size = 0
+    for event in events:
+        event_size = event.ByteSize()
+        if chunk and (len(chunk) == BATCH_EVENTS or size + event_size > BATCH_BYTES):
+            out.append(_one_batch(chunk))
+            chunk, size = [], 0
+        chunk.append(event)
+        size += event_size
+    out.append(_one_batch(chunk))
+    return out
+
+
+def _one_batch(events: list[pb.ChatEvent]) -> pb.ChatEvent:
+    return events[0] if len(events) == 1 else pb.ChatEvent(batch=pb.ChatEventBatch(events=events))
 
 
 def chat_item_events(item: chat.ChatItem, batches: bool) -> list[pb.ChatEvent]:
@@ -233,7 +255,7 @@ def chat_item_events(item: chat.ChatItem, batches: bool) -> list[pb.ChatEvent]:
     if isinstance(item, chat.Past):
         return [pb.ChatEvent(message=chat_message(item.message))]
     if isinstance(item, chat.PastEnd):
-        return [pb.ChatEvent(history_end=pb.HistoryEnd())]
+        return [pb.ChatEvent(history_end=pb.HistoryEnd(batches=True))]
     if isinstance(item, Notice):
         return [pb.ChatEvent(notice=pb.Notice(code=item.code, message=item.message))]
     return chat_events(item, batches)

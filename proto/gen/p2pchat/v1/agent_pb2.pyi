@@ -812,12 +812,19 @@ class HistoryEnd(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    BATCHES_FIELD_NUMBER: _builtins.int
+    batches: _builtins.bool
+    """Set by an agent that takes ChatInput.texts and sends batches when asked: a client sends
+    ChatTexts only after seeing it (an older agent would ignore them).
+    """
     def __init__(
         self,
+        *,
+        batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
