@@ -186,3 +186,57 @@ def _two_contacts(
     alice.add_contact("bob")
     bob.add_contact("alice")
     return a.server.control_port, alice, bob
+
+
+def test_send_dash_fails_fast_and_clearly_when_the_agent_cannot_take_the_lines(
+    make_agent: Callable[[str], InProcessAgent], tmp_path: Path
+) -> None:
+    import subprocess
+    import time
+
+    from tests.support.cli import CLI, agent_flag, cli_env
+
+    port, _, _ = _two_contacts(make_agent)
+    many = "".join(f"line {i}\n" for i in range(5000))
+
+    # A chat the agent refuses (no such contact) reports why, even with lines already queued.
+    result = run_cli(port, tmp_path, "send", "nobody", "-", "--wait", "5", stdin=many)
+    assert result.returncode == 2 and "nobody" in result.stderr, result.stderr
+    assert "Internal error" not in result.stderr
+
+    # No agent: exit 3 at once, --wait or not, and without waiting for stdin to close.
+    started = time.monotonic()
+    with subprocess.Popen(
+        [*CLI, *agent_flag(f"unix:{tmp_path / 'none.sock'}"), "send", "bob", "-", "--wait", "30"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(tmp_path),
+    ) as proc:
+        assert proc.stdin is not None
+        proc.stdin.write(b"one line, then stdin stays open\n")
+        proc.stdin.flush()
+        code = proc.wait(timeout=20)
+        proc.stdin.close()
+    assert code == 3 and time.monotonic() - started < 15
+
+
+def test_send_dash_skips_lines_that_are_not_utf8_and_sends_the_rest(
+    make_agent: Callable[[str], InProcessAgent], tmp_path: Path
+) -> None:
+    import subprocess
+
+    from tests.support.cli import CLI, agent_flag, cli_env
+
+    port, _, bob = _two_contacts(make_agent)
+    result = subprocess.run(
+        [*CLI, *agent_flag(port), "send", "bob", "-"],
+        input=b"good one\n\xff\xfe broken\ngood two\n",
+        capture_output=True,
+        env=cli_env(tmp_path),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert b"1 line(s) not sent: they are not valid UTF-8" in result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    wait_until(lambda: [m.body for m in bob.history("alice")] == ["good one", "good two"])

@@ -31,6 +31,7 @@ class _Printer:
         self.bodies: dict[str, str] = {}
         self.last_sender = ""
         self.history_done = asyncio.Event()
+        self.batches = False  # the agent takes ChatTexts (HistoryEnd.batches)
 
     def show(self, event: apb.ChatEvent) -> None:
         kind = event.WhichOneof("kind")
@@ -57,6 +58,7 @@ class _Printer:
             body = self.bodies.pop(event.delivery.id, "")
             self.console.say(delivery_line(event.delivery, body))
         elif kind == "history_end":
+            self.batches = event.history_end.batches
             self.history_done.set()
         elif kind == "key_changed":
             k = event.key_changed
@@ -103,18 +105,20 @@ async def _read_lines(
         stream.result()  # the agent ended the stream: say why
 
 
-OUTGOING_LINES = 1_000
+LINES_PER_INPUT = 500
 
 
-async def _batches(lines: asyncio.Queue[str | None]) -> AsyncIterator[apb.ChatInput]:
-    """Lines as ChatInputs until None: every line waiting goes in one input (ChatTexts), at
-    once; nothing waits for a batch to fill."""
+async def _batches(
+    lines: asyncio.Queue[str | None], batches: Callable[[], bool]
+) -> AsyncIterator[apb.ChatInput]:
+    """Lines as ChatInputs until None: while `batches()` (the agent takes ChatTexts), every
+    line waiting goes in one input, at once; nothing waits for a batch to fill."""
     while True:
         line = await lines.get()
         if line is None:
             return
         texts = [apb.ChatText(body=line)]
-        while not lines.empty():
+        while batches() and len(texts) < LINES_PER_INPUT and not lines.empty():
             more = lines.get_nowait()
             if more is None:
                 yield apb.ChatInput(texts=apb.ChatTexts(texts=texts))
@@ -157,16 +161,17 @@ async def _show_history(conn: AgentConnection, console: Console, peer: str, arg:
 
 async def chat(conn: AgentConnection, console: Console, peer: str, me: str) -> None:
     """Prints the history with `peer`, then chats live until /quit, Ctrl-D or Ctrl-C."""
-    # Bounded: when the agent holds the stream back, reading more lines waits too.
-    outgoing: asyncio.Queue[str | None] = asyncio.Queue(OUTGOING_LINES)
+    # Not bounded: what the user typed or pasted waits here while the agent holds the stream
+    # back, and a line put after the stream ended must not block leaving the chat.
+    outgoing: asyncio.Queue[str | None] = asyncio.Queue()
+    printer = _Printer(console)
 
     async def inputs() -> AsyncIterator[apb.ChatInput]:
         yield apb.ChatInput(open=apb.ChatOpen(peer=peer, history_limit=50, batches=True))
-        async for texts in _batches(outgoing):
+        async for texts in _batches(outgoing, lambda: printer.batches):
             yield texts
 
     call = conn.stub.Chat(inputs())
-    printer = _Printer(console)
     console.say(f"--- chat with {peer} ({CHAT_HELP}) ---")
     task = asyncio.create_task(printer.run(conn, call))
 

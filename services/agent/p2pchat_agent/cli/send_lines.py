@@ -1,13 +1,17 @@
 """`p2pchat send USER -`: every line of standard input as a message, over one Chat stream in
-batches (what is read together goes in one ChatTexts), held back by the agent's flow control
-rather than queued without bound. Prints each stored message's id and state, in order."""
+batches: whatever lines are waiting go in one ChatTexts, at once (nothing waits for a batch to
+fill), held back by the agent's flow control rather than queued without bound. Prints each
+stored message's id and state, in order, also when the stream fails part way."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import threading
+from collections import Counter
 from collections.abc import AsyncIterator
-from typing import TextIO
+from typing import BinaryIO
 
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
@@ -16,34 +20,49 @@ from p2pchat_agent.cli.render import STATUS_NAMES, safe
 from p2pchat_common.text import BODY_CONTROL
 
 LINES_PER_INPUT = 500
+QUEUED_LINES = 2_000  # read ahead of the stream at most
+
+_END = None
 
 
-async def _read_chunks(source: TextIO, out: asyncio.Queue[list[str] | None]) -> int:
-    """Puts the non-blank lines of `source` on `out` in chunks (None at the end); returns how
-    many lines were skipped for holding control characters."""
-    skipped = 0
-    while True:
-        chunk = await asyncio.to_thread(_chunk, source)
-        if not chunk:
-            await out.put(None)
-            return skipped
-        kept = [line for line in chunk if line.strip() and not BODY_CONTROL.search(line)]
-        skipped += sum(1 for line in chunk if line.strip() and BODY_CONTROL.search(line))
-        if kept:
-            await out.put(kept)
+class _Lines:
+    """The lines of a byte stream, read by a daemon thread (a blocked read of stdin never holds
+    the command's exit) into a bounded queue; lines that are not UTF-8 or hold control
+    characters are counted and skipped."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue(QUEUED_LINES)
+        self.skipped: Counter[str] = Counter()
+        self._loop = asyncio.get_running_loop()
+        self._source = source
+        threading.Thread(target=self._read, name="stdin-lines", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for raw in self._source:
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    self.skipped["they are not valid UTF-8"] += 1
+                    continue
+                if not line.strip():
+                    continue
+                if BODY_CONTROL.search(line):
+                    self.skipped["they hold control characters"] += 1
+                    continue
+                self._put(line)
+        finally:
+            self._put(_END)
+
+    def _put(self, line: str | None) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.queue.put(line), self._loop).result()
+        except RuntimeError:  # the command has ended
+            pass
 
 
 def _warn(text: str) -> None:
     print(f"p2pchat: {text}", file=sys.stderr, flush=True)
-
-
-def _chunk(source: TextIO) -> list[str]:
-    lines = []
-    for line in source:
-        lines.append(line.rstrip("\r\n"))
-        if len(lines) == LINES_PER_INPUT:
-            break
-    return lines
 
 
 async def send_lines(
@@ -51,84 +70,111 @@ async def send_lines(
     console: Console,
     peer: str,
     wait: float | None,
-    source: TextIO = sys.stdin,
+    source: BinaryIO | None = None,
 ) -> int:
-    chunks: asyncio.Queue[list[str] | None] = asyncio.Queue(4)
+    # A reader of its own on a copy of stdin's descriptor: at exit, the interpreter closes
+    # sys.stdin, which must not be the object a daemon thread is blocked reading.
+    lines = _Lines(source if source is not None else open(os.dup(sys.stdin.fileno()), "rb"))
+    opened = asyncio.Event()  # the agent opened the chat (history_end): texts may go
     input_done = asyncio.Event()  # every line written
-    finished = asyncio.Event()  # what the agent stored is known (and delivered, with --wait)
-    written = 0
+    finished = asyncio.Event()  # the input may end (with --wait: everything delivered)
+    state = {"batches": False, "written": 0, "refused": 0}
+    ours: Counter[str] = Counter()  # bodies written and not yet echoed
+    sent: dict[str, apb.MessageStatus.ValueType] = {}  # id -> status, in the order stored
 
     async def inputs() -> AsyncIterator[apb.ChatInput]:
-        nonlocal written
         yield apb.ChatInput(open=apb.ChatOpen(peer=peer, history_limit=1, batches=True))
-        while (chunk := await chunks.get()) is not None:
-            written += len(chunk)
-            yield apb.ChatInput(texts=apb.ChatTexts(texts=[apb.ChatText(body=b) for b in chunk]))
+        await opened.wait()  # a refused chat ends before any text is written
+        while (line := await lines.queue.get()) is not _END:
+            chunk = [line]
+            while state["batches"] and len(chunk) < LINES_PER_INPUT and not lines.queue.empty():
+                more = lines.queue.get_nowait()
+                if more is _END:
+                    lines.queue.put_nowait(_END)
+                    break
+                chunk.append(more)
+            ours.update(chunk)
+            state["written"] += len(chunk)
+            if len(chunk) == 1:
+                yield apb.ChatInput(text=apb.ChatText(body=chunk[0]))
+            else:
+                yield apb.ChatInput(
+                    texts=apb.ChatTexts(texts=[apb.ChatText(body=b) for b in chunk])
+                )
         input_done.set()
-        if wait is not None:  # keep the stream open for the delivery updates
-            await finished.wait()
+        await finished.wait()  # without --wait at once; with it, once delivered or timed out
 
     call = conn.stub.Chat(inputs())
-    reader = asyncio.create_task(_read_chunks(source, chunks))
-    sent: dict[str, apb.MessageStatus.ValueType] = {}  # id -> status, in the order stored
-    refused = 0
-    live = False
-    delivered_pending = 0
 
-    def settled() -> bool:
-        return input_done.is_set() and len(sent) + refused >= written
+    def check() -> None:
+        settled = input_done.is_set() and len(sent) + state["refused"] >= state["written"]
+        if settled and all(s != apb.MESSAGE_STATUS_PENDING for s in sent.values()):
+            finished.set()
 
     async def watch() -> None:
-        nonlocal refused, live, delivered_pending
         async for top in conn.events(call):
             events = top.batch.events if top.WhichOneof("kind") == "batch" else [top]
             for event in events:
                 kind = event.WhichOneof("kind")
                 if kind == "history_end":
-                    live = True
-                elif (
-                    kind == "message"
-                    and live
-                    and event.message.direction == (apb.DIRECTION_OUTGOING)
-                ):
-                    sent[event.message.id] = event.message.status
+                    state["batches"] = event.history_end.batches
+                    opened.set()
+                elif kind == "message" and opened.is_set():
+                    m = event.message
+                    if m.direction == apb.DIRECTION_OUTGOING and ours[m.body] > 0:
+                        ours[m.body] -= 1
+                        sent[m.id] = m.status
                 elif kind == "deliveries":
                     for id in event.deliveries.ids:
                         if id in sent:
                             sent[id] = apb.MESSAGE_STATUS_DELIVERED
+                elif kind == "delivery" and event.delivery.id in sent:
+                    sent[event.delivery.id] = apb.MESSAGE_STATUS_DELIVERED
                 elif kind == "notice":
-                    refused += 1
+                    state["refused"] += 1
                     _warn(f"not sent: {safe(event.notice.message)}")
-            check()
-
-    def check() -> None:
-        if wait is not None and settled():
-            if all(s != apb.MESSAGE_STATUS_PENDING for s in sent.values()):
-                finished.set()
+            if wait is not None:
+                check()
 
     watcher = asyncio.create_task(watch())
     try:
-        if wait is not None:
-            await input_done.wait()
-            check()
-            try:
-                await asyncio.wait_for(finished.wait(), wait)
-            except TimeoutError:
-                pass
-            finished.set()  # ends the input: the agent ends the chat
-        await watcher
-        skipped = await reader
+        await _first(watcher, input_done)
+        if not watcher.done():
+            if wait is None:
+                finished.set()
+            else:
+                check()
+                await _first(watcher, finished, timeout=wait)
+                finished.set()  # ends the input: the agent ends the chat
+        await watcher  # the stream's error, if it failed
     finally:
         call.cancel()
-        reader.cancel()
         watcher.cancel()
+        _report(console, sent, wait)
+    skipped = sum(lines.skipped.values())
+    for why, count in lines.skipped.items():
+        _warn(f"{count} line(s) not sent: {why}")
+    if state["refused"] or skipped:
+        raise CliError(f"{state['refused'] + skipped} line(s) not sent", Exit.REFUSED)
+    return Exit.OK
+
+
+async def _first(
+    task: asyncio.Task[None], event: asyncio.Event, timeout: float | None = None
+) -> None:
+    """Waits until `task` ends or `event` is set (or `timeout` passes)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+def _report(
+    console: Console, sent: dict[str, apb.MessageStatus.ValueType], wait: float | None
+) -> None:
     for id, status in sent.items():
         state = STATUS_NAMES.get(status, "unknown")
         if wait is not None and state == "pending":
             state += " (not delivered in time; it stays queued)"
         console.say(f"{safe(id)} {state}")
-    if skipped:
-        _warn(f"{skipped} line(s) not sent: they hold control characters")
-    if refused or skipped:
-        raise CliError(f"{refused + skipped} line(s) not sent", Exit.REFUSED)
-    return Exit.OK
