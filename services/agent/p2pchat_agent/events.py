@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # Events waiting unread before a subscriber is dropped. A chat's own texts cannot fill it (its
 # input is held back long before: chat.UNREAD); others' messages to a client that reads nothing
-# can, and then the stream ends with RESOURCE_EXHAUSTED (the messages are stored: History).
+# can, and then its stream ends with RESOURCE_EXHAUSTED once the client reads what gRPC already
+# holds for it (the messages are stored: History).
 QUEUE_LIMIT = 10_000
 _OVERFLOW = "too many events not read in time; reconnect to catch up"
 
