@@ -55,7 +55,7 @@ class Conversations:
             found = int(cur.fetchone()[0])
             cur.executemany(
                 "INSERT INTO conversation_members (conversation, member) VALUES (?, ?)",
-                [(found, self.owner), (found, peer)],
+                [(found, member) for member in dict.fromkeys((self.owner, peer))],
             )
             fresh[peer] = found
         return found

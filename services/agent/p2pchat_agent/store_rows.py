@@ -26,7 +26,8 @@ NO_SEQ_LIMIT = 2**63 - 1
 # (received). One scalar subquery (a primary-key range) per outgoing row returned.
 _STATE = (
     "CASE m.direction WHEN 'out' THEN (SELECT CASE WHEN max(d.status = 'pending') THEN 'p' "
-    "ELSE 'd' || max(d.delivered_at) END FROM deliveries d WHERE d.message = m.seq) END"
+    "ELSE 'd' || coalesce(max(d.delivered_at), '') END FROM deliveries d "
+    "WHERE d.message = m.seq) END"
 )
 _ROW = "m.seq, m.id, c.peer, m.direction, m.sender, m.body, m.sent_at, m.received_at"
 SELECT_COLUMNS = f"{_ROW}, {_STATE}"
@@ -119,7 +120,8 @@ def to_messages(rows: list[tuple[Any, ...]], owner: str) -> list[StoredMessage]:
             status = pending
         else:
             status = delivered
-            delivered_at = datetime.fromisoformat(state[1:] + "+00:00")
+            if len(state) > 1:  # a delivery recorded without its time stays delivered
+                delivered_at = datetime.fromisoformat(state[1:] + "+00:00")
         outgoing = direction == "out"
         out.append(  # positional: several times faster than keywords for a NamedTuple
             StoredMessage(
