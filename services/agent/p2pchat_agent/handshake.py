@@ -8,15 +8,12 @@ own: it reads the dialler's certificate from this very connection.
 
 from __future__ import annotations
 
-import functools
 import os
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from p2pchat.v1 import peer_pb2 as pb
+from p2pchat_agent.signatures import sign, verifies
 from p2pchat_common.errors import FailedPrecondition, PermissionDenied
 
 PROTOCOL_VERSION = 2
@@ -28,14 +25,6 @@ def _signed_bytes(dialler: str, answerer: str, nonce: bytes) -> bytes:
     return _CONTEXT + dialler.encode() + b"\0" + answerer.encode() + b"\0" + nonce
 
 
-@functools.lru_cache(maxsize=4)  # the identity in use, and the one before a renewal
-def _private_key(key_pem: bytes) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError("the agent key must be an EC key")
-    return key
-
-
 def dialler_hello(me: str) -> pb.Frame:
     """The first frame of a link this agent dials (a new nonce each time)."""
     hello = pb.Hello(username=me, protocol_version=PROTOCOL_VERSION, nonce=os.urandom(NONCE_BYTES))
@@ -44,9 +33,7 @@ def dialler_hello(me: str) -> pb.Frame:
 
 def answer_hello(me: str, key_pem: bytes, dialler: pb.Hello) -> pb.Frame:
     """This agent's answer to a dialler's (already checked) Hello, with its proof."""
-    signature = _private_key(key_pem).sign(
-        _signed_bytes(dialler.username, me, dialler.nonce), ec.ECDSA(hashes.SHA256())
-    )
+    signature = sign(key_pem, _signed_bytes(dialler.username, me, dialler.nonce))
     hello = pb.Hello(username=me, protocol_version=PROTOCOL_VERSION, signature=signature)
     return pb.Frame(hello=hello)
 
@@ -70,16 +57,7 @@ def verify_answer(
 ) -> None:
     """PermissionDenied unless the answer was signed with `cert`'s key over our nonce."""
     check_version(hello, peer)
-    signed = _signed_bytes(me, peer, nonce)
-    key = cert.public_key()
-    try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(hello.signature, signed, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(hello.signature, signed)
-        else:
-            raise InvalidSignature
-    except InvalidSignature:
+    if not verifies(cert, hello.signature, _signed_bytes(me, peer, nonce)):
         raise PermissionDenied(
             f"{peer}'s Hello is not signed with the key of the certificate checked for it"
-        ) from None
+        )

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, hpke, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mlkem, x25519
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from google.protobuf.message import DecodeError
 
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.messages import IncomingMessage
+from p2pchat_agent.signatures import sign, verifies
 from p2pchat_common.errors import InvalidArgument, PermissionDenied
 from p2pchat_common.timestamps import from_timestamp, timestamp_parts, valid_timestamp
 from p2pchat_common.tls import user_identity
@@ -115,14 +116,14 @@ def _binding_bytes(username: str, key: MailboxPublicKey) -> bytes:
 
 def bind(identity_key_pem: bytes, username: str, key: MailboxPublicKey) -> bytes:
     """The identity key's signature that `key` is `username`'s mailbox key (published with it)."""
-    return _sign(identity_key_pem, _binding_bytes(username, key))
+    return sign(identity_key_pem, _binding_bytes(username, key))
 
 
 def check_binding(
     cert: x509.Certificate, username: str, key: MailboxPublicKey, signature: bytes
 ) -> None:
     """PermissionDenied unless `signature` by `cert`'s key binds `key` to `username`."""
-    if not _verifies(cert, signature, _binding_bytes(username, key)):
+    if not verifies(cert, signature, _binding_bytes(username, key)):
         raise PermissionDenied(f"{username}'s mailbox key is not signed by their identity key")
 
 
@@ -161,7 +162,7 @@ def seal(
     sealed = pb.Sealed(
         content=signed,
         sender_certificate=certificate_der,
-        signature=_sign(identity_key_pem, _CONTENT + signed),
+        signature=sign(identity_key_pem, _CONTENT + signed),
     )
     return SUITE.encrypt(sealed.SerializeToString(), to.hpke_key(), info=INFO)
 
@@ -193,7 +194,7 @@ def open_envelope(
     named = user_identity(cert)
     if named is None or named[0] != content.sender:
         raise PermissionDenied("the envelope's certificate does not name its sender")
-    if not _verifies(cert, sealed.signature, _CONTENT + sealed.content):
+    if not verifies(cert, sealed.signature, _CONTENT + sealed.content):
         raise PermissionDenied(f"the envelope's signature is not {content.sender}'s")
     if content.recipient != me or content.recipient_mailbox_sha256 != key.public().sha256:
         raise PermissionDenied("the envelope was sealed for another recipient")
@@ -203,29 +204,3 @@ def open_envelope(
         content.id, content.sender, content.recipient, content.body, from_timestamp(content.sent_at)
     )
     return Opened(message, content.conversation, cert)
-
-
-# -- signatures by the identity key --------------------------------------------------------------
-
-
-def _sign(identity_key_pem: bytes, data: bytes) -> bytes:
-    key = serialization.load_pem_private_key(identity_key_pem, password=None)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(data)
-    raise ValueError("an identity key is EC P-256 or Ed25519")
-
-
-def _verifies(cert: x509.Certificate, signature: bytes, data: bytes) -> bool:
-    key = cert.public_key()
-    try:
-        if isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(signature, data)
-        else:
-            return False
-    except InvalidSignature:
-        return False
-    return True
