@@ -50,14 +50,6 @@ def _create_schema(path: Path) -> None:
     MessageStore.open(path).close()
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
-
-
 def _conversation(cur: sqlite3.Cursor, owner: str, peer: str) -> int:
     """The id of `owner`'s direct conversation with `peer`, created if missing (as the store's
     Conversations.ensure does)."""
@@ -86,7 +78,7 @@ def fill_outbox(path: Path, sender: str, recipient: str, count: int, body_len: i
     _create_schema(path)
     now = datetime.now(UTC)
     filler = (string.ascii_lowercase + " ") * (body_len // 27 + 1)
-    conn = _connect(path)
+    conn = schema.connect(path)
     try:
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
