@@ -239,3 +239,24 @@ def test_a_mailbox_key_is_bound_to_its_owner_and_to_no_one_else(ca: CertificateA
         check_binding(bob.cert, "alice", key, signature)  # another identity key
     with pytest.raises(PermissionDenied):
         check_binding(alice.cert, "alice", bob.mailbox.public(), signature)  # a substitute key
+
+
+def test_a_receipt_opens_with_its_ids_and_a_forged_one_is_refused(
+    ca: CertificateAuthority, users_ca: x509.Certificate
+) -> None:
+    from p2pchat_agent.sealing import seal_receipt
+
+    alice, bob, mallory = _user(ca, "alice"), _user(ca, "bob"), _user(ca, "mallory")
+    ids = ["01J0000000000000000000000A", "01J0000000000000000000000B"]
+    receipt = seal_receipt("bob", "alice", ids, bob.key_pem, bob.cert_der, alice.mailbox.public())
+    opened = open_envelope(receipt, alice.mailbox, "alice", users_ca)
+    assert (opened.sender, opened.receipt, opened.message) == ("bob", tuple(ids), None)
+
+    forged = seal_receipt(
+        "bob", "alice", ids, mallory.key_pem, bob.cert_der, alice.mailbox.public()
+    )
+    with pytest.raises(PermissionDenied, match="signature is not bob's"):
+        open_envelope(forged, alice.mailbox, "alice", users_ca)
+    empty = seal_receipt("bob", "alice", [], bob.key_pem, bob.cert_der, alice.mailbox.public())
+    with pytest.raises(InvalidArgument, match="receipt"):
+        open_envelope(empty, alice.mailbox, "alice", users_ca)

@@ -13,8 +13,8 @@ import os
 from cryptography import x509
 
 from p2pchat.v1 import peer_pb2 as pb
-from p2pchat_agent.signatures import sign, verifies
 from p2pchat_common.errors import FailedPrecondition, PermissionDenied
+from p2pchat_common.signatures import sign, verifies
 
 PROTOCOL_VERSION = 2
 NONCE_BYTES = 32

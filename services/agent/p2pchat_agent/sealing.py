@@ -29,21 +29,20 @@ from google.protobuf.message import DecodeError
 from p2pchat.v1 import peer_pb2 as pb
 from p2pchat_agent.ids import valid_message_id
 from p2pchat_agent.messages import IncomingMessage
-from p2pchat_agent.signatures import sign, verifies
 from p2pchat_common.errors import InvalidArgument, PermissionDenied
+from p2pchat_common.signatures import MAILBOX_KEY_BYTES, mailbox_binding, sign, verifies
 from p2pchat_common.timestamps import from_timestamp, timestamp_parts, valid_timestamp
 from p2pchat_common.tls import user_identity
 
 SUITE = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 INFO = b"p2pchat mailbox envelope v1"
-_BINDING = b"p2pchat mailbox key v1\x00"
 _CONTENT = b"p2pchat sealed content v1\x00"
 
 _MLKEM_SEED = 64
 _MLKEM_PUBLIC = 1184
 _X25519 = 32
 PRIVATE_KEY_BYTES = _MLKEM_SEED + _X25519
-PUBLIC_KEY_BYTES = _MLKEM_PUBLIC + _X25519
+PUBLIC_KEY_BYTES = MAILBOX_KEY_BYTES  # _MLKEM_PUBLIC + _X25519
 
 
 @dataclass(frozen=True)
@@ -110,20 +109,16 @@ class MailboxPrivateKey:
 # -- the binding of a mailbox key to an identity -------------------------------------------------
 
 
-def _binding_bytes(username: str, key: MailboxPublicKey) -> bytes:
-    return _BINDING + username.encode() + b"\x00" + key.raw
-
-
 def bind(identity_key_pem: bytes, username: str, key: MailboxPublicKey) -> bytes:
     """The identity key's signature that `key` is `username`'s mailbox key (published with it)."""
-    return sign(identity_key_pem, _binding_bytes(username, key))
+    return sign(identity_key_pem, mailbox_binding(username, key.raw))
 
 
 def check_binding(
     cert: x509.Certificate, username: str, key: MailboxPublicKey, signature: bytes
 ) -> None:
     """PermissionDenied unless `signature` by `cert`'s key binds `key` to `username`."""
-    if not verifies(cert, signature, _binding_bytes(username, key)):
+    if not verifies(cert, signature, mailbox_binding(username, key.raw)):
         raise PermissionDenied(f"{username}'s mailbox key is not signed by their identity key")
 
 
@@ -132,11 +127,30 @@ def check_binding(
 
 @dataclass(frozen=True)
 class Opened:
-    """An envelope opened and checked; the caller checks `certificate`'s key against its pin."""
+    """An envelope opened and checked: a message, or a receipt for messages we sent (`receipt`,
+    their ids). The caller checks `certificate`'s key against its pin before using either."""
 
-    message: IncomingMessage
-    conversation: str
+    sender: str
     certificate: x509.Certificate
+    message: IncomingMessage | None = None
+    conversation: str = ""
+    receipt: tuple[str, ...] = ()
+
+
+def _seal(
+    content: pb.SealedContent,
+    identity_key_pem: bytes,
+    certificate_der: bytes,
+    to: MailboxPublicKey,
+) -> bytes:
+    content.recipient_mailbox_sha256 = to.sha256
+    signed = content.SerializeToString()
+    sealed = pb.Sealed(
+        content=signed,
+        sender_certificate=certificate_der,
+        signature=sign(identity_key_pem, _CONTENT + signed),
+    )
+    return SUITE.encrypt(sealed.SerializeToString(), to.hpke_key(), info=INFO)
 
 
 def seal(
@@ -148,23 +162,26 @@ def seal(
 ) -> bytes:
     """`message` (from its sender, whose key and certificate these are) signed and sealed to
     its recipient's mailbox key `to`."""
-    seconds, nanos = timestamp_parts(message.sent_at)
-    content = pb.SealedContent(
-        id=message.id,
-        conversation=conversation,
-        sender=message.sender,
-        recipient=message.recipient,
-        body=message.body,
-        recipient_mailbox_sha256=to.sha256,
-    )
-    content.sent_at.seconds, content.sent_at.nanos = seconds, nanos
-    signed = content.SerializeToString()
-    sealed = pb.Sealed(
-        content=signed,
-        sender_certificate=certificate_der,
-        signature=sign(identity_key_pem, _CONTENT + signed),
-    )
-    return SUITE.encrypt(sealed.SerializeToString(), to.hpke_key(), info=INFO)
+    content = pb.SealedContent(sender=message.sender, recipient=message.recipient)
+    sealed = content.message
+    sealed.id, sealed.conversation, sealed.body = message.id, conversation, message.body
+    sealed.sent_at.seconds, sealed.sent_at.nanos = timestamp_parts(message.sent_at)
+    return _seal(content, identity_key_pem, certificate_der, to)
+
+
+def seal_receipt(
+    sender: str,
+    recipient: str,
+    ids: list[str],
+    identity_key_pem: bytes,
+    certificate_der: bytes,
+    to: MailboxPublicKey,
+) -> bytes:
+    """A receipt from `sender` that it committed the messages `ids` of `recipient`'s, sealed to
+    `recipient`'s mailbox key `to`."""
+    content = pb.SealedContent(sender=sender, recipient=recipient)
+    content.receipt.ids.extend(ids)
+    return _seal(content, identity_key_pem, certificate_der, to)
 
 
 def open_envelope(
@@ -172,9 +189,10 @@ def open_envelope(
     key: MailboxPrivateKey,
     me: str,
     users_ca: x509.Certificate,
+    max_receipt_ids: int = 4096,
 ) -> Opened:
-    """The message an envelope holds, checked: PermissionDenied for one that does not open
-    with `key`, whose certificate the users CA did not issue or that names someone else, whose
+    """What an envelope holds, checked: PermissionDenied for one that does not open with
+    `key`, whose certificate the users CA did not issue or that names someone else, whose
     signature fails, or that was sealed for another recipient or mailbox key; InvalidArgument
     for one that opens but is malformed."""
     try:
@@ -198,9 +216,14 @@ def open_envelope(
         raise PermissionDenied(f"the envelope's signature is not {content.sender}'s")
     if content.recipient != me or content.recipient_mailbox_sha256 != key.public().sha256:
         raise PermissionDenied("the envelope was sealed for another recipient")
-    if not valid_message_id(content.id) or not valid_timestamp(content.sent_at):
+    kind = content.WhichOneof("kind")
+    if kind == "receipt":
+        ids = tuple(content.receipt.ids)
+        if not 1 <= len(ids) <= max_receipt_ids or not all(map(valid_message_id, ids)):
+            raise InvalidArgument("the envelope's receipt has no, too many or bad ids")
+        return Opened(content.sender, cert, receipt=ids)
+    m = content.message
+    if kind != "message" or not valid_message_id(m.id) or not valid_timestamp(m.sent_at):
         raise InvalidArgument("the envelope's message has a bad id or time")
-    message = IncomingMessage(
-        content.id, content.sender, content.recipient, content.body, from_timestamp(content.sent_at)
-    )
-    return Opened(message, content.conversation, cert)
+    message = IncomingMessage(m.id, content.sender, me, m.body, from_timestamp(m.sent_at))
+    return Opened(content.sender, cert, message, m.conversation)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15p2pchat/v1/peer.proto\x12\np2pchat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x05\x46rame\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.p2pchat.v1.HelloH\x00\x12,\n\x08messages\x18\x02 \x01(\x0b\x32\x18.p2pchat.v1.MessageBatchH\x00\x12$\n\x04\x61\x63ks\x18\x03 \x01(\x0b\x32\x14.p2pchat.v1.AckBatchH\x00\x42\x06\n\x04kind\"U\n\x05Hello\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"w\n\x0bPeerMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x0cMessageBatch\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.p2pchat.v1.PeerMessage\"\x17\n\x08\x41\x63kBatch\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\xb1\x01\n\rSealedContent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x63onversation\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x11\n\trecipient\x18\x04 \x01(\t\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x62ody\x18\x06 \x01(\t\x12 \n\x18recipient_mailbox_sha256\x18\x07 \x01(\t\"H\n\x06Sealed\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x1a\n\x12sender_certificate\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x32?\n\x0bPeerService\x12\x30\n\x04Link\x12\x11.p2pchat.v1.Frame\x1a\x11.p2pchat.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15p2pchat/v1/peer.proto\x12\np2pchat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x05\x46rame\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.p2pchat.v1.HelloH\x00\x12,\n\x08messages\x18\x02 \x01(\x0b\x32\x18.p2pchat.v1.MessageBatchH\x00\x12$\n\x04\x61\x63ks\x18\x03 \x01(\x0b\x32\x14.p2pchat.v1.AckBatchH\x00\x42\x06\n\x04kind\"U\n\x05Hello\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"w\n\x0bPeerMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12+\n\x07sent_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x0cMessageBatch\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.p2pchat.v1.PeerMessage\"\x17\n\x08\x41\x63kBatch\x12\x0b\n\x03ids\x18\x01 \x03(\t\"\xb8\x01\n\rSealedContent\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12 \n\x18recipient_mailbox_sha256\x18\x03 \x01(\t\x12,\n\x07message\x18\x04 \x01(\x0b\x32\x19.p2pchat.v1.SealedMessageH\x00\x12,\n\x07receipt\x18\x05 \x01(\x0b\x32\x19.p2pchat.v1.SealedReceiptH\x00\x42\x06\n\x04kind\"l\n\rSealedMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x63onversation\x18\x02 \x01(\t\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\"\x1c\n\rSealedReceipt\x12\x0b\n\x03ids\x18\x01 \x03(\t\"H\n\x06Sealed\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\x12\x1a\n\x12sender_certificate\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x32?\n\x0bPeerService\x12\x30\n\x04Link\x12\x11.p2pchat.v1.Frame\x1a\x11.p2pchat.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,9 +43,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACKBATCH']._serialized_start=475
   _globals['_ACKBATCH']._serialized_end=498
   _globals['_SEALEDCONTENT']._serialized_start=501
-  _globals['_SEALEDCONTENT']._serialized_end=678
-  _globals['_SEALED']._serialized_start=680
-  _globals['_SEALED']._serialized_end=752
-  _globals['_PEERSERVICE']._serialized_start=754
-  _globals['_PEERSERVICE']._serialized_end=817
+  _globals['_SEALEDCONTENT']._serialized_end=685
+  _globals['_SEALEDMESSAGE']._serialized_start=687
+  _globals['_SEALEDMESSAGE']._serialized_end=795
+  _globals['_SEALEDRECEIPT']._serialized_start=797
+  _globals['_SEALEDRECEIPT']._serialized_end=825
+  _globals['_SEALED']._serialized_start=827
+  _globals['_SEALED']._serialized_end=899
+  _globals['_PEERSERVICE']._serialized_start=901
+  _globals['_PEERSERVICE']._serialized_end=964
 # @@protoc_insertion_point(module_scope)

@@ -178,27 +178,58 @@ class SealedContent(_message.Message):
     "p2pchat mailbox envelope v1") sealed to the recipient's mailbox key; what it holds opened is
     a Sealed. The directory stores envelopes and cannot open them.
 
-    What the sender signs: one message, naming its recipient and the mailbox key it was sealed
-    to, so that an envelope cannot be re-targeted (opened by one recipient, sealed to another).
+    What the sender signs: one message, or a receipt for messages it received, naming its
+    recipient and the mailbox key it was sealed to, so that an envelope cannot be re-targeted
+    (opened by one recipient, sealed to another).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: _builtins.int
-    CONVERSATION_FIELD_NUMBER: _builtins.int
     SENDER_FIELD_NUMBER: _builtins.int
     RECIPIENT_FIELD_NUMBER: _builtins.int
-    SENT_AT_FIELD_NUMBER: _builtins.int
-    BODY_FIELD_NUMBER: _builtins.int
     RECIPIENT_MAILBOX_SHA256_FIELD_NUMBER: _builtins.int
-    id: _builtins.str
-    conversation: _builtins.str
-    """conversations.direct_key of the two users: "direct:<a>:<b>"."""
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     sender: _builtins.str
     recipient: _builtins.str
-    body: _builtins.str
     recipient_mailbox_sha256: _builtins.str
     """Hex SHA-256 of the recipient's mailbox public key the envelope is sealed to."""
+    @_builtins.property
+    def message(self) -> Global___SealedMessage: ...
+    @_builtins.property
+    def receipt(self) -> Global___SealedReceipt: ...
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        recipient: _builtins.str = ...,
+        recipient_mailbox_sha256: _builtins.str = ...,
+        message: Global___SealedMessage | None = ...,
+        receipt: Global___SealedReceipt | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "message", b"message", "receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "message", b"message", "receipt", b"receipt", "recipient", b"recipient", "recipient_mailbox_sha256", b"recipient_mailbox_sha256", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["message", "receipt"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___SealedContent: _TypeAlias = SealedContent  # noqa: Y015
+
+@_typing.final
+class SealedMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    SENT_AT_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """As PeerMessage.id."""
+    conversation: _builtins.str
+    """conversations.direct_key of the two users: "direct:<a>:<b>"."""
+    body: _builtins.str
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -206,19 +237,40 @@ class SealedContent(_message.Message):
         *,
         id: _builtins.str = ...,
         conversation: _builtins.str = ...,
-        sender: _builtins.str = ...,
-        recipient: _builtins.str = ...,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
         body: _builtins.str = ...,
-        recipient_mailbox_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "conversation", b"conversation", "id", b"id", "recipient", b"recipient", "recipient_mailbox_sha256", b"recipient_mailbox_sha256", "sender", b"sender", "sent_at", b"sent_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "conversation", b"conversation", "id", b"id", "sent_at", b"sent_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SealedContent: _TypeAlias = SealedContent  # noqa: Y015
+Global___SealedMessage: _TypeAlias = SealedMessage  # noqa: Y015
+
+@_typing.final
+class SealedReceipt(_message.Message):
+    """The sender of the receipt committed these messages (sent to it by the receipt's recipient)
+    to its database: the end-to-end "delivered", as an AckBatch on a link.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedReceipt: _TypeAlias = SealedReceipt  # noqa: Y015
 
 @_typing.final
 class Sealed(_message.Message):

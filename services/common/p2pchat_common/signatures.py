@@ -1,6 +1,7 @@
 """Signatures by a user's identity key (the key of their certificate): what the link Hello
-(handshake.py) and sealed envelopes (sealing.py) prove with. The agent's own key is EC P-256
-(ECDSA with SHA-256); a peer's may also be Ed25519."""
+(p2pchat_agent.handshake), sealed envelopes (p2pchat_agent.sealing) and the binding of a mailbox
+key (checked by the directory too) prove with. The agent's own key is EC P-256 (ECDSA with
+SHA-256); a peer's may also be Ed25519."""
 
 from __future__ import annotations
 
@@ -38,3 +39,14 @@ def verifies(cert: x509.Certificate, signature: bytes, data: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
+
+
+MAILBOX_KEY_BYTES = 1184 + 32  # ML-KEM-768 public key, then X25519 public key
+_MAILBOX_BINDING = b"p2pchat mailbox key v1\x00"
+
+
+def mailbox_binding(username: str, mailbox_key: bytes) -> bytes:
+    """What a user's identity key signs to bind `mailbox_key` (raw) to `username`: the
+    agent signs it (sealing.bind), the directory checks it at PublishKey, a sender checks it
+    again with the key it pinned (sealing.check_binding)."""
+    return _MAILBOX_BINDING + username.encode() + b"\x00" + mailbox_key
