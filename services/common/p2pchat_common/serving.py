@@ -40,19 +40,20 @@ def bind(
     return port
 
 
-def add_health_and_reflection(server: grpc.aio.Server, service: str) -> HealthServicer:
-    """The standard health service and server reflection for `service` (full name) and
+def add_health_and_reflection(server: grpc.aio.Server, *services: str) -> HealthServicer:
+    """The standard health service and server reflection for `services` (full names) and
     themselves; the health says SERVING once `set_serving` is called."""
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection([service, _HEALTH, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*services, _HEALTH, reflection.SERVICE_NAME], server)
     return health
 
 
-async def set_serving(health: HealthServicer, service: str) -> None:
-    """Health SERVING for the server as a whole and for `service`."""
+async def set_serving(health: HealthServicer, *services: str) -> None:
+    """Health SERVING for the server as a whole and for each of `services`."""
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for service in services:
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
 def run_service(name: str, log_level: str, main: Coroutine[Any, Any, None]) -> int:

@@ -45,6 +45,13 @@ class Settings:
     login_max_failures_per_source: int = 20  # per source, over all usernames
     login_max_failures_per_account: int = 100  # per username, from all sources
     login_failure_window: timedelta = timedelta(hours=1)  # older failures are forgotten
+    # The sealed mailbox (MailboxService): what one recipient may hold, how fast one depositor
+    # may deposit (per replica: an in-memory token bucket with a burst of 20 s of the rate), and
+    # how long an envelope is kept when it is never collected and acknowledged.
+    mailbox_max_envelopes: int = 10_000
+    mailbox_max_bytes: int = 64 * 1024 * 1024
+    mailbox_deposit_rate: float = 100.0
+    mailbox_expiry: timedelta = timedelta(days=14)
     grace_period: float = 5.0
     workers: int = 8
     log_level: str = "INFO"
@@ -175,6 +182,35 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "[P2PCHAT_LOGIN_FAILURE_WINDOW] (default %(default)s)",
     )
     p.add_argument(
+        "--mailbox-max-envelopes",
+        type=positive_int,
+        default=env(environ, "MAILBOX_MAX_ENVELOPES", str(d.mailbox_max_envelopes)),
+        help="envelopes one recipient's mailbox holds before deposits to it get "
+        "RESOURCE_EXHAUSTED [P2PCHAT_MAILBOX_MAX_ENVELOPES] (default %(default)s)",
+    )
+    p.add_argument(
+        "--mailbox-max-bytes",
+        type=positive_int,
+        default=env(environ, "MAILBOX_MAX_BYTES", str(d.mailbox_max_bytes)),
+        help="bytes of envelopes one recipient's mailbox holds before deposits to it get "
+        "RESOURCE_EXHAUSTED [P2PCHAT_MAILBOX_MAX_BYTES] (default %(default)s)",
+    )
+    p.add_argument(
+        "--mailbox-deposit-rate",
+        type=positive_float,
+        default=env(environ, "MAILBOX_DEPOSIT_RATE", str(d.mailbox_deposit_rate)),
+        help="envelopes per second one user may deposit through one replica, sustained, with "
+        "bursts of 20 seconds' worth; faster gets RESOURCE_EXHAUSTED with the wait "
+        "[P2PCHAT_MAILBOX_DEPOSIT_RATE] (default %(default)s)",
+    )
+    p.add_argument(
+        "--mailbox-expiry",
+        type=positive_float,
+        default=env(environ, "MAILBOX_EXPIRY", str(d.mailbox_expiry.total_seconds())),
+        help="seconds an envelope is held when it is never acknowledged; then it is deleted "
+        "[P2PCHAT_MAILBOX_EXPIRY] (default %(default)s)",
+    )
+    p.add_argument(
         "--workers",
         type=positive_int,
         default=env(environ, "WORKERS", str(d.workers)),
@@ -214,6 +250,10 @@ def load_settings(
         login_max_failures_per_source=int(ns.login_max_failures_per_source),
         login_max_failures_per_account=int(ns.login_max_failures_per_account),
         login_failure_window=timedelta(seconds=float(ns.login_failure_window)),
+        mailbox_max_envelopes=int(ns.mailbox_max_envelopes),
+        mailbox_max_bytes=int(ns.mailbox_max_bytes),
+        mailbox_deposit_rate=float(ns.mailbox_deposit_rate),
+        mailbox_expiry=timedelta(seconds=float(ns.mailbox_expiry)),
         grace_period=float(ns.grace_period),
         workers=int(ns.workers),
         log_level=ns.log_level,

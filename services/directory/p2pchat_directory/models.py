@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Index, Integer, LargeBinary, String
+from sqlalchemy import BigInteger, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from p2pchat_common.sqltypes import UTCDateTime
@@ -104,3 +104,43 @@ class IssuedCertificateRow(UsersBase):
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class MailboxKey(UsersBase):
+    """A user's published mailbox key and its binding signature by their identity key. Current
+    only while `public_key_sha256` is the user's (users.public_key_sha256): a login with a new
+    key makes it stale, and Lookup then returns none."""
+
+    __tablename__ = "mailbox_keys"
+
+    username: Mapped[str] = mapped_column(String(32), primary_key=True)
+    mailbox_key: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    # The identity key the signature was verified with at PublishKey.
+    public_key_sha256: Mapped[str] = mapped_column(String(64))
+    published_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class MailboxEnvelope(UsersBase):
+    """A sealed envelope held for its recipient until acknowledged or expired. The directory
+    cannot open it: `envelope` is opaque bytes (HPKE-sealed to the recipient's mailbox key)."""
+
+    __tablename__ = "mailbox_envelopes"
+    __table_args__ = (
+        Index("ix_mailbox_envelopes_recipient_id", "recipient", "id"),  # collect, quota, ack
+        Index("ix_mailbox_envelopes_expires_at", "expires_at"),  # the expiry sweep
+        # AUTOINCREMENT: an id is never handed out again, even once its row is deleted. A
+        # Collect stream sends "ids after the last one sent": a reused id would never be sent.
+        {"sqlite_autoincrement": True},
+    )
+
+    # BIGINT on PostgreSQL; INTEGER on SQLite, where only INTEGER PRIMARY KEY autoincrements.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    recipient: Mapped[str] = mapped_column(String(32))
+    depositor: Mapped[str] = mapped_column(String(32))
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    deposited_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

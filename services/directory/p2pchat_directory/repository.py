@@ -19,6 +19,7 @@ from p2pchat_directory.models import (
     Contact,
     FailedLogin,
     IssuedCertificateRow,
+    MailboxKey,
     User,
     UserSession,
 )
@@ -31,15 +32,32 @@ class UserSummary:
     online_until: datetime | None
     public_key_sha256: str
     certificate_pem: bytes | None
+    # The published mailbox key and its binding, None unless bound to the current identity key.
+    mailbox_key: bytes | None = None
+    mailbox_key_signature: bytes | None = None
 
 
 # Built once: the hot calls only bind values (building expressions cost more than the query).
 _SESSION_OWNER = select(UserSession.username).where(
     UserSession.token_hash == bindparam("token_hash"), UserSession.expires_at > bindparam("now")
 )
-_USER_SUMMARY = select(
-    User.address, User.last_seen, User.online_until, User.public_key_sha256, User.certificate_pem
-).where(User.username == bindparam("username"))
+# A mailbox key counts only while it was verified against the user's current identity key.
+_CURRENT_MAILBOX_KEY = and_(
+    MailboxKey.username == User.username, MailboxKey.public_key_sha256 == User.public_key_sha256
+)
+_USER_SUMMARY = (
+    select(
+        User.address,
+        User.last_seen,
+        User.online_until,
+        User.public_key_sha256,
+        User.certificate_pem,
+        MailboxKey.mailbox_key,
+        MailboxKey.signature,
+    )
+    .outerjoin(MailboxKey, _CURRENT_MAILBOX_KEY)
+    .where(User.username == bindparam("username"))
+)
 _PINNED_ADDRESS = select(Contact.pinned_address).where(
     Contact.owner == bindparam("owner"), Contact.contact == bindparam("contact")
 )
@@ -49,8 +67,11 @@ _PINNED_ADDRESS = select(Contact.pinned_address).where(
 _SQLITE_SESSION_OWNER = "SELECT username FROM sessions WHERE token_hash = ? AND expires_at > ?"
 _SQLITE_OWNER_AND_USER = (
     "SELECT s.username, u.username, u.address, u.last_seen, u.online_until, "
-    "u.public_key_sha256, u.certificate_pem FROM sessions AS s "
-    "LEFT JOIN users AS u ON u.username = ? WHERE s.token_hash = ? AND s.expires_at > ?"
+    "u.public_key_sha256, u.certificate_pem, m.mailbox_key, m.signature FROM sessions AS s "
+    "LEFT JOIN users AS u ON u.username = ? "
+    "LEFT JOIN mailbox_keys AS m "
+    "ON m.username = u.username AND m.public_key_sha256 = u.public_key_sha256 "
+    "WHERE s.token_hash = ? AND s.expires_at > ?"
 )
 _SQLITE_PINNED_ADDRESS = "SELECT pinned_address FROM contacts WHERE owner = ? AND contact = ?"
 
@@ -76,11 +97,17 @@ def owner_and_user(
             row = db.execute(_SQLITE_OWNER_AND_USER, params).fetchone()
         if row is None:
             return None, None
-        owner, found, address, last_seen, online_until, key_sha256, cert = row
+        owner, found, address, last_seen, online_until, key_sha256, cert, mkey, msig = row
         if found is None:
             return owner, None
         return owner, UserSummary(
-            address, sqlite_time(last_seen), sqlite_time(online_until), key_sha256, cert
+            address,
+            sqlite_time(last_seen),
+            sqlite_time(online_until),
+            key_sha256,
+            cert,
+            mkey,
+            msig,
         )
     with dbs.users_engine.connect() as conn:
         owner = _session_owner(conn, token_hash, now)

@@ -1,4 +1,5 @@
-"""Wiring of the directory: databases, CA, TLS, gRPC server with health and reflection.
+"""Wiring of the directory: databases, CA, TLS, gRPC server (DirectoryService, MailboxService)
+with health and reflection.
 
 `create_server(settings)` builds and starts a server (tests use it with port 0);
 `serve(settings)` runs one until SIGTERM/SIGINT and shuts it down gracefully.
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1._async import HealthServicer
 
-from p2pchat.v1 import directory_pb2, directory_pb2_grpc
+from p2pchat.v1 import directory_pb2, directory_pb2_grpc, mailbox_pb2, mailbox_pb2_grpc
 from p2pchat_common.errors import StartupError, add_service
 from p2pchat_common.files import private_dir
 from p2pchat_common.serving import (
@@ -27,13 +28,31 @@ from p2pchat_common.validation import is_wildcard
 from p2pchat_directory.ca import CertificateAuthority, Clock
 from p2pchat_directory.config import Settings
 from p2pchat_directory.db import Databases
+from p2pchat_directory.mailbox import MailboxService
+from p2pchat_directory.mailbox_relay import MailboxRelay
+from p2pchat_directory.mailbox_servicer import MailboxServicer
 from p2pchat_directory.service import DirectoryService, utcnow
 from p2pchat_directory.servicer import DirectoryServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = directory_pb2.DESCRIPTOR.services_by_name["DirectoryService"].full_name
-MAX_MESSAGE_BYTES = 1024 * 1024
+MAILBOX_SERVICE_NAME = mailbox_pb2.DESCRIPTOR.services_by_name["MailboxService"].full_name
+# A Deposit carries up to ~4 MiB of envelopes (one may be 4 MiB + 64 KiB), and so does a
+# CollectResponse: room for either with its framing. Every other message is far smaller.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Ping idle clients so that the Collect stream of a vanished one ends (within ~30 s)...
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # ...and accept the agents' own keepalive pings (every 10 s, also with no call open)
+    # rather than answering them with GOAWAY too_many_pings.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 @dataclass
@@ -44,10 +63,13 @@ class DirectoryServer:
     databases: Databases
     executor: ThreadPoolExecutor
     ca: CertificateAuthority
+    mailbox: MailboxRelay
 
     async def stop(self, grace: float | None) -> None:
-        """Health NOT_SERVING, stop accepting, let calls finish in `grace` s, release resources."""
+        """Health NOT_SERVING, end the Collect streams (they would wait forever), stop accepting,
+        let calls finish in `grace` s, release resources."""
         await self.health.enter_graceful_shutdown()
+        await self.mailbox.close()
         await self.server.stop(grace)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.databases.dispose()
@@ -74,18 +96,22 @@ async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryS
     if ca.upgraded:
         await asyncio.to_thread(service.warn_of_lookalikes)
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     add_service(
         server,
         directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
         DirectoryServicer(service, executor, inline_reads=databases.local_only),
     )
-    health = add_health_and_reflection(server, SERVICE_NAME)
+    mailbox = MailboxRelay.for_engine(
+        MailboxService(settings, databases, service, clock),
+        executor,
+        databases.local_only,
+        databases.users_engine,
+    )
+    add_service(
+        server, mailbox_pb2_grpc.add_MailboxServiceServicer_to_server, MailboxServicer(mailbox)
+    )
+    health = add_health_and_reflection(server, SERVICE_NAME, MAILBOX_SERVICE_NAME)
     if settings.insecure:
         log.warning(
             "INSECURE MODE: serving without TLS on %s; passwords and tokens travel in clear. "
@@ -102,10 +128,18 @@ async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryS
         executor.shutdown()
         databases.dispose()
         raise
-    await server.start()
-    await set_serving(health, SERVICE_NAME)
+    try:
+        await mailbox.start()
+        await server.start()
+    except BaseException:
+        await mailbox.close()
+        await server.stop(None)
+        executor.shutdown()
+        databases.dispose()
+        raise
+    await set_serving(health, SERVICE_NAME, MAILBOX_SERVICE_NAME)
     log.info("directory serving on port %d (%s)", port, "insecure" if settings.insecure else "TLS")
-    return DirectoryServer(server, port, health, databases, executor, ca)
+    return DirectoryServer(server, port, health, databases, executor, ca, mailbox)
 
 
 async def serve(settings: Settings) -> None:

@@ -100,6 +100,8 @@ class LookupView:
     contact: ContactView
     public_key_sha256: str
     certificate_pem: bytes
+    mailbox_key: bytes = b""  # empty: none published for the current identity key
+    mailbox_key_signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -356,10 +358,12 @@ class DirectoryService:
             users = repo.users_by_name(s, (r.contact for r in rows))
         return [self._view(r, users.get(r.contact)) for r in rows]
 
-    def lookup(self, token: str, username: str) -> LookupView:
-        """Where a contact's agent is. The hottest call: two short reads, no ORM objects."""
+    def caller_and_contact(
+        self, token: str, username: str, now: datetime
+    ) -> tuple[str, str, repo.UserSummary, str]:
+        """(caller, contact's canonical name, their summary, pinned address) in two short reads;
+        Unauthenticated, NotFound, or FailedPrecondition when not in the caller's contacts."""
         name = normalize_username(username)
-        now = self._now()
         owner, user = repo.owner_and_user(self._dbs, _checked_token_hash(token), now, name)
         owner = _owner(owner)
         if user is None:
@@ -367,10 +371,18 @@ class DirectoryService:
         pinned = repo.pinned_address(self._dbs, owner, name)
         if pinned is None:
             raise FailedPrecondition(f"{name!r} is not in your contacts: add them first")
+        return owner, name, user, pinned
+
+    def lookup(self, token: str, username: str) -> LookupView:
+        """Where a contact's agent is. The hottest call: two short reads, no ORM objects."""
+        now = self._now()
+        _, name, user, pinned = self.caller_and_contact(token, username, now)
         return LookupView(
             contact=contact_view(
                 name, pinned, user.address, user.online_until, user.last_seen, now
             ),
             public_key_sha256=user.public_key_sha256,
             certificate_pem=user.certificate_pem or b"",
+            mailbox_key=user.mailbox_key or b"",
+            mailbox_key_signature=user.mailbox_key_signature or b"",
         )

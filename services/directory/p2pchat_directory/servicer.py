@@ -175,6 +175,8 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             contact=contact_pb(view.contact),
             public_key_sha256=view.public_key_sha256,
             certificate_pem=view.certificate_pem,
+            mailbox_key=view.mailbox_key,
+            mailbox_key_signature=view.mailbox_key_signature,
         )
 
     async def CertificateStatus(

@@ -68,6 +68,10 @@ class _MessageStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Message
     """Acknowledged: committed in the receiver's database."""
     MESSAGE_STATUS_RECEIVED: _MessageStatus.ValueType  # 3
     """An incoming message (stored here)."""
+    MESSAGE_STATUS_RELAYED: _MessageStatus.ValueType  # 4
+    """Outgoing, held sealed by the directory's mailbox for the receiver (who was not reachable
+    directly); not yet committed in the receiver's database.
+    """
 
 class MessageStatus(_MessageStatus, metaclass=_MessageStatusEnumTypeWrapper): ...
 
@@ -78,6 +82,10 @@ MESSAGE_STATUS_DELIVERED: MessageStatus.ValueType  # 2
 """Acknowledged: committed in the receiver's database."""
 MESSAGE_STATUS_RECEIVED: MessageStatus.ValueType  # 3
 """An incoming message (stored here)."""
+MESSAGE_STATUS_RELAYED: MessageStatus.ValueType  # 4
+"""Outgoing, held sealed by the directory's mailbox for the receiver (who was not reachable
+directly); not yet committed in the receiver's database.
+"""
 Global___MessageStatus: _TypeAlias = MessageStatus  # noqa: Y015
 
 @_typing.final
@@ -94,6 +102,7 @@ class ChatMessage(_message.Message):
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
     DELIVERED_AT_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     peer: _builtins.str
     """The other side of the conversation."""
@@ -102,6 +111,10 @@ class ChatMessage(_message.Message):
     recipient: _builtins.str
     body: _builtins.str
     status: Global___MessageStatus.ValueType
+    status_reason: _builtins.str
+    """Outgoing and not delivered: why it is not further along when something holds it back
+    (e.g. "bob's mailbox is full"); empty otherwise. It is retried in any case.
+    """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -125,10 +138,11 @@ class ChatMessage(_message.Message):
         received_at: _timestamp_pb2.Timestamp | None = ...,
         delivered_at: _timestamp_pb2.Timestamp | None = ...,
         status: Global___MessageStatus.ValueType = ...,
+        status_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delivered_at", b"delivered_at", "received_at", b"received_at", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delivered_at", b"delivered_at", "direction", b"direction", "id", b"id", "peer", b"peer", "received_at", b"received_at", "recipient", b"recipient", "sender", b"sender", "sent_at", b"sent_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delivered_at", b"delivered_at", "direction", b"direction", "id", b"id", "peer", b"peer", "received_at", b"received_at", "recipient", b"recipient", "sender", b"sender", "sent_at", b"sent_at", "status", b"status", "status_reason", b"status_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -418,6 +432,10 @@ class StatusResponse(_message.Message):
     WARNINGS_FIELD_NUMBER: _builtins.int
     LINK_FRAMES_SENT_FIELD_NUMBER: _builtins.int
     LINK_FRAMES_RECEIVED_FIELD_NUMBER: _builtins.int
+    RELAYED_MESSAGES_FIELD_NUMBER: _builtins.int
+    DELIVERED_MESSAGES_FIELD_NUMBER: _builtins.int
+    MAILBOX_CONNECTED_FIELD_NUMBER: _builtins.int
+    ENVELOPES_REFUSED_FIELD_NUMBER: _builtins.int
     logged_in: _builtins.bool
     username: _builtins.str
     directory: _builtins.str
@@ -426,12 +444,22 @@ class StatusResponse(_message.Message):
     address: _builtins.str
     """The address other agents dial to reach this one."""
     pending_messages: _builtins.int
-    """Outgoing messages not yet delivered."""
+    """Outgoing messages not yet delivered (relayed ones included)."""
     link_frames_sent: _builtins.int
     """Link frames (gRPC messages on peer links) written and read since this login, the Hellos
     included: with the messages counted, how many frames each message cost.
     """
     link_frames_received: _builtins.int
+    relayed_messages: _builtins.int
+    """Of pending_messages, those held sealed by the directory's mailbox for their receiver."""
+    delivered_messages: _builtins.int
+    """Outgoing messages committed by their receiver."""
+    mailbox_connected: _builtins.bool
+    """Whether this agent is collecting from its mailbox at the directory now (a live stream)."""
+    envelopes_refused: _builtins.int
+    """Envelopes from the mailbox refused since this login (a failed seal, signature, certificate
+    or key pin): nothing of them was stored.
+    """
     @_builtins.property
     def session_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -463,10 +491,14 @@ class StatusResponse(_message.Message):
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         link_frames_sent: _builtins.int = ...,
         link_frames_received: _builtins.int = ...,
+        relayed_messages: _builtins.int = ...,
+        delivered_messages: _builtins.int = ...,
+        mailbox_connected: _builtins.bool = ...,
+        envelopes_refused: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clock_offset", b"clock_offset", "session_expires_at", b"session_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "clock_offset", b"clock_offset", "directory", b"directory", "directory_reachable", b"directory_reachable", "link_frames_received", b"link_frames_received", "link_frames_sent", b"link_frames_sent", "linked_peers", b"linked_peers", "logged_in", b"logged_in", "pending_messages", b"pending_messages", "session_expires_at", b"session_expires_at", "username", b"username", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "clock_offset", b"clock_offset", "delivered_messages", b"delivered_messages", "directory", b"directory", "directory_reachable", b"directory_reachable", "envelopes_refused", b"envelopes_refused", "link_frames_received", b"link_frames_received", "link_frames_sent", b"link_frames_sent", "linked_peers", b"linked_peers", "logged_in", b"logged_in", "mailbox_connected", b"mailbox_connected", "pending_messages", b"pending_messages", "relayed_messages", b"relayed_messages", "session_expires_at", b"session_expires_at", "username", b"username", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

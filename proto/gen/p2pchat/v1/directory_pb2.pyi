@@ -457,6 +457,8 @@ class LookupResponse(_message.Message):
     CONTACT_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_SHA256_FIELD_NUMBER: _builtins.int
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    MAILBOX_KEY_FIELD_NUMBER: _builtins.int
+    MAILBOX_KEY_SIGNATURE_FIELD_NUMBER: _builtins.int
     public_key_sha256: _builtins.str
     """Lower-case hex SHA-256 of the DER SubjectPublicKeyInfo of the user's current certificate;
     empty when the user never logged in with a key. A dialling agent refuses a peer that
@@ -464,6 +466,12 @@ class LookupResponse(_message.Message):
     """
     certificate_pem: _builtins.bytes
     """The user's current certificate (PEM); empty when none."""
+    mailbox_key: _builtins.bytes
+    """The user's mailbox public key (MailboxService.PublishKey) and its binding signature by
+    their identity key; both empty when none was published. A sender checks the binding with
+    the identity key it pinned before sealing anything to the key.
+    """
+    mailbox_key_signature: _builtins.bytes
     @_builtins.property
     def contact(self) -> _common_pb2.Contact: ...
     def __init__(
@@ -472,10 +480,12 @@ class LookupResponse(_message.Message):
         contact: _common_pb2.Contact | None = ...,
         public_key_sha256: _builtins.str = ...,
         certificate_pem: _builtins.bytes = ...,
+        mailbox_key: _builtins.bytes = ...,
+        mailbox_key_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["contact", b"contact"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "contact", b"contact", "public_key_sha256", b"public_key_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "contact", b"contact", "mailbox_key", b"mailbox_key", "mailbox_key_signature", b"mailbox_key_signature", "public_key_sha256", b"public_key_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
