@@ -271,7 +271,7 @@ def test_v2_messages_keep_every_field_and_their_delivery_state_after_migrating_t
     assert {m.status for m in stored} == {Status.PENDING, Status.DELIVERED, Status.RECEIVED}
 
     with _opened(db_path) as store:
-        assert _user_version(db_path) == 3
+        assert _user_version(db_path) == len(schema.MIGRATIONS)
         for peer, messages in _by_peer(stored).items():
             assert _history(store, peer) == messages
             assert store.pending_for(peer) == [m for m in pending if m.peer == peer]
@@ -371,7 +371,7 @@ def test_v1_full_text_index_is_kept_through_v2_and_v3_and_new_messages_are_found
         )
 
     with _opened(db_path) as store:
-        assert _user_version(db_path) == 3
+        assert _user_version(db_path) == len(schema.MIGRATIONS)
         assert _indexed_seq(db_path) == before[-1].seq
         found, _ = store.history("bob", limit=EVERYTHING, query="version", catch_up=False)
         assert found == before[:3]
@@ -618,7 +618,7 @@ def test_a_failed_v3_migration_leaves_the_v2_file_as_it_was(
 
     # The next open, with the real migrations, migrates it whole.
     with _opened(db_path) as store:
-        assert _user_version(db_path) == 3
+        assert _user_version(db_path) == len(schema.MIGRATIONS)
         peers = _by_peer(stored[:-1])
         for peer, messages in peers.items():
             assert _history(store, peer) == messages
@@ -646,7 +646,7 @@ def test_the_migrated_file_passes_integrity_and_foreign_key_checks(
         )
 
     with _opened(db_path) as store:
-        assert _user_version(db_path) == 3
+        assert _user_version(db_path) == len(schema.MIGRATIONS)
         more = store.add_outgoing(new_message_id(), OWNER, "bob", "one more", _at(50))
         assert _history(store, "bob") == [*_by_peer(stored)["bob"], more]
         assert _history(store, "bob", query="more") == [more]  # indexes it first

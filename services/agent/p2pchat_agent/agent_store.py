@@ -20,8 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
+from p2pchat_agent import store_deliveries
 from p2pchat_agent.messages import IncomingMessage, OutgoingMessage, PeerKey, StoredMessage
 from p2pchat_agent.store import MessageStore, fts_query
+from p2pchat_common.timestamps import sqlite_text, sqlite_time
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +193,46 @@ class AgentStore:
         )
 
     async def pending_for(
-        self, peer: str, after_seq: int = 0, limit: int = 500, device: str = ""
+        self,
+        peer: str,
+        after_seq: int = 0,
+        limit: int = 500,
+        device: str = "",
+        unrelayed: bool = False,
     ) -> list[StoredMessage]:
-        return await self._reading(self._sync.pending_for, peer, after_seq, limit, device)
+        return await self._reading(
+            self._sync.pending_for, peer, after_seq, limit, device, unrelayed
+        )
+
+    # -- the mailbox's part (store_deliveries.py) -------------------------------------------------
+
+    async def mark_relayed(self, peer: str, ids: Sequence[str], until: datetime) -> list[str]:
+        when = sqlite_text(until)
+        return await self._writing(
+            self._sync.in_transaction, True, store_deliveries.mark_relayed, peer, ids, when
+        )
+
+    async def hold_back(self, peer: str, ids: Sequence[str], reason: str) -> None:
+        await self._writing(
+            self._sync.in_transaction, True, store_deliveries.hold_back, peer, ids, reason
+        )
+
+    async def unrelay_expired(self, now: datetime, reason: str) -> list[str]:
+        return await self._writing(
+            self._sync.in_transaction,
+            True,
+            store_deliveries.unrelay_expired,
+            sqlite_text(now),
+            reason,
+        )
+
+    async def next_relay_expiry(self) -> datetime | None:
+        found = await self._reading(self._sync.in_transaction, False, store_deliveries.next_expiry)
+        return sqlite_time(found)
+
+    async def counts(self) -> tuple[int, int, int]:
+        """Outgoing messages pending, relayed and delivered."""
+        return await self._reading(self._sync.in_transaction, False, store_deliveries.counts)
 
     async def peers_with_pending(self) -> list[str]:
         return await self._reading(self._sync.peers_with_pending)

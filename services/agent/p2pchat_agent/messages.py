@@ -18,6 +18,7 @@ class Direction(StrEnum):
 
 class Status(StrEnum):
     PENDING = "pending"  # outgoing, not yet acknowledged by the peer
+    RELAYED = "relayed"  # outgoing, held sealed by the directory's mailbox for the peer
     DELIVERED = "delivered"  # outgoing, acknowledged
     RECEIVED = "received"  # incoming
 
@@ -55,6 +56,7 @@ class StoredMessage(NamedTuple):
     delivered_at: datetime | None
     status: Status
     seq: int = 0  # local order of creation or arrival; 0 until stored
+    reason: str = ""  # outgoing, not delivered: why it is held back, if anything holds it
 
 
 class OutgoingMessage(NamedTuple):  # NamedTuples: made for every message, several times faster

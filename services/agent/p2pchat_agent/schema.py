@@ -48,6 +48,8 @@ COLUMNS: dict[str, dict[str, bool]] = {
         "status": False,
         "delivered_at": True,
         "delivered_to": True,
+        "relayed_until": True,
+        "reason": True,
     },
     "peer_keys": {
         "peer": False,
@@ -223,6 +225,17 @@ _SCHEMA_V3 = [
 ]
 
 
+# Version 4: the sealed mailbox. A pending delivery may be held by the directory's mailbox
+# (`relayed_until`: when the mailbox drops it if never collected; NULL when not relayed) and
+# may carry why it is held back (`reason`: a full mailbox, an expired envelope). Still
+# 'pending' in `status`: what is relayed also goes direct once a link opens (the receiver
+# stores a message once whichever path brings it), and the partial index stays as it is.
+_SCHEMA_V4 = [
+    "ALTER TABLE deliveries ADD COLUMN relayed_until DATETIME",
+    "ALTER TABLE deliveries ADD COLUMN reason TEXT",
+]
+
+
 def _run(statements: list[str]) -> Callable[[sqlite3.Connection], None]:
     def migration(conn: sqlite3.Connection) -> None:
         for statement in statements:
@@ -237,6 +250,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run(_SCHEMA_V1),
     _run(_SCHEMA_V2),
     _run(_SCHEMA_V3),
+    _run(_SCHEMA_V4),
 ]
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, TypeVarTuple
 
-from p2pchat_agent import store_pins
+from p2pchat_agent import store_deliveries, store_pins
 from p2pchat_agent.conversations import Conversations
 from p2pchat_agent.messages import (
     Direction,
@@ -41,6 +41,7 @@ from p2pchat_agent.store_rows import (
     MESSAGES,
     NO_SEQ_LIMIT,
     PENDING,
+    PENDING_UNRELAYED,
     ROWS_PER_INSERT,
     SEARCH,
     SELECT_COLUMNS,
@@ -60,6 +61,7 @@ from p2pchat_common.validation import shown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 def fts_query(text: str | None, prefix: bool = True) -> str | None:
@@ -116,6 +118,11 @@ class MessageStore:
                 f"disk full at the agent ({self._path.parent}): nothing was stored; free some "
                 "space and try again"
             ) from exc
+
+    def in_transaction(self, write: bool, fn: Callable[[sqlite3.Cursor, *Ts], T], *args: *Ts) -> T:
+        """`fn(cursor, *args)` in one transaction (the queries of store_deliveries.py)."""
+        with self._cursor(write) as cur:
+            return fn(cur, *args)
 
     # -- the full-text index (filled off the hot path; see schema._SCHEMA_V2) ----------------
 
@@ -258,29 +265,10 @@ class MessageStore:
     def mark_delivered(
         self, peer: str, ids: Sequence[str], delivered_at: datetime, device: str = ""
     ) -> list[str]:
-        """Records that `peer`'s `device` (the one a transport reached; '' when it cannot
-        tell) acknowledged the messages `ids`, in one transaction. Returns the ids of those whose
-        delivery to `peer` was pending, in seq order; unknown ids, messages to anyone else and
-        deliveries not pending are left alone (a peer acknowledges only what it was sent)."""
+        """See store_deliveries.mark_delivered (one transaction)."""
         when = sqlite_text(aware(delivered_at, "delivered_at"))
-        changed: list[tuple[int, str]] = []
         with self._cursor(write=True) as cur:
-            for chunk in chunks(list(dict.fromkeys(ids))):
-                marks = ",".join("?" * len(chunk))
-                cur.execute(f"SELECT seq, id FROM messages WHERE id IN ({marks})", chunk)
-                by_seq = dict(cur.fetchall())
-                if not by_seq:
-                    continue
-                cur.execute(
-                    "UPDATE deliveries SET status = 'delivered', delivered_at = ?, "
-                    f"delivered_to = ? WHERE message IN ({','.join('?' * len(by_seq))}) "
-                    "AND recipient = ? AND device IN ('', ?) AND status = 'pending' "
-                    "RETURNING message",
-                    (when, device or None, *by_seq, peer, device),
-                )
-                changed.extend((seq, by_seq[seq]) for (seq,) in cur.fetchall())
-        changed.sort()
-        return [id for _, id in changed]
+            return store_deliveries.mark_delivered(cur, peer, ids, when, device)
 
     def get(self, id: str) -> StoredMessage | None:
         with self._cursor(write=False) as cur:
@@ -290,14 +278,22 @@ class MessageStore:
 
     # -- the outbox -------------------------------------------------------------------------
 
-    def pending_for(
-        self, peer: str, after_seq: int = 0, limit: int = 500, device: str = ""
+    def pending_for(  # noqa: PLR0913
+        self,
+        peer: str,
+        after_seq: int = 0,
+        limit: int = 500,
+        device: str = "",
+        unrelayed: bool = False,
     ) -> list[StoredMessage]:
         """Outgoing messages whose delivery to `peer` (to `device`, or to whichever device of
-        theirs) is pending, after `after_seq`, oldest first."""
+        theirs) is pending, after `after_seq`, oldest first; with `unrelayed`, only those the
+        mailbox does not hold already."""
         check_limit(limit)
         with self._cursor(write=False) as cur:
-            cur.execute(PENDING, (peer, device, after_seq, limit))
+            cur.execute(
+                PENDING_UNRELAYED if unrelayed else PENDING, (peer, device, after_seq, limit)
+            )
             return to_messages(cur.fetchall(), self.owner)
 
     def peers_with_pending(self) -> list[str]:

@@ -21,11 +21,14 @@ _CHUNK = 500  # ids per IN (...) list, well under SQLite's bound-parameter limit
 NO_SEQ_LIMIT = 2**63 - 1
 
 # A StoredMessage read from a message row `m` and its conversation `c`. An outgoing message's
-# state is folded from its deliveries into one value: 'p' while any recipient's device has not
-# acknowledged it, else 'd' and the latest acknowledgement's time; NULL for an incoming message
-# (received). One scalar subquery (a primary-key range) per outgoing row returned.
+# state is folded from its deliveries into one value: 'p' and the reason it is held back (if
+# any) while a recipient's device has it neither acknowledged nor held by the mailbox; else 'r'
+# while the mailbox holds it for one; else 'd' and the latest acknowledgement's time. NULL for
+# an incoming message (received). One scalar subquery (a primary-key range) per outgoing row.
 _STATE = (
-    "CASE m.direction WHEN 'out' THEN (SELECT CASE WHEN max(d.status = 'pending') THEN 'p' "
+    "CASE m.direction WHEN 'out' THEN (SELECT CASE "
+    "WHEN max(d.status = 'pending' AND d.relayed_until IS NULL) "
+    "THEN 'p' || coalesce(max(d.reason), '') WHEN max(d.status = 'pending') THEN 'r' "
     "ELSE 'd' || coalesce(max(d.delivered_at), '') END FROM deliveries d "
     "WHERE d.message = m.seq) END"
 )
@@ -40,6 +43,10 @@ PENDING = (
     "CROSS JOIN conversations c ON c.id = m.conversation WHERE dl.recipient = ? "
     "AND dl.status = 'pending' AND dl.device IN ('', ?) AND dl.message > ? "
     "ORDER BY dl.message LIMIT ?"
+)
+# The same, without what the mailbox holds already (what the mailbox transport sends).
+PENDING_UNRELAYED = PENDING.replace(
+    " AND dl.message > ?", " AND dl.relayed_until IS NULL AND dl.message > ?"
 )
 # Driven by the full-text index (CROSS JOIN fixes the order in SQLite): FTS5 yields the hits newest
 # first, so the search stops after limit + 1 hits in this conversation. The other way round
@@ -112,12 +119,17 @@ def to_messages(rows: list[tuple[Any, ...]], owner: str) -> list[StoredMessage]:
     out = []
     in_, out_ = Direction.IN, Direction.OUT
     received, pending, delivered = Status.RECEIVED, Status.PENDING, Status.DELIVERED
+    relayed = Status.RELAYED
     for seq, id, peer, direction, sender, body, sent_at, received_at, state in rows:
         delivered_at = None
+        reason = ""
         if direction == "in":
             status = received
-        elif state == "p" or state is None:
+        elif state is None or state[0] == "p":
             status = pending
+            reason = "" if state is None else state[1:]
+        elif state == "r":
+            status = relayed
         else:
             status = delivered
             if len(state) > 1:  # a delivery recorded without its time stays delivered
@@ -136,6 +148,7 @@ def to_messages(rows: list[tuple[Any, ...]], owner: str) -> list[StoredMessage]:
                 delivered_at,
                 status,
                 seq,
+                reason,
             )
         )
     return out
