@@ -33,6 +33,10 @@ class MemoryTransport:
         return self._device
 
     @property
+    def relays(self) -> bool:
+        return False
+
+    @property
     def closed(self) -> bool:
         return self._closed.is_set()
 

@@ -52,6 +52,7 @@ def test_simultaneous_dials_keep_the_link_dialled_by_the_smaller_name_on_both_si
 
     at_alice, at_bob = asyncio.run(run())
     assert at_alice is not None and at_bob is not None
+    assert isinstance(at_alice.transport, DirectLink) and isinstance(at_bob.transport, DirectLink)
     assert at_alice.transport.dialed_by == at_bob.transport.dialed_by == "alice"
     assert not at_alice.transport.closed and not at_bob.transport.closed
 

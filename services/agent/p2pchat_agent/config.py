@@ -54,6 +54,13 @@ class Settings:
     # How long a peer certificate found good is trusted before the directory is asked again,
     # and how often open links are checked: the delay with which a logout closes links.
     revocation_interval: float = 30.0
+    # A peer not linked within this many seconds (connect, TLS and the Hellos) counts as
+    # unreachable: what is pending for it goes through the directory's mailbox meanwhile.
+    dial_timeout: float = 3.0
+    # Seconds of silence on a link (or on the mailbox stream) before a ping; one not answered
+    # within half that declares the link dead: a frozen or cut-off peer is found within 1.5x.
+    keepalive: float = 10.0
+    mailbox: bool = True  # relay through (and collect from) the directory's sealed mailbox
     grace_period: float = 5.0
     log_level: str = "INFO"
 
@@ -235,6 +242,28 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "still good; a logged-out peer's links close within this [P2PCHAT_REVOCATION_INTERVAL] "
         "(default %(default)s)",
     )
+    add(
+        "--dial-timeout",
+        type=positive_float,
+        default=env(environ, "DIAL_TIMEOUT", str(d.dial_timeout)),
+        help="seconds to link with a peer before it counts as unreachable and pending messages "
+        "go through the directory's sealed mailbox [P2PCHAT_DIAL_TIMEOUT] (default %(default)s)",
+    )
+    add(
+        "--keepalive",
+        type=positive_float,
+        default=env(environ, "KEEPALIVE", str(d.keepalive)),
+        help="seconds of silence on a peer link or the mailbox stream before a ping; a ping not "
+        "answered in half that ends the link (its messages then go through the mailbox) "
+        "[P2PCHAT_KEEPALIVE] (default %(default)s)",
+    )
+    add(
+        "--no-mailbox",
+        action="store_true",
+        default=env_flag(environ, "NO_MAILBOX"),
+        help="never relay through or collect from the directory's sealed mailbox: messages "
+        "wait until both agents are online and one can dial the other [P2PCHAT_NO_MAILBOX=1]",
+    )
     add_lifecycle_flags(p, environ, d.grace_period, d.log_level)
     return p
 
@@ -269,6 +298,9 @@ def load_settings(
         heartbeat_interval=float(ns.heartbeat_interval),
         retry_max=float(ns.retry_max),
         revocation_interval=float(ns.revocation_interval),
+        dial_timeout=float(ns.dial_timeout),
+        keepalive=float(ns.keepalive),
+        mailbox=not ns.no_mailbox,
         grace_period=float(ns.grace_period),
         log_level=ns.log_level,
     )

@@ -24,7 +24,9 @@ _STATUS = {
     "pending": pb.MESSAGE_STATUS_PENDING,
     "delivered": pb.MESSAGE_STATUS_DELIVERED,
     "received": pb.MESSAGE_STATUS_RECEIVED,
+    "relayed": pb.MESSAGE_STATUS_RELAYED,
 }
+_DELIVERED = pb.MESSAGE_STATUS_DELIVERED
 _DIRECTION = {"out": pb.DIRECTION_OUTGOING, "in": pb.DIRECTION_INCOMING}
 
 
@@ -38,6 +40,7 @@ def chat_message(m: StoredMessage) -> pb.ChatMessage:
         body=m.body,
         sent_at=to_timestamp(m.sent_at),
         status=_STATUS[m.status],
+        status_reason=m.reason,
     )
     if m.received_at is not None:
         msg.received_at.CopyFrom(to_timestamp(m.received_at))
@@ -68,22 +71,18 @@ def chat_events(event: Event, batches: bool = False) -> list[pb.ChatEvent]:
     if isinstance(event, MessageEvent):
         return [pb.ChatEvent(message=chat_message(event.message))]
     if isinstance(event, DeliveryEvent):
-        delivered_at = to_timestamp(event.delivered_at)
+        state = _STATUS[event.status]
+        # A relayed update says when the mailbox took it, not a delivery time: none is sent.
+        delivered_at = to_timestamp(event.delivered_at) if state == _DELIVERED else None
         if batches:
             updates = pb.DeliveryUpdates(
-                peer=event.peer,
-                ids=event.ids,
-                status=pb.MESSAGE_STATUS_DELIVERED,
-                delivered_at=delivered_at,
+                peer=event.peer, ids=event.ids, status=state, delivered_at=delivered_at
             )
             return [pb.ChatEvent(deliveries=updates)]
         return [
             pb.ChatEvent(
                 delivery=pb.DeliveryUpdate(
-                    id=id,
-                    peer=event.peer,
-                    status=pb.MESSAGE_STATUS_DELIVERED,
-                    delivered_at=delivered_at,
+                    id=id, peer=event.peer, status=state, delivered_at=delivered_at
                 )
             )
             for id in event.ids
@@ -140,6 +139,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if found.session_expires_at is not None:
                 response.session_expires_at.CopyFrom(to_timestamp(found.session_expires_at))
             response.pending_messages = found.pending_messages
+            response.relayed_messages = found.relayed_messages
+            response.delivered_messages = found.delivered_messages
+            response.mailbox_connected = found.mailbox_connected
+            response.envelopes_refused = found.envelopes_refused
             response.linked_peers.extend(found.linked_peers)
             response.link_frames_sent = found.link_frames_sent
             response.link_frames_received = found.link_frames_received

@@ -19,8 +19,16 @@ from datetime import UTC, datetime
 
 from p2pchat_agent.agent_store import AgentStore
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
-from p2pchat_agent.messages import IncomingMessage, StoredMessage
-from p2pchat_agent.transport import BATCH, AcksReceived, MessagesReceived, Transport, batches
+from p2pchat_agent.messages import IncomingMessage, Status, StoredMessage
+from p2pchat_agent.transport import (
+    BATCH,
+    AcksReceived,
+    HeldByMailbox,
+    MessagesReceived,
+    Transport,
+    batches,
+)
+from p2pchat_common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,9 @@ class Outflow:
         self._fresh_overflow = False
         self._window = asyncio.Condition()
         self.in_flight = 0
+        # Since when the oldest message in flight has waited for its ack (loop time; None with
+        # none in flight): the watchdog's measure of a link that stopped answering.
+        self.waiting_since: float | None = None
 
     def push_fresh(self, messages: list[StoredMessage]) -> None:
         """Hands over messages just committed as pending for this peer (in seq order)."""
@@ -48,6 +59,12 @@ class Outflow:
             self._fresh_overflow = True
         else:
             self._fresh.extend(messages)
+        self.wakeup.set()
+
+    def reread(self) -> None:
+        """Makes the sender read the outbox again (messages became pending there again)."""
+        self._fresh.clear()
+        self._fresh_overflow = True
         self.wakeup.set()
 
     def take_fresh(self) -> list[StoredMessage] | None:
@@ -63,18 +80,25 @@ class Outflow:
             await self._window.wait_for(
                 lambda: self.in_flight == 0 or self.in_flight + count <= SEND_WINDOW
             )
+            if self.in_flight == 0:
+                self.waiting_since = asyncio.get_running_loop().time()
             self.in_flight += count
 
     async def release(self, count: int) -> None:
         async with self._window:
             self.in_flight = max(0, self.in_flight - count)
+            self.waiting_since = asyncio.get_running_loop().time() if self.in_flight else None
             self._window.notify_all()
 
 
 class Delivery:
-    def __init__(self, store: AgentStore, events: EventHub) -> None:
+    def __init__(self, store: AgentStore, events: EventHub, ack_timeout: float = 0.0) -> None:
+        """`ack_timeout`: a direct link whose peer acknowledges nothing for this many seconds
+        while messages wait is declared dead (0: never), so that a frozen or cut-off peer is
+        found even where TCP and HTTP/2 keepalives say nothing."""
         self._store = store
         self._events = events
+        self._ack_timeout = ack_timeout
 
     async def run(self, transport: Transport, outflow: Outflow) -> None:
         """Runs delivery over `transport` until it ends or fails; raises the error that ended
@@ -85,6 +109,8 @@ class Delivery:
                 tasks.create_task(self._send_pending(transport, outflow))
                 tasks.create_task(self._commit_received(transport, received))
                 tasks.create_task(self._until_closed(transport))
+                if self._ack_timeout and not transport.relays:
+                    tasks.create_task(self._watchdog(transport, outflow))
                 await self._read(transport, outflow, received)
                 raise _Ended()
         except BaseExceptionGroup as group:
@@ -100,6 +126,18 @@ class Delivery:
         await transport.wait_closed()
         raise _Ended()
 
+    async def _watchdog(self, transport: Transport, outflow: Outflow) -> None:
+        """Ends the run when the peer leaves messages unacknowledged for `ack_timeout`."""
+        loop = asyncio.get_running_loop()
+        limit = self._ack_timeout
+        while True:
+            await asyncio.sleep(limit / 4)
+            since = outflow.waiting_since
+            if since is not None and loop.time() - since > limit:
+                raise Unavailable(
+                    f"{transport.peer} acknowledged nothing for {limit:g} s: the link is dead"
+                )
+
     # -- receiving --------------------------------------------------------------------------
 
     async def _read(
@@ -114,6 +152,8 @@ class Delivery:
                     await received.put(event.messages)
             elif isinstance(event, AcksReceived):
                 await self._acknowledged(transport, outflow, event.ids)
+            elif isinstance(event, HeldByMailbox):
+                await self._relayed(transport, outflow, event)
 
     async def _commit_received(
         self, transport: Transport, received: asyncio.Queue[list[IncomingMessage]]
@@ -122,18 +162,36 @@ class Delivery:
             batch = await received.get()
             while not received.empty():  # group commit: everything that has arrived
                 batch.extend(received.get_nowait())
-            stored = await self._store.store_incoming(batch, datetime.now(UTC))
-            if self._events.listening:
-                for message in stored:
-                    self._events.publish(MessageEvent(message))
+            await self.commit(batch)
             await transport.send_acks([m.id for m in batch])
+
+    async def commit(self, messages: list[IncomingMessage]) -> list[StoredMessage]:
+        """Commits messages that arrived (whichever way), once each, and shows the new ones."""
+        stored = await self._store.store_incoming(messages, datetime.now(UTC))
+        if self._events.listening:
+            for message in stored:
+                self._events.publish(MessageEvent(message))
+        return stored
+
+    async def acknowledged(self, peer: str, ids: list[str], device: str) -> None:
+        """`peer`'s `device` committed our messages `ids` (an ack on any path)."""
+        when = datetime.now(UTC)
+        changed = await self._store.mark_delivered(peer, ids, when, device)
+        if changed:
+            self._events.publish(DeliveryEvent(peer, tuple(changed), when))
 
     async def _acknowledged(self, transport: Transport, outflow: Outflow, ids: list[str]) -> None:
         await outflow.release(len(ids))
-        when = datetime.now(UTC)
-        changed = await self._store.mark_delivered(transport.peer, ids, when, transport.device)
+        await self.acknowledged(transport.peer, ids, transport.device)
+
+    async def _relayed(self, transport: Transport, outflow: Outflow, held: HeldByMailbox) -> None:
+        """The mailbox holds them: out of the window (their receipt may take days)."""
+        await outflow.release(len(held.ids))
+        changed = await self._store.mark_relayed(transport.peer, held.ids, held.until)
         if changed:
-            self._events.publish(DeliveryEvent(transport.peer, tuple(changed), when))
+            when = datetime.now(UTC)
+            event = DeliveryEvent(transport.peer, tuple(changed), when, Status.RELAYED)
+            self._events.publish(event)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -150,11 +208,11 @@ class Delivery:
                 if fresh is None:
                     caught_up = False
                     continue
-                pending = [m for m in fresh if m.seq > after]
+                pending = [m for m in fresh if m.seq > after]  # just committed: not relayed
             else:
                 outflow.take_fresh()  # what it holds is in the database: read below
                 pending = await self._store.pending_for(
-                    transport.peer, after, BATCH, transport.device
+                    transport.peer, after, BATCH, transport.device, transport.relays
                 )
                 caught_up = len(pending) < BATCH
             for batch in batches(pending):

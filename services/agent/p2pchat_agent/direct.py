@@ -98,6 +98,10 @@ class DirectLink:
     def device(self) -> str:
         return self._device
 
+    @property
+    def relays(self) -> bool:
+        return False
+
     # -- sending ----------------------------------------------------------------------------
 
     async def send(self, frame: pb.Frame) -> None:

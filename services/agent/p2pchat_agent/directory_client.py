@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from p2pchat.v1 import directory_pb2 as pb
-from p2pchat.v1 import directory_pb2_grpc
+from p2pchat.v1 import directory_pb2_grpc, mailbox_pb2, mailbox_pb2_grpc
 from p2pchat_agent.config import Settings
 from p2pchat_common.errors import FailedPrecondition, Unavailable, from_rpc_error
 
@@ -20,6 +20,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CALL_TIMEOUT = 10.0
 DIRECTORY_CA_FILE = "directory-ca.pem"
+# A mailbox deposit or collected response may carry up to ~4 MiB of envelopes.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def channel_options(keepalive: float) -> list[tuple[str, Any]]:
+    """Keepalive pings on the channel (also with no call open), so that a long Collect stream
+    to a directory that vanished ends within 1.5 x `keepalive`; and room for envelopes."""
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive * 500)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
 
 
 def directory_ca(settings: Settings) -> bytes | None:
@@ -42,19 +57,22 @@ class DirectoryClient:
         self.address = settings.directory
         self._channel: grpc.aio.Channel | None = None
         self._stub: directory_pb2_grpc.DirectoryServiceAsyncStub | None = None
+        self._mailbox: mailbox_pb2_grpc.MailboxServiceAsyncStub | None = None
         self.token = ""
         self.reachable: bool | None = None  # None until the first call or probe
 
     def _get_stub(self) -> directory_pb2_grpc.DirectoryServiceAsyncStub:
         if self._stub is None:
             ca = directory_ca(self._settings)
+            options = channel_options(self._settings.keepalive)
             if ca is None:
                 log.warning("talking to the directory WITHOUT TLS (--directory-insecure)")
-                self._channel = grpc.aio.insecure_channel(self.address)
+                self._channel = grpc.aio.insecure_channel(self.address, options=options)
             else:
                 creds = grpc.ssl_channel_credentials(root_certificates=ca)
-                self._channel = grpc.aio.secure_channel(self.address, creds)
+                self._channel = grpc.aio.secure_channel(self.address, creds, options=options)
             self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
+            self._mailbox = mailbox_pb2_grpc.MailboxServiceStub(self._channel)
         assert self._stub is not None
         return self._stub
 
@@ -120,6 +138,40 @@ class DirectoryClient:
     async def lookup(self, username: str) -> pb.LookupResponse:
         return await self._call(lambda s: s.Lookup, pb.LookupRequest(username=username))
 
+    # -- the sealed mailbox (mailbox.proto) ----------------------------------------------------
+
+    def _mailbox_stub(self) -> mailbox_pb2_grpc.MailboxServiceAsyncStub:
+        self._get_stub()
+        assert self._mailbox is not None
+        return self._mailbox
+
+    async def _mailbox_call(self, rpc: Callable[..., Awaitable[T]], request: Any) -> T:
+        try:
+            result = await rpc(request, metadata=self._metadata(), timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            error = from_rpc_error(err, f"the mailbox at {self.address}")
+            self.reachable = not isinstance(error, Unavailable)
+            raise error from None
+        self.reachable = True
+        return result
+
+    async def publish_mailbox_key(self, key: bytes, signature: bytes) -> None:
+        request = mailbox_pb2.PublishKeyRequest(mailbox_key=key, signature=signature)
+        await self._mailbox_call(self._mailbox_stub().PublishKey, request)
+
+    async def deposit(self, recipient: str, envelopes: list[bytes]) -> mailbox_pb2.DepositResponse:
+        request = mailbox_pb2.DepositRequest(recipient=recipient, envelopes=envelopes)
+        return await self._mailbox_call(self._mailbox_stub().Deposit, request)
+
+    async def acknowledge(self, ids: list[int]) -> int:
+        request = mailbox_pb2.AcknowledgeRequest(ids=ids)
+        return (await self._mailbox_call(self._mailbox_stub().Acknowledge, request)).deleted
+
+    def collect(self) -> grpc.aio.UnaryStreamCall[Any, mailbox_pb2.CollectResponse]:
+        """The Collect stream (no deadline: it lives as long as the session); the caller reads
+        it and cancels it, and translates its errors (from_rpc_error)."""
+        return self._mailbox_stub().Collect(mailbox_pb2.CollectRequest(), metadata=self._metadata())
+
     async def probe(self) -> bool:
         """Whether the directory answers its health check now (1 s at most)."""
         request = health_pb2.HealthCheckRequest(service="p2pchat.v1.DirectoryService")
@@ -141,3 +193,4 @@ class DirectoryClient:
             await self._channel.close()
         self._channel = None
         self._stub = None
+        self._mailbox = None

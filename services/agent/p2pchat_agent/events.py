@@ -14,7 +14,7 @@ from datetime import datetime
 
 import grpc
 
-from p2pchat_agent.messages import StoredMessage
+from p2pchat_agent.messages import Status, StoredMessage
 from p2pchat_common.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,14 @@ class MessageEvent:
 
 @dataclass(frozen=True)
 class DeliveryEvent:
-    """Outgoing messages to `peer` acknowledged together (one ack frame), in the order sent."""
+    """Outgoing messages to `peer` acknowledged together (one ack frame), in the order sent;
+    or, with `status` RELAYED, now held by the directory's mailbox for `peer` (`delivered_at`
+    is then when it took them)."""
 
     peer: str
     ids: tuple[str, ...]
     delivered_at: datetime
+    status: Status = Status.DELIVERED
 
 
 @dataclass(frozen=True)

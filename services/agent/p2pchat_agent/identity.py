@@ -101,6 +101,15 @@ class Identity:
     def cert_sha256(self) -> str:
         return certificate_sha256(self._certificate)
 
+    @functools.cached_property
+    def cert_der(self) -> bytes:
+        return self._certificate.public_bytes(serialization.Encoding.DER)
+
+    @functools.cached_property
+    def users_ca(self) -> x509.Certificate:
+        """The users CA (peer-ca.pem): what peers' certificates are issued by."""
+        return x509.load_pem_x509_certificate(self.ca_pem)
+
     @property
     def names_device(self) -> bool:
         """Whether the certificate names this user and a device (the current format): one

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import socket
 import ssl
 import tempfile
@@ -37,7 +38,7 @@ from p2pchat.v1 import peer_pb2 as pb
 from p2pchat.v1 import peer_pb2_grpc
 from p2pchat_agent.agent_store import AgentStore
 from p2pchat_agent.delivery import Delivery
-from p2pchat_agent.dialer import Dialer, Target
+from p2pchat_agent.dialer import FIRST_DELAY, Dialer, Target
 from p2pchat_agent.direct import MAX_PEER_MESSAGE, DirectLink, FrameCounts
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import EventHub
@@ -48,6 +49,7 @@ from p2pchat_agent.handshake import (
     verify_answer,
 )
 from p2pchat_agent.identity import Identity, load_certificate
+from p2pchat_agent.mailbox import Mailbox, MailboxTransport
 from p2pchat_agent.messages import StoredMessage
 from p2pchat_agent.pins import KeyPins
 from p2pchat_agent.registry import LinkRegistry, OpenLink
@@ -70,15 +72,21 @@ from p2pchat_common.validation import parse_address, shown
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    # Both ends of a link, dialled or accepted, take frames of the same size.
-    ("grpc.max_receive_message_length", MAX_PEER_MESSAGE),
-    ("grpc.max_send_message_length", MAX_PEER_MESSAGE),
-]
+
+def channel_options(keepalive: float) -> list[tuple[str, Any]]:
+    """The options of both ends of a link (dialled or accepted): a ping after `keepalive`
+    seconds of silence, and the link declared dead when one goes unanswered for half that (a
+    frozen or cut-off peer: its messages then go through the mailbox); frames of one size."""
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive * 500)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", MAX_PEER_MESSAGE),
+        ("grpc.max_send_message_length", MAX_PEER_MESSAGE),
+    ]
+
+
 HELLO_TIMEOUT = 10.0
 
 
@@ -135,20 +143,35 @@ class LinkManager:
         retry_max: float,
         revocation: RevocationChecker,
         body_limit: int,
+        dial_timeout: float = 5.0,
+        keepalive: float = 10.0,
+        pins: KeyPins | None = None,
     ) -> None:
         self._identity = identity
+        self._store = store
         self._delivery = delivery
         self._revocation = revocation
         self._body_limit = body_limit
+        self._dial_timeout = dial_timeout
+        self._options = channel_options(keepalive)
+        self._retry_max = retry_max
         self.frames = FrameCounts()  # of every link of this session
         self.registry = LinkRegistry(lambda: self.me)
-        self.pins = KeyPins(store, events)
+        self.pins = pins if pins is not None else KeyPins(store, events)
+        self.mailbox: Mailbox | None = None  # set by the session when the mailbox is on
+        self._relays: dict[str, asyncio.Task[None]] = {}
 
         async def has_pending(peer: str) -> bool:
             return bool(await store.pending_for(peer, 0, 1))
 
         self._dialer = Dialer(
-            directory, retry_max, has_pending, self.registry.__contains__, self._dial_once
+            directory,
+            retry_max,
+            has_pending,
+            self.registry.linked,
+            self._dial_once,
+            self.ensure_relay,
+            skip_offline=lambda: self.mailbox is not None,  # the mailbox takes it meanwhile
         )
         self._closing = False
         self._watcher = asyncio.get_running_loop().create_task(
@@ -165,14 +188,29 @@ class LinkManager:
     def linked_peers(self) -> list[str]:
         return self.registry.peers
 
+    @property
+    def relayed_peers(self) -> list[str]:
+        return self.registry.relayed_peers
+
     def deliver(self, peer: str, messages: list[StoredMessage]) -> None:
-        """`messages` were just committed as pending for `peer`: hand them to its link, or
-        start dialling."""
+        """`messages` were just committed as pending for `peer`: hand them to its link (direct,
+        or the mailbox), and unless a direct link is open, dial (after the wait left, if the
+        last attempt failed); a peer found unreachable gets them through the mailbox."""
         entry = self.registry.get(peer)
         if entry is not None:
             entry.outflow.push_fresh(messages)
-        else:
+        if entry is None or not entry.direct:
             self.ensure_dialer(peer)
+            if entry is None and self._dialer.unreachable_now(peer):
+                self.ensure_relay(peer, online=False)
+
+    async def send_acks(self, peer: str, ids: list[str]) -> bool:
+        """Acknowledges `ids` on the direct link with `peer`; False when none is open."""
+        entry = self.registry.get(peer)
+        if entry is None or not entry.direct or entry.transport.closed:
+            return False
+        await entry.transport.send_acks(ids)
+        return True
 
     def ensure_dialer(self, peer: str) -> None:
         if not self._closing:
@@ -185,8 +223,54 @@ class LinkManager:
         self._closing = True
         self._watcher.cancel()
         closing = asyncio.ensure_future(self._dialer.close())
+        for task in self._relays.values():
+            task.cancel()
         self.registry.close_all()
         await closing
+        await asyncio.gather(*self._relays.values(), return_exceptions=True)
+
+    # -- the mailbox ------------------------------------------------------------------------
+
+    def ensure_relay(self, peer: str, online: bool) -> None:
+        """Relays through the mailbox to `peer`, unreachable directly, until a direct link
+        opens (it replaces the mailbox transport) or the session ends. With `online` (the peer
+        is online by presence: it collects now), what is pending and not relayed goes again,
+        such as messages whose envelope expired while the peer was away."""
+        if self.mailbox is None or self._closing:
+            return
+        entry = self.registry.get(peer)
+        if entry is not None:
+            if online and not entry.direct:
+                entry.outflow.reread()
+            return
+        if peer in self._relays:
+            return
+        task = asyncio.get_running_loop().create_task(self._relay(peer), name=f"relay-{peer}")
+        self._relays[peer] = task
+        task.add_done_callback(lambda _t: self._relays.pop(peer, None))
+
+    async def _relay(self, peer: str) -> None:
+        delay = FIRST_DELAY
+        while not self._closing and self.mailbox is not None:
+            transport = MailboxTransport(self.mailbox, peer, self._store)
+            entry = OpenLink(transport, "")
+            try:
+                self.registry.attach(entry)
+            except DomainError:
+                return  # a direct link is open
+            log.info("relaying to %s through the mailbox", peer)
+            try:
+                await self._delivery.run(transport, entry.outflow)
+                return  # closed: a direct link replaced it, or the session ends
+            except DomainError as exc:
+                log.info("relaying to %s failed (%s); retrying in %.1f s", peer, exc, delay)
+                self.mailbox.forget(peer)
+            except Exception:
+                log.exception("relaying to %s failed", peer)
+            finally:
+                self.registry.detach(entry)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self._retry_max)
 
     # -- running a link -----------------------------------------------------------------------
 
@@ -197,6 +281,7 @@ class LinkManager:
         except DomainError:
             link.close()
             raise
+        self._dialer.reached(link.peer)
         log.info("link open: %r", link)
         try:
             await self._delivery.run(link, entry.outflow)
@@ -248,7 +333,8 @@ class LinkManager:
         """Links with `peer` at `target` and runs delivery until the link ends."""
         identity = self._identity()
         address = target.address
-        cert = await asyncio.to_thread(probe_peer_certificate, address, peer, identity, 5.0)
+        timeout = self._dial_timeout
+        cert = await asyncio.to_thread(probe_peer_certificate, address, peer, identity, timeout)
         key_sha = public_key_sha256(cert)
         if target.key_sha256 and target.key_sha256 != key_sha:
             raise Unauthenticated(
@@ -258,7 +344,7 @@ class LinkManager:
         cert_sha = certificate_sha256(cert)
         await self._revocation.require_good(peer, cert_sha)
         creds = grpc.ssl_channel_credentials(identity.ca_pem, identity.key_pem, identity.cert_pem)
-        options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", user_dns_name(peer))]
+        options = [*self._options, ("grpc.ssl_target_name_override", user_dns_name(peer))]
         async with grpc.aio.secure_channel(address, creds, options=options) as channel:
             device = device_id(key_sha)
             me = identity.username
@@ -270,7 +356,7 @@ class LinkManager:
             link.incoming = responses
             try:
                 try:
-                    first = await asyncio.wait_for(anext(responses), HELLO_TIMEOUT)
+                    first = await asyncio.wait_for(anext(responses), timeout)
                 except StopAsyncIteration:
                     raise Unavailable(f"{peer} closed the link before Hello") from None
                 self.frames.received += 1
@@ -289,7 +375,7 @@ class LinkManager:
         """Closes open links whose certificate the directory no longer vouches for."""
         while True:
             await asyncio.sleep(self._revocation.interval)
-            entries = self.registry.entries()
+            entries = [e for e in self.registry.entries() if e.cert_sha256]
             if not entries:
                 continue
             try:

@@ -23,7 +23,7 @@ from p2pchat_agent.config import MAX_CONTROL_MESSAGE, Settings
 from p2pchat_agent.control import AgentServicer
 from p2pchat_agent.control_socket import ControlSocket
 from p2pchat_agent.identity import Identity
-from p2pchat_agent.peer import CHANNEL_OPTIONS, LinkManager, PeerServicer
+from p2pchat_agent.peer import LinkManager, PeerServicer, channel_options
 from p2pchat_common.errors import add_service
 from p2pchat_common.files import private_dir
 from p2pchat_common.serving import (
@@ -112,8 +112,10 @@ async def create_agent(settings: Settings) -> AgentServer:
 
     peer = grpc.aio.server(
         options=[
-            *CHANNEL_OPTIONS,
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            *channel_options(settings.keepalive),
+            # Peers ping every --keepalive seconds, with or without calls: not a strike.
+            ("grpc.http2.min_ping_interval_without_data_ms", int(settings.keepalive * 500)),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
     )
     add_service(

@@ -23,9 +23,12 @@ from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
 from p2pchat_agent.identity import Identity, StoredSession
 from p2pchat_agent.ids import new_message_id
+from p2pchat_agent.inbox import Inbox
+from p2pchat_agent.mailbox import Mailbox, load_or_create_mailbox_key
 from p2pchat_agent.messages import OutgoingMessage, Status, StoredMessage, UnknownMessageError
 from p2pchat_agent.outbox import Outbox
 from p2pchat_agent.peer import LinkManager
+from p2pchat_agent.pins import KeyPins
 from p2pchat_agent.revocation import RevocationChecker
 from p2pchat_common.errors import FailedPrecondition, InvalidArgument
 from p2pchat_common.validation import normalize_username, utf8_size_over
@@ -33,6 +36,8 @@ from p2pchat_common.validation import normalize_username, utf8_size_over
 log = logging.getLogger(__name__)
 
 HISTORY_MAX = 1000
+EXPIRY_CHECK = 5.0  # seconds between looks for relayed messages the mailbox dropped (a cheap read)
+_EXPIRED = "the mailbox dropped it: not collected in time; it goes again once the peer is online"
 
 
 @dataclass
@@ -46,6 +51,7 @@ class UserSession:
     directory: DirectoryClient
     events: EventHub
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    inbox: Inbox | None = None  # None with --no-mailbox
     renewed_for_format: bool = False
     contacts: set[str] = field(default_factory=set)  # known contacts (saves a Lookup per send)
 
@@ -66,15 +72,22 @@ class UserSession:
         """Opens `<username>.db` and brings up delivery: dialling starts for every peer with
         messages still pending."""
         store = await AgentStore.open(settings.data_dir / f"{session.username}.db")
+        # A link is declared dead when the peer leaves messages unacknowledged for 1.5 x the
+        # keepalive (the same bound as an unanswered ping), whatever the pings say.
+        delivery = Delivery(store, events, ack_timeout=settings.keepalive * 1.5)
+        pins = KeyPins(store, events)
         links = LinkManager(
             current_identity,
             store,
-            Delivery(store, events),
+            delivery,
             directory,
             events,
             settings.retry_max,
             RevocationChecker(directory, settings.revocation_interval),
             settings.body_limit,
+            settings.dial_timeout,
+            settings.keepalive,
+            pins,
         )
 
         def on_stored(messages: list[StoredMessage]) -> None:
@@ -83,9 +96,43 @@ class UserSession:
         outbox = Outbox(store, on_stored)
         user = cls(session, identity, store, links, outbox, settings, directory, events)
         outbox.start()
+        if settings.mailbox:
+            key = await asyncio.to_thread(
+                load_or_create_mailbox_key, settings.data_dir, session.username
+            )
+            # The session's identity (renewal replaces it), not the agent's: the agent has no
+            # active session until this returns.
+            links.mailbox = Mailbox(lambda: user.identity, key, directory, pins)
+            user.inbox = Inbox(
+                links.mailbox, directory, delivery, pins, links.send_acks, settings.retry_max
+            )
+            loop = asyncio.get_running_loop()
+            user.tasks.append(loop.create_task(user.inbox.run(), name="inbox"))
+            user.tasks.append(loop.create_task(user._expiries(), name="relay-expiries"))
         for peer in await store.peers_with_pending():
             links.ensure_dialer(peer)
         return user
+
+    async def _expiries(self) -> None:
+        """Relayed messages whose envelope the mailbox dropped uncollected (it expired) become
+        pending again, with the reason, and go out again."""
+        while True:
+            try:
+                first = await self.store.next_relay_expiry()
+                wait = EXPIRY_CHECK
+                if first is not None:
+                    wait = min(wait, max(0.1, (first - datetime.now(UTC)).total_seconds()))
+                await asyncio.sleep(wait)
+                peers = await self.store.unrelay_expired(datetime.now(UTC), _EXPIRED)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("checking for expired relayed messages failed")
+                await asyncio.sleep(EXPIRY_CHECK)
+                continue
+            for peer in peers:
+                log.warning("relayed messages to %s expired uncollected: pending again", peer)
+                self.links.ensure_dialer(peer)
 
     async def close(self) -> None:
         """Stops its tasks (but the one calling), then the outbox, the links and the store:
@@ -134,6 +181,10 @@ class UserSession:
         await self.store.pin(peer, pin.presented_sha256, datetime.now(UTC))
         log.warning("user trusted %s's new key %s", peer, pin.presented_sha256[:16])
         self.links.ensure_dialer(peer)
+        if self.links.mailbox is not None:
+            self.links.mailbox.forget(peer)
+        if self.inbox is not None:
+            self.inbox.reconnect()  # what the directory kept for the new key comes again
         return pin.presented_sha256
 
     # -- messages -------------------------------------------------------------------------------
@@ -171,7 +222,12 @@ class UserSession:
             return await asyncio.shield(self.submit(peer, body))
         message_id = new_message_id()
         with self.events.subscribe(
-            lambda e: isinstance(e, DeliveryEvent) and e.peer == peer and message_id in e.ids
+            lambda e: (
+                isinstance(e, DeliveryEvent)
+                and e.status == Status.DELIVERED
+                and e.peer == peer
+                and message_id in e.ids
+            )
         ) as delivered:
             message = await asyncio.shield(self.submit(peer, body, message_id))
             try:

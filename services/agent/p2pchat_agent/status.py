@@ -17,8 +17,12 @@ class AgentStatus:
     warnings: list[str] = field(default_factory=list)
     username: str | None = None  # None: logged out
     session_expires_at: datetime | None = None
-    pending_messages: int = 0
+    pending_messages: int = 0  # not yet delivered, relayed ones included
+    relayed_messages: int = 0  # of those, held by the mailbox
+    delivered_messages: int = 0
     linked_peers: list[str] = field(default_factory=list)
+    mailbox_connected: bool = False
+    envelopes_refused: int = 0
     link_frames_sent: int = 0  # since this login (peer.LinkManager.frames)
     link_frames_received: int = 0
 
@@ -29,6 +33,8 @@ async def status(agent: Agent) -> AgentStatus:
         reachable = await agent.directory.probe()
     warning = agent.clock.warning
     active = agent.active
+    pending, relayed, delivered = (0, 0, 0) if active is None else await active.store.counts()
+    inbox = None if active is None else active.inbox
     return AgentStatus(
         directory=agent.directory.address,
         directory_reachable=reachable,
@@ -37,7 +43,11 @@ async def status(agent: Agent) -> AgentStatus:
         warnings=[] if warning is None else [warning],
         username=None if active is None else active.username,
         session_expires_at=None if active is None else active.session.expires_at,
-        pending_messages=0 if active is None else await active.store.count_pending(),
+        pending_messages=pending + relayed,
+        relayed_messages=relayed,
+        delivered_messages=delivered,
+        mailbox_connected=inbox is not None and inbox.counts.connected,
+        envelopes_refused=0 if inbox is None else inbox.counts.refused,
         linked_peers=[] if active is None else active.links.linked_peers,
         link_frames_sent=0 if active is None else active.links.frames.sent,
         link_frames_received=0 if active is None else active.links.frames.received,

@@ -1,16 +1,18 @@
 """The seam between Delivery and the ways a message travels to one peer.
 
-A transport is one open way to one peer: the direct mutual-TLS link (direct.py) today, the
-directory's sealed mailbox later. Delivery (delivery.py) runs over any of them and knows no
-wire: it hands a transport batches of committed messages and ids to acknowledge, and reads from
-it what arrived, already checked (sender, ids, sizes) and decoded into domain values. A
-transport cuts what it is given into its own frames and keeps its own limits.
+A transport is one open way to one peer: the direct mutual-TLS link (direct.py) or the
+directory's sealed mailbox (mailbox.py), which the peer collects from whenever it is online.
+Delivery (delivery.py) runs over any of them and knows no wire: it hands a transport batches
+of committed messages and ids to acknowledge, and reads from it what arrived, already checked
+(sender, ids, sizes) and decoded into domain values (or, from the mailbox, what it now holds).
+A transport cuts what it is given into its own frames and keeps its own limits.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from p2pchat_agent.messages import IncomingMessage, StoredMessage
@@ -35,7 +37,16 @@ class AcksReceived:
     ids: list[str]
 
 
-Received = MessagesReceived | AcksReceived
+@dataclass(frozen=True, slots=True)
+class HeldByMailbox:
+    """Ids of our messages that the directory's sealed mailbox now holds for the peer, until
+    `until` (then it drops what was never collected): relayed, not yet delivered."""
+
+    ids: list[str]
+    until: datetime
+
+
+Received = MessagesReceived | AcksReceived | HeldByMailbox
 
 
 class Transport(Protocol):
@@ -49,6 +60,12 @@ class Transport(Protocol):
     def device(self) -> str:
         """The peer's device this transport reaches (tls.device_id), '' when it cannot tell
         (a mailbox reaches whichever device collects): delivery state is kept per device."""
+        ...
+
+    @property
+    def relays(self) -> bool:
+        """Whether this is the mailbox: it sends only what the mailbox does not hold yet (a
+        direct link sends whatever is not delivered, relayed or not)."""
         ...
 
     @property

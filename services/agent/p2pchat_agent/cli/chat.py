@@ -33,6 +33,12 @@ class _Printer:
         self.history_done = asyncio.Event()
         self.batches = False  # the agent takes ChatTexts (HistoryEnd.batches)
 
+    def _body(self, update: apb.DeliveryUpdate) -> str:
+        """The body of the message updated (kept until it is delivered)."""
+        if update.status == apb.MESSAGE_STATUS_DELIVERED:
+            return self.bodies.pop(update.id, "")
+        return self.bodies.get(update.id, "")
+
     def show(self, event: apb.ChatEvent) -> None:
         kind = event.WhichOneof("kind")
         if kind == "batch":
@@ -47,7 +53,7 @@ class _Printer:
                     status=updates.status,
                     delivered_at=updates.delivered_at,
                 )
-                self.console.say(delivery_line(update, self.bodies.pop(id, "")))
+                self.console.say(delivery_line(update, self._body(update)))
         elif kind == "message":
             m = event.message
             self.bodies[m.id] = m.body
@@ -55,8 +61,7 @@ class _Printer:
                 self.last_sender = m.sender
             self.console.say(message_line(m))
         elif kind == "delivery":
-            body = self.bodies.pop(event.delivery.id, "")
-            self.console.say(delivery_line(event.delivery, body))
+            self.console.say(delivery_line(event.delivery, self._body(event.delivery)))
         elif kind == "history_end":
             self.batches = event.history_end.batches
             self.history_done.set()

@@ -103,7 +103,11 @@ async def cmd_status(conn: AgentConnection, console: Console, args: argparse.Nam
                 "directory": s.directory,
                 "directory_reachable": s.directory_reachable,
                 "pending_messages": s.pending_messages,
+                "relayed_messages": s.relayed_messages,
+                "delivered_messages": s.delivered_messages,
                 "linked_peers": list(s.linked_peers),
+                "mailbox_connected": s.mailbox_connected,
+                "envelopes_refused": s.envelopes_refused,
                 "clock_offset_s": (
                     s.clock_offset.ToTimedelta().total_seconds()
                     if s.HasField("clock_offset")
@@ -119,7 +123,14 @@ async def cmd_status(conn: AgentConnection, console: Console, args: argparse.Nam
     reach = "reachable" if s.directory_reachable else "not reachable"
     console.say(f"directory: {safe(s.directory)} ({reach})")
     if s.logged_in:
-        console.say(f"pending:   {s.pending_messages} message(s) not yet delivered")
+        console.say(
+            f"pending:   {s.pending_messages} message(s) not yet delivered, "
+            f"{s.relayed_messages} of them relayed (held by the mailbox); "
+            f"{s.delivered_messages} delivered"
+        )
+        mailbox = "collecting" if s.mailbox_connected else "not connected"
+        refused = f", {s.envelopes_refused} envelope(s) refused" if s.envelopes_refused else ""
+        console.say(f"mailbox:   {mailbox}{refused}")
         console.say(f"links:     {safe(', '.join(s.linked_peers)) or '(none open)'}")
         console.say(f"session:   until {local_time(s.session_expires_at, with_date=True)}")
     for warning in s.warnings:
@@ -162,7 +173,7 @@ async def cmd_send(conn: AgentConnection, console: Console, args: argparse.Names
         return await send_lines(conn, console, args.user, args.wait)
     message = await conn.send(args.user, args.text, args.wait)
     state = STATUS_NAMES.get(message.status, "unknown")
-    if args.wait is not None and state == "pending":
+    if args.wait is not None and state in ("pending", "relayed"):
         state += f" (not delivered within {args.wait:g} s; it stays queued)"
     console.say(f"{safe(message.id)} {state}")
     return Exit.OK

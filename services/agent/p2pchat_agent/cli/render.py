@@ -22,6 +22,7 @@ STATUS_NAMES = {
     apb.MESSAGE_STATUS_PENDING: "pending",
     apb.MESSAGE_STATUS_DELIVERED: "delivered",
     apb.MESSAGE_STATUS_RECEIVED: "received",
+    apb.MESSAGE_STATUS_RELAYED: "relayed",
 }
 
 
@@ -64,17 +65,22 @@ def local_time(ts: Timestamp, with_date: bool = False) -> str:
 
 
 def message_line(m: apb.ChatMessage) -> str:
-    """`[12:01:05] bob: hello` or `[12:01:06] you: hi  (pending)`."""
+    """`[12:01:05] bob: hello`, `[12:01:06] you: hi  (pending)` or `... (relayed)` (held by
+    the directory's mailbox), with why it is held back when something holds it."""
     outgoing = m.direction == apb.DIRECTION_OUTGOING
     who = "you" if outgoing else safe(m.sender)
     line = f"[{local_time(m.sent_at)}] {who}: {safe(m.body, multiline=True)}"
     if outgoing and m.status == apb.MESSAGE_STATUS_PENDING:
-        line += "  (pending)"
+        line += f"  (pending: {safe(m.status_reason)})" if m.status_reason else "  (pending)"
+    elif outgoing and m.status == apb.MESSAGE_STATUS_RELAYED:
+        line += "  (relayed)"
     return line
 
 
 def delivery_line(update: apb.DeliveryUpdate, body: str) -> str:
     preview = safe(body if len(body) <= 40 else body[:39] + "…")
+    if update.status == apb.MESSAGE_STATUS_RELAYED:
+        return f"  ↪ relayed to {safe(update.peer)} (held by the mailbox): {preview}"
     when = local_time(update.delivered_at)
     return f"  ✓ delivered to {safe(update.peer)} at {when}: {preview}"
 
@@ -111,6 +117,7 @@ def message_json(m: apb.ChatMessage) -> dict[str, Any]:
         "received_at": _iso(m.received_at),
         "delivered_at": _iso(m.delivered_at),
         "status": STATUS_NAMES.get(m.status, "unknown"),
+        "status_reason": m.status_reason or None,
     }
 
 

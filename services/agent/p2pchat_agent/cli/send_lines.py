@@ -108,7 +108,7 @@ async def send_lines(
 
     def check() -> None:
         settled = input_done.is_set() and len(sent) + state["refused"] >= state["written"]
-        if settled and all(s != apb.MESSAGE_STATUS_PENDING for s in sent.values()):
+        if settled and all(s == apb.MESSAGE_STATUS_DELIVERED for s in sent.values()):
             finished.set()
 
     async def watch() -> None:
@@ -126,10 +126,11 @@ async def send_lines(
                         sent[m.id] = m.status
                 elif kind == "deliveries":
                     for id in event.deliveries.ids:
-                        if id in sent:
-                            sent[id] = apb.MESSAGE_STATUS_DELIVERED
+                        if id in sent and sent[id] != apb.MESSAGE_STATUS_DELIVERED:
+                            sent[id] = event.deliveries.status
                 elif kind == "delivery" and event.delivery.id in sent:
-                    sent[event.delivery.id] = apb.MESSAGE_STATUS_DELIVERED
+                    if sent[event.delivery.id] != apb.MESSAGE_STATUS_DELIVERED:
+                        sent[event.delivery.id] = event.delivery.status
                 elif kind == "notice":
                     state["refused"] += 1
                     _warn(f"not sent: {safe(event.notice.message)}")
@@ -175,6 +176,6 @@ def _report(
 ) -> None:
     for id, status in sent.items():
         state = STATUS_NAMES.get(status, "unknown")
-        if wait is not None and state == "pending":
+        if wait is not None and state in ("pending", "relayed"):
             state += " (not delivered in time; it stays queued)"
         console.say(f"{safe(id)} {state}")

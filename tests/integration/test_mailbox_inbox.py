@@ -1,0 +1,91 @@
+"""The receiving side of the mailbox with in-process agents: what is committed but not yet
+acknowledged at the directory (an agent that died in between) comes again and is stored once."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from p2pchat.v1 import agent_pb2 as apb
+from p2pchat_agent.directory_client import DirectoryClient
+from p2pchat_agent.inbox import Inbox
+from p2pchat_common.errors import Unavailable
+from tests.support.agent import InProcessAgent, logged_in, wait_until
+from tests.support.directory import InProcessDirectory
+
+UNDIALLABLE: dict[str, Any] = {"advertise": "127.0.0.1:9", "dial_timeout": 1.0, "keepalive": 1.0}
+
+
+def test_envelopes_committed_but_not_acknowledged_come_again_and_are_stored_once(
+    make_agent: Callable[..., InProcessAgent],
+    agent_directory: InProcessDirectory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agents: dict[str, InProcessAgent] = {}
+
+    def make(name: str) -> InProcessAgent:
+        agents[name] = make_agent(name, **UNDIALLABLE)
+        return agents[name]
+
+    failures = {"left": 2}
+    real = DirectoryClient.acknowledge
+
+    async def lost_ack(self: DirectoryClient, ids: list[int]) -> int:
+        if failures["left"]:  # as if the agent died after its commit, before the ack
+            failures["left"] -= 1
+            raise Unavailable("the acknowledgement was lost")
+        return await real(self, ids)
+
+    monkeypatch.setattr(DirectoryClient, "acknowledge", lost_ack)
+    a, b = logged_in(make, "alice", "bob")
+    wait_until(lambda: a.status().mailbox_connected and b.status().mailbox_connected)
+    sent = [a.send("bob", f"once {i}") for i in range(5)]
+    wait_until(lambda: a.status().delivered_messages == 5, 30)
+    assert failures["left"] == 0
+
+    history = b.history("alice")
+    assert [m.body for m in history] == [f"once {i}" for i in range(5)]
+    assert [m.id for m in history] == [m.id for m in sent]
+    db = agents["bob"].settings.data_dir / "bob.db"
+    with sqlite3.connect(db) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM messages").fetchone()
+    assert count == 5
+    assert {m.status for m in a.history("bob")} == {apb.MESSAGE_STATUS_DELIVERED}
+
+    def held() -> int:  # what the directory still holds: the lost acks were made again
+        with sqlite3.connect(agent_directory.settings.data_dir / "users.db") as conn:
+            return int(conn.execute("SELECT count(*) FROM mailbox_envelopes").fetchone()[0])
+
+    wait_until(lambda: held() == 0, 30)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (5,)
+
+
+def test_a_reconnect_of_the_collect_stream_keeps_the_inbox_collecting(
+    make_agent: Callable[..., InProcessAgent],
+) -> None:
+    """What `p2pchat trust` does to bring again what was kept for a new key: the stream is
+    cancelled and opened again; the inbox does not end with it."""
+    agents: dict[str, InProcessAgent] = {}
+
+    def make(name: str) -> InProcessAgent:
+        agents[name] = make_agent(name, **UNDIALLABLE)
+        return agents[name]
+
+    a, b = logged_in(make, "alice", "bob")
+    wait_until(lambda: a.status().mailbox_connected and b.status().mailbox_connected)
+    bob = agents["bob"]
+    active = bob.server.agent.active
+    assert active is not None and active.inbox is not None
+    inbox = active.inbox
+    bob.loop.run(_reconnect(inbox))
+    sent = a.send("bob", "after the reconnect", wait=20)
+    assert sent.status == apb.MESSAGE_STATUS_DELIVERED
+    assert [m.body for m in b.history("alice")] == ["after the reconnect"]
+
+
+async def _reconnect(inbox: Inbox) -> None:
+    inbox.reconnect()
