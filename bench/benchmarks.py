@@ -25,6 +25,7 @@ import grpc
 from bench.bare import OWN_CONNECTION, BareServer, bare_unary_rate, stream_rate, unary_rate
 from bench.bare import ping_pong as bare_ping_pong
 from bench.cluster import PASSWORD, Agent, World, cpu_seconds, rss_mb, wait_for
+from bench.mailbox import mailbox_relay
 from bench.peers import PeerLinks, make_identities
 from bench.prefill import Corpus, fill_history, fill_history_v2, fill_outbox, v2_schema_hash
 from bench.streams import (
@@ -73,6 +74,9 @@ class Params:
     ping_block: int = 100  # round trips on one pair before the other's turn
     ping_timeout: float = 5.0  # a round trip not back by then is lost
     ping_seconds: float = 40.0  # no further round trip starts after this (half of it per phase)
+    relay_messages: int = 2_000  # mailbox_relay: the burst, per pair
+    relay_latency_count: int = 200  # mailbox_relay: paced messages timed one way, per pair
+    relay_seal_count: int = 2_000  # mailbox_relay: messages sealed and opened in-process
 
 
 FULL = Params()
@@ -95,6 +99,9 @@ QUICK = Params(
     ping_rounds=200,
     ping_block=25,
     ping_seconds=15.0,
+    relay_messages=300,
+    relay_latency_count=40,
+    relay_seal_count=200,
 )
 
 HISTORY_USER = "hist"  # the owner of the history databases
@@ -1458,4 +1465,5 @@ BENCHMARKS: dict[str, Callable[[Context, Lazy], Awaitable[Figures]]] = {
     "history": history,
     "store_migration": store_migration,
     "memory": memory,
+    "mailbox_relay": mailbox_relay,
 }

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -141,6 +141,9 @@ class Directory:
                 str(self.data_dir),
                 "--listen",
                 "127.0.0.1:0",
+                # mailbox_relay measures relaying, not the per-depositor limiter.
+                "--mailbox-deposit-rate",
+                "1000000",
             ],
             root / "logs" / "directory.log",
             self._READY,
@@ -186,6 +189,7 @@ class Agent:
     control_port: int = field(default_factory=free_port)
     child: Child | None = None
     unix_control: bool = False
+    extra: list[str] = field(default_factory=list)  # more flags
 
     _READY = re.compile(r"agent serving: control (?:port \d+|socket \S+), peer port (\d+)")
 
@@ -231,6 +235,7 @@ class Agent:
                 self.control_listen,
                 "--retry-max",
                 "1",
+                *self.extra,
             ],
             self.root / "logs" / f"agent-{self.name}.log",
             self._READY,
@@ -299,17 +304,29 @@ class World:
         self.directory = Directory(root)
         self.agents: dict[str, Agent] = {}
 
-    def agent(self, name: str, unix_control: bool = False) -> Agent:
+    def agent(
+        self, name: str, unix_control: bool = False, extra: Sequence[str] = ("--no-mailbox",)
+    ) -> Agent:
+        """An agent (not started yet). `extra`: more flags; by default --no-mailbox, so that
+        the direct benchmarks measure the direct path alone (an outbox prefilled while the
+        peer is away would otherwise go to the mailbox too)."""
         if name in self.agents:
             raise RuntimeError(f"agent {name} already exists in this world")
-        agent = Agent(name, self.root, self.directory, unix_control=unix_control)
+        agent = Agent(name, self.root, self.directory, unix_control=unix_control, extra=list(extra))
         self.agents[name] = agent
         return agent
 
-    def users(self, *names: str, befriend: bool = True, unix_control: bool = False) -> list[Agent]:
+    def users(
+        self,
+        *names: str,
+        befriend: bool = True,
+        unix_control: bool = False,
+        extra: Sequence[str] = ("--no-mailbox",),
+    ) -> list[Agent]:
         """Started agents for new users: registered, logged in, each with the others as contacts
-        (`unix_control`: each serving its control API on its Unix socket, not on TCP)."""
-        agents = [self.agent(name, unix_control).start() for name in names]
+        (`unix_control`: each serving its control API on its Unix socket, not on TCP; `extra`:
+        as for `agent`)."""
+        agents = [self.agent(name, unix_control, extra).start() for name in names]
         for agent in agents:
             with agent.sync_client() as c:
                 c.register(agent.name)

@@ -48,6 +48,7 @@ RUN_ORDER = [
     "ping_pong",
     "history",
     "store_migration",
+    "mailbox_relay",
     "memory",
 ]
 
@@ -104,6 +105,17 @@ COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
         ("wal_mb_peak", "WAL MB peak", None),
     ],
     "memory": [("idle_rss_mb", "idle RSS MB", None), ("links_rss_mb", "200-link RSS MB", None)],
+    "mailbox_relay": [  # relayed_*: through the mailbox; direct_*: the same runs on a link
+        ("relayed_p50_ms", "relayed one-way p50 ms", None),
+        ("relayed_p99_ms", "relayed one-way p99 ms", None),
+        ("direct_p50_ms", "direct one-way p50 ms", None),
+        ("direct_p99_ms", "direct one-way p99 ms", None),
+        ("relayed_msgs_per_s", "relayed msg/s", None),
+        ("relayed_acked_msgs_per_s", "relayed acked msg/s", None),
+        ("direct_msgs_per_s", "direct msg/s", None),
+        ("seal_us", "seal us/message", None),
+        ("open_us", "open us/message", None),
+    ],
 }
 RATIO_OF: dict[tuple[str, str], str] = {("ping_pong", "tcp_half_rtt_p50_ms"): "tcp_ratio"}
 

@@ -120,6 +120,7 @@ class Deployment:
         self.network.name = self.prefix
         self.network.create()
         self.volumes: list[str] = []
+        self.networks: list[str] = []  # more networks than the main one (add_network)
         self.containers: dict[str, DockerContainer] = {}
         self.remote_control: set[str] = set()
         self._channels: list[grpc.Channel] = []
@@ -133,11 +134,25 @@ class Deployment:
             self.volumes.append(name)
         return name
 
-    def _container(self, name: str, image: str, alias: str) -> DockerContainer:
+    def add_network(self, role: str) -> Network:
+        """Another network of this deployment (removed by `close`)."""
+        network = Network(docker_network_kw={"labels": self.labels})
+        network.name = f"{self.prefix}-{role}"
+        network.create()
+        self.networks.append(network.name)
+        return network
+
+    def connect(self, service: str, network: Network, alias: str) -> None:
+        """Attaches a running container to `network` too, reached there as `alias`."""
+        docker("network", "connect", "--alias", alias, network.name, self.name_of(service))
+
+    def _container(
+        self, name: str, image: str, alias: str, network: Network | None = None
+    ) -> DockerContainer:
         container = (
             DockerContainer(image)
             .with_name(f"{self.prefix}-{name}")
-            .with_network(self.network)
+            .with_network(network or self.network)
             .with_network_aliases(alias)
             .with_kwargs(labels=self.labels, healthcheck=FAST_HEALTHCHECK, hostname=alias)
         )
@@ -160,10 +175,17 @@ class Deployment:
         self.containers["directory"] = container
         container.start()
 
-    def start_agent(self, name: str, remote_control: bool = False) -> None:
-        """Starts the agent container `name` (reached by the others at name:50052)."""
+    def start_agent(
+        self,
+        name: str,
+        remote_control: bool = False,
+        network: Network | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Starts the agent container `name` (reached by the others at name:50052), on the
+        deployment's network or on `network`."""
         container = (
-            self._container(name, AGENT_IMAGE, name)
+            self._container(name, AGENT_IMAGE, name, network)
             .with_env("P2PCHAT_DIRECTORY", "directory:50051")
             .with_env("P2PCHAT_DIRECTORY_CA", "/directory/ca.pem")
             .with_env("P2PCHAT_ADVERTISE", f"{name}:50052")
@@ -172,6 +194,8 @@ class Deployment:
             .with_volume_mapping(self.volume(f"{name}-data"), "/data", "rw")
             .with_volume_mapping(self.volume("directory-ca"), "/directory", "ro")
         )
+        for key, value in (env or {}).items():
+            container.with_env(key, value)
         if remote_control:
             # Published on the host's loopback only; inside the container it must bind 0.0.0.0.
             container.with_env("P2PCHAT_CONTROL_LISTEN", "0.0.0.0:50053")
@@ -228,6 +252,8 @@ class Deployment:
         if names:
             docker("rm", "-f", "-v", *names, check=False, timeout=120)
         self.containers.clear()
+        for network in self.networks:
+            docker("network", "rm", network, check=False)
         docker("network", "rm", self.prefix, check=False)
         if self.volumes:
             docker("volume", "rm", "-f", *self.volumes, check=False)
