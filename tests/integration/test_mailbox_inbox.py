@@ -12,7 +12,8 @@ import pytest
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.inbox import Inbox
-from p2pchat_common.errors import Unavailable
+from p2pchat_agent.mailbox import Mailbox
+from p2pchat_common.errors import RateLimited, Unavailable
 from tests.support.agent import InProcessAgent, logged_in, wait_until
 from tests.support.directory import InProcessDirectory
 
@@ -89,3 +90,35 @@ def test_a_reconnect_of_the_collect_stream_keeps_the_inbox_collecting(
 
 async def _reconnect(inbox: Inbox) -> None:
     inbox.reconnect()
+
+
+def test_a_receipt_that_cannot_go_keeps_the_envelopes_until_it_goes(
+    make_agent: Callable[..., InProcessAgent],
+    agent_directory: InProcessDirectory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bob commits, but his receipt is refused (say alice's mailbox is full): the envelopes stay
+    at the directory, come again, are stored once, and the receipt goes on a later try."""
+    failures = {"left": 1}
+    real = Mailbox.send_receipt
+
+    async def refused_once(self: Mailbox, peer: str, ids: list[str]) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RateLimited("alice's mailbox is full")
+        await real(self, peer, ids)
+
+    monkeypatch.setattr(Mailbox, "send_receipt", refused_once)
+    agents: dict[str, InProcessAgent] = {}
+
+    def make(name: str) -> InProcessAgent:
+        agents[name] = make_agent(name, **UNDIALLABLE)
+        return agents[name]
+
+    a, b = logged_in(make, "alice", "bob")
+    wait_until(lambda: a.status().mailbox_connected and b.status().mailbox_connected)
+    sent = a.send("bob", "receipted at last", wait=20)
+    assert sent.status == apb.MESSAGE_STATUS_DELIVERED and failures["left"] == 0
+    assert [m.body for m in b.history("alice")] == ["receipted at last"]
+    with sqlite3.connect(agents["bob"].settings.data_dir / "bob.db") as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)

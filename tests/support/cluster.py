@@ -138,12 +138,29 @@ class Cluster:
             self.directory.kill()
             close_stderr(self.directory)
 
+    def _port(self) -> int:
+        """A free port no process of this cluster was given yet: free_port() may hand the
+        same one out twice (it is free until someone binds it), and a TLS peer port that is
+        also a control port makes a test fail far from the cause."""
+        taken = {self.directory_port} | {
+            p for n in self.nodes for p in (n.peer_port, n.control_port)
+        }
+        while (port := free_port()) in taken:
+            pass
+        return port
+
     def node(self, name: str, grace_period: float | None = 1.0, *extra: str) -> Node:
+        peer_port = self._port()
+        control_port = self._port()
+        while control_port == peer_port:
+            control_port = self._port()
         node = Node(
             name,
             self.root / f"agent-{name}",
             self.directory_port,
             self.directory_dir / "ca.pem",
+            peer_port=peer_port,
+            control_port=control_port,
             grace_period=grace_period,
             extra=list(extra),
         )

@@ -5,6 +5,7 @@ stopped by signal."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -12,13 +13,22 @@ import subprocess
 import sys
 import threading
 
+# Below Linux's ephemeral range (32768-60999 by default): a port picked here and bound a moment
+# later is never taken meanwhile by the local end of some outgoing connection.
+_LISTEN_PORTS = (20_000, 32_000)
+
 
 def free_port() -> int:
-    """A loopback port that was free a moment ago (for listen addresses kept across restarts)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port that was free a moment ago (for listen addresses kept across restarts),
+    outside the ephemeral range."""
+    while True:
+        port = random.randrange(*_LISTEN_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class ServiceProcess:

@@ -57,8 +57,9 @@ class Settings:
     # A peer not linked within this many seconds (connect, TLS and the Hellos) counts as
     # unreachable: what is pending for it goes through the directory's mailbox meanwhile.
     dial_timeout: float = 3.0
-    # Seconds of silence on a link (or on the mailbox stream) before a ping; one not answered
-    # within half that declares the link dead: a frozen or cut-off peer is found within 1.5x.
+    # Seconds of silence on a link (or on the mailbox stream) before a ping, one not answered
+    # within half that closing it; and, with the mailbox on, a link that leaves messages
+    # unacknowledged is declared dead within this time (delivery.Delivery's watchdog).
     keepalive: float = 10.0
     mailbox: bool = True  # relay through (and collect from) the directory's sealed mailbox
     grace_period: float = 5.0
@@ -253,8 +254,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--keepalive",
         type=positive_float,
         default=env(environ, "KEEPALIVE", str(d.keepalive)),
-        help="seconds of silence on a peer link or the mailbox stream before a ping; a ping not "
-        "answered in half that ends the link (its messages then go through the mailbox) "
+        help="seconds of silence on a peer link or the mailbox stream before a ping (one not "
+        "answered in half that ends the connection); a link that leaves messages "
+        "unacknowledged this long is declared dead and they go through the mailbox "
         "[P2PCHAT_KEEPALIVE] (default %(default)s)",
     )
     add(

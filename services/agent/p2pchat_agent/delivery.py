@@ -47,7 +47,8 @@ class Outflow:
         self._fresh: list[StoredMessage] = []  # just committed, not yet taken by the sender
         self._fresh_overflow = False
         self._window = asyncio.Condition()
-        self.in_flight = 0
+        self._in_flight: set[str] = set()  # ids sent on this transport, not yet acknowledged
+        self.rewind = False  # set by reread: send again from the start of the outbox
         # Since when the oldest message in flight has waited for its ack (loop time; None with
         # none in flight): the watchdog's measure of a link that stopped answering.
         self.waiting_since: float | None = None
@@ -62,9 +63,11 @@ class Outflow:
         self.wakeup.set()
 
     def reread(self) -> None:
-        """Makes the sender read the outbox again (messages became pending there again)."""
+        """Makes the sender read the outbox again from its start: messages older than what it
+        sent last became pending there again (a relayed envelope expired)."""
         self._fresh.clear()
         self._fresh_overflow = True
+        self.rewind = True
         self.wakeup.set()
 
     def take_fresh(self) -> list[StoredMessage] | None:
@@ -74,20 +77,30 @@ class Outflow:
         self._fresh, self._fresh_overflow = [], False
         return None if overflow else fresh
 
-    async def reserve(self, count: int) -> None:
-        """Waits until `count` more messages fit in the unacknowledged window."""
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def reserve(self, ids: list[str]) -> None:
+        """Waits until the messages `ids` fit in the unacknowledged window, then counts them."""
         async with self._window:
             await self._window.wait_for(
-                lambda: self.in_flight == 0 or self.in_flight + count <= SEND_WINDOW
+                lambda: not self._in_flight or len(self._in_flight) + len(ids) <= SEND_WINDOW
             )
-            if self.in_flight == 0:
+            if not self._in_flight:
                 self.waiting_since = asyncio.get_running_loop().time()
-            self.in_flight += count
+            self._in_flight.update(ids)
 
-    async def release(self, count: int) -> None:
+    async def release(self, ids: list[str]) -> None:
+        """`ids` were acknowledged (or taken by the mailbox). Only ids sent on this transport
+        count: an ack for a message that went another way (a receipt, on this link, for one
+        the mailbox carried) neither opens the window nor tells the watchdog that all is well."""
+        in_flight = self._in_flight
+        if not in_flight.intersection(ids):
+            return
         async with self._window:
-            self.in_flight = max(0, self.in_flight - count)
-            self.waiting_since = asyncio.get_running_loop().time() if self.in_flight else None
+            in_flight.difference_update(ids)
+            self.waiting_since = asyncio.get_running_loop().time() if in_flight else None
             self._window.notify_all()
 
 
@@ -131,7 +144,7 @@ class Delivery:
         loop = asyncio.get_running_loop()
         limit = self._ack_timeout
         while True:
-            await asyncio.sleep(limit / 4)
+            await asyncio.sleep(limit / 3)  # found within 4/3 of the limit at most
             since = outflow.waiting_since
             if since is not None and loop.time() - since > limit:
                 raise Unavailable(
@@ -181,12 +194,12 @@ class Delivery:
             self._events.publish(DeliveryEvent(peer, tuple(changed), when))
 
     async def _acknowledged(self, transport: Transport, outflow: Outflow, ids: list[str]) -> None:
-        await outflow.release(len(ids))
+        await outflow.release(ids)
         await self.acknowledged(transport.peer, ids, transport.device)
 
     async def _relayed(self, transport: Transport, outflow: Outflow, held: HeldByMailbox) -> None:
         """The mailbox holds them: out of the window (their receipt may take days)."""
-        await outflow.release(len(held.ids))
+        await outflow.release(held.ids)
         changed = await self._store.mark_relayed(transport.peer, held.ids, held.until)
         if changed:
             when = datetime.now(UTC)
@@ -207,6 +220,8 @@ class Delivery:
                 fresh = outflow.take_fresh()
                 if fresh is None:
                     caught_up = False
+                    if outflow.rewind:
+                        outflow.rewind, after = False, 0
                     continue
                 pending = [m for m in fresh if m.seq > after]  # just committed: not relayed
             else:
@@ -216,7 +231,7 @@ class Delivery:
                 )
                 caught_up = len(pending) < BATCH
             for batch in batches(pending):
-                await outflow.reserve(len(batch))
+                await outflow.reserve([m.id for m in batch])
                 await transport.send_messages(batch)
                 after = batch[-1].seq
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from p2pchat_agent.directory_client import DirectoryClient
-from p2pchat_common.errors import DomainError, FailedPrecondition, Unavailable
+from p2pchat_common.errors import AlreadyExists, DomainError, FailedPrecondition, Unavailable
 from p2pchat_common.validation import shown
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ class Dialer:
                 continue  # the link ran and ended (`reached` reset the wait)
             except asyncio.CancelledError:
                 raise
+            except AlreadyExists:
+                continue  # a link the peer dialled won the race: the peer is reachable
             except (DomainError, grpc.RpcError, OSError, ssl.SSLError, TimeoutError) as exc:
                 detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else None
                 reason = shown(detail or str(exc) or type(exc).__name__, 200, quoted=False)

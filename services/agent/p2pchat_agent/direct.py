@@ -192,11 +192,18 @@ class DirectLink:
         if not valid_timestamp(m.sent_at):
             raise InvalidArgument("message sent_at must be between 1970 and 9999")
         body = m.body  # read once: each read makes a new str
-        if not body or utf8_size_over(body, self._body_limit) is not None:
-            raise InvalidArgument(f"message body must be 1-{self._body_limit} bytes of UTF-8")
-        if not body.isprintable() and BODY_CONTROL.search(body):  # isprintable: the fast "no"
-            raise InvalidArgument(_BODY_RULE)
+        check_body(body, self._body_limit)
         return len(body)
+
+
+def check_body(body: str, limit: int) -> None:
+    """InvalidArgument for a body this agent does not store, whichever way it came: empty,
+    over `limit` bytes of UTF-8, or holding a control character other than tab and line
+    breaks."""
+    if not body or utf8_size_over(body, limit) is not None:
+        raise InvalidArgument(f"message body must be 1-{limit} bytes of UTF-8")
+    if not body.isprintable() and BODY_CONTROL.search(body):  # isprintable: the fast "no"
+        raise InvalidArgument(_BODY_RULE)
 
 
 def _checked_acks(ids: Sequence[str]) -> list[str]:

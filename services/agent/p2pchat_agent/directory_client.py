@@ -14,6 +14,7 @@ from p2pchat.v1 import directory_pb2 as pb
 from p2pchat.v1 import directory_pb2_grpc, mailbox_pb2, mailbox_pb2_grpc
 from p2pchat_agent.config import Settings
 from p2pchat_common.errors import FailedPrecondition, Unavailable, from_rpc_error
+from p2pchat_common.serving import keepalive_options
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,7 @@ def channel_options(keepalive: float) -> list[tuple[str, Any]]:
     """Keepalive pings on the channel (also with no call open), so that a long Collect stream
     to a directory that vanished ends within 1.5 x `keepalive`; and room for envelopes."""
     return [
-        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive * 500)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
+        *keepalive_options(keepalive),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
@@ -86,11 +84,14 @@ class DirectoryClient:
         ],
         request: Any,
     ) -> T:
-        rpc = method(self._get_stub())
+        return await self._invoke(method(self._get_stub()), request, "directory")
+
+    async def _invoke(self, rpc: Callable[..., Awaitable[T]], request: Any, what: str) -> T:
+        """One unary call with the token and the deadline; failures as domain errors."""
         try:
             result = await rpc(request, metadata=self._metadata(), timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as err:
-            error = from_rpc_error(err, f"directory at {self.address}")
+            error = from_rpc_error(err, f"{what} at {self.address}")
             self.reachable = not isinstance(error, Unavailable)
             raise error from None
         self.reachable = True
@@ -146,14 +147,7 @@ class DirectoryClient:
         return self._mailbox
 
     async def _mailbox_call(self, rpc: Callable[..., Awaitable[T]], request: Any) -> T:
-        try:
-            result = await rpc(request, metadata=self._metadata(), timeout=CALL_TIMEOUT)
-        except grpc.aio.AioRpcError as err:
-            error = from_rpc_error(err, f"the mailbox at {self.address}")
-            self.reachable = not isinstance(error, Unavailable)
-            raise error from None
-        self.reachable = True
-        return result
+        return await self._invoke(rpc, request, "the mailbox")
 
     async def publish_mailbox_key(self, key: bytes, signature: bytes) -> None:
         request = mailbox_pb2.PublishKeyRequest(mailbox_key=key, signature=signature)

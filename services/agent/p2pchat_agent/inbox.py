@@ -30,14 +30,16 @@ import grpc
 
 from p2pchat.v1 import mailbox_pb2
 from p2pchat_agent.delivery import Delivery
+from p2pchat_agent.direct import check_body
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.mailbox import Mailbox
 from p2pchat_agent.messages import IncomingMessage
 from p2pchat_agent.pins import KeyPins
 from p2pchat_agent.sealing import Opened, open_envelope
-from p2pchat_common.errors import DomainError, Unauthenticated, from_rpc_error
+from p2pchat_common.errors import DomainError, PermissionDenied, Unauthenticated, from_rpc_error
 from p2pchat_common.timestamps import from_timestamp
 from p2pchat_common.tls import device_id, public_key_sha256
+from p2pchat_common.validation import shown
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class _Sorted:
 
     ack: list[int] = field(default_factory=list)
     messages: dict[str, list[IncomingMessage]] = field(default_factory=dict)
+    envelopes: dict[str, list[int]] = field(default_factory=dict)  # of the messages, by sender
     receipts: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # device, ids
 
 
@@ -73,6 +76,7 @@ class Inbox:
         pins: KeyPins,
         send_acks: Callable[[str, list[str]], Awaitable[bool]],
         retry_max: float,
+        body_limit: int,
     ) -> None:
         """`send_acks(peer, ids)` sends an ack on an open direct link with `peer`; False when
         there is none (the receipt then goes through the mailbox)."""
@@ -82,6 +86,8 @@ class Inbox:
         self._pins = pins
         self._send_acks = send_acks
         self._retry_max = retry_max
+        self._body_limit = body_limit
+        self._collected = False  # the current stream brought something: it worked
         self.counts = InboxCounts()
         self._call: grpc.aio.UnaryStreamCall[object, mailbox_pb2.CollectResponse] | None = None
 
@@ -100,10 +106,10 @@ class Inbox:
                 log.info("mailbox unavailable (%s); retrying in %.1f s", exc, delay)
             except Exception:
                 log.exception("collecting from the mailbox failed")
-            else:
-                delay = FIRST_DELAY
             finally:
                 self.counts.connected = False
+            if self._collected:  # that stream worked: the next one starts over
+                delay, self._collected = FIRST_DELAY, False
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self._retry_max)
 
@@ -117,7 +123,7 @@ class Inbox:
         self._call = call
         try:
             async for response in call:
-                self.counts.connected = True
+                self.counts.connected = self._collected = True
                 if response.envelopes:
                     await self._handle(list(response.envelopes))
         except grpc.aio.AioRpcError as err:
@@ -148,12 +154,17 @@ class Inbox:
         self.counts.envelopes += len(envelopes)
         for batch in sorted_out.messages.values():
             await self._delivery.commit(batch)
+        kept: set[int] = set()
         for peer, batch in sorted_out.messages.items():
-            await self._receipt(peer, [m.id for m in batch])
+            if not await self._receipt(peer, [m.id for m in batch]):
+                kept.update(sorted_out.envelopes[peer])
         for peer, (device, ids) in sorted_out.receipts.items():
             await self._delivery.acknowledged(peer, ids, device)
-        if sorted_out.ack:
-            await self._directory.acknowledge(sorted_out.ack)
+        ack = [id for id in sorted_out.ack if id not in kept]
+        if ack:
+            await self._directory.acknowledge(ack)
+        if kept:  # they come again on a later stream, and their receipt is tried again
+            asyncio.get_running_loop().call_later(self._retry_max, self.reconnect)
 
     def _open(self, envelope: mailbox_pb2.Envelope) -> Opened | None:
         identity = self._mailbox.identity
@@ -161,6 +172,12 @@ class Inbox:
             opened = open_envelope(
                 envelope.envelope, self._mailbox.key, identity.username, identity.users_ca
             )
+            if opened.sender != envelope.depositor:
+                raise PermissionDenied(
+                    f"sealed by {opened.sender} but deposited by {shown(envelope.depositor)}"
+                )
+            if opened.message is not None:
+                check_body(opened.message.body, self._body_limit)
         except DomainError as exc:
             self._refuse(envelope, str(exc))
             return None
@@ -198,16 +215,19 @@ class Inbox:
         into.ack.append(envelope_id)
         if opened.message is not None:
             into.messages.setdefault(opened.sender, []).append(opened.message)
+            into.envelopes.setdefault(opened.sender, []).append(envelope_id)
         else:
             device = device_id(public_key_sha256(opened.certificate))
             into.receipts.setdefault(opened.sender, (device, []))[1].extend(opened.receipt)
 
-    async def _receipt(self, peer: str, ids: list[str]) -> None:
-        """Tells `peer` we committed `ids`: on the direct link if open, else sealed. A receipt
-        that cannot go is not retried here: the messages stay relayed at the sender until it
-        next links with us directly (it sends them again, we acknowledge them again)."""
+    async def _receipt(self, peer: str, ids: list[str]) -> bool:
+        """Tells `peer` we committed `ids`: on the direct link if open, else sealed. False
+        when it could not go: the caller keeps the envelopes at the directory, so that they
+        come again (stored once) and the receipt is tried again."""
         try:
             if not await self._send_acks(peer, ids):
                 await self._mailbox.send_receipt(peer, ids)
         except DomainError as exc:
-            log.info("no receipt to %s for %d message(s): %s", peer, len(ids), exc)
+            log.info("no receipt to %s for %d message(s) yet: %s", peer, len(ids), exc)
+            return False
+        return True

@@ -206,6 +206,7 @@ class MailboxTransport:
         # received(), in order, so that Delivery records what was taken before the run ends.
         self._held: asyncio.Queue[HeldByMailbox | DomainError | None] = asyncio.Queue()
         self._refused = False
+        self.took_any = False  # the mailbox held something this transport deposited
         self._closed = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -251,6 +252,7 @@ class MailboxTransport:
             held_and_refusal: list[HeldByMailbox | DomainError] = [*held, exc]
         else:
             held_and_refusal = list(held)
+        self.took_any = self.took_any or bool(held)
         for item in held_and_refusal:
             self._held.put_nowait(item)
 

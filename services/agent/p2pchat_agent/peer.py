@@ -61,6 +61,7 @@ from p2pchat_common.errors import (
     Unauthenticated,
     Unavailable,
 )
+from p2pchat_common.serving import keepalive_options
 from p2pchat_common.tls import (
     certificate_sha256,
     device_id,
@@ -78,10 +79,7 @@ def channel_options(keepalive: float) -> list[tuple[str, Any]]:
     seconds of silence, and the link declared dead when one goes unanswered for half that (a
     frozen or cut-off peer: its messages then go through the mailbox); frames of one size."""
     return [
-        ("grpc.keepalive_time_ms", int(keepalive * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive * 500)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
+        *keepalive_options(keepalive),
         ("grpc.max_receive_message_length", MAX_PEER_MESSAGE),
         ("grpc.max_send_message_length", MAX_PEER_MESSAGE),
     ]
@@ -263,6 +261,8 @@ class LinkManager:
                 await self._delivery.run(transport, entry.outflow)
                 return  # closed: a direct link replaced it, or the session ends
             except DomainError as exc:
+                if transport.took_any:  # it worked for a while: start the backoff over
+                    delay = FIRST_DELAY
                 log.info("relaying to %s failed (%s); retrying in %.1f s", peer, exc, delay)
                 self.mailbox.forget(peer)
             except Exception:
@@ -355,8 +355,8 @@ class LinkManager:
             responses: AsyncIterator[pb.Frame] = call.__aiter__()
             link.incoming = responses
             try:
-                try:
-                    first = await asyncio.wait_for(anext(responses), timeout)
+                try:  # the answerer asks the directory about us first: not dial_timeout
+                    first = await asyncio.wait_for(anext(responses), HELLO_TIMEOUT)
                 except StopAsyncIteration:
                     raise Unavailable(f"{peer} closed the link before Hello") from None
                 self.frames.received += 1

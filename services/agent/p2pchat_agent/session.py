@@ -72,9 +72,12 @@ class UserSession:
         """Opens `<username>.db` and brings up delivery: dialling starts for every peer with
         messages still pending."""
         store = await AgentStore.open(settings.data_dir / f"{session.username}.db")
-        # A link is declared dead when the peer leaves messages unacknowledged for 1.5 x the
-        # keepalive (the same bound as an unanswered ping), whatever the pings say.
-        delivery = Delivery(store, events, ack_timeout=settings.keepalive * 1.5)
+        # With the mailbox, a link is declared dead when the peer leaves messages unacknowledged
+        # for 3/4 of the keepalive (found within the keepalive: the watchdog looks every
+        # quarter), whatever the pings say: what waits then goes by the mailbox. Without the
+        # mailbox, a slow link is better than none.
+        ack_timeout = settings.keepalive * 0.75 if settings.mailbox else 0.0
+        delivery = Delivery(store, events, ack_timeout=ack_timeout)
         pins = KeyPins(store, events)
         links = LinkManager(
             current_identity,
@@ -104,7 +107,13 @@ class UserSession:
             # active session until this returns.
             links.mailbox = Mailbox(lambda: user.identity, key, directory, pins)
             user.inbox = Inbox(
-                links.mailbox, directory, delivery, pins, links.send_acks, settings.retry_max
+                links.mailbox,
+                directory,
+                delivery,
+                pins,
+                links.send_acks,
+                settings.retry_max,
+                settings.body_limit,
             )
             loop = asyncio.get_running_loop()
             user.tasks.append(loop.create_task(user.inbox.run(), name="inbox"))

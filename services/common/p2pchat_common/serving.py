@@ -98,3 +98,15 @@ async def serve_until_signal(
     await stopping.wait()
     log.info("shutting down (grace %.1f s)", grace)
     await running.stop(grace)
+
+
+def keepalive_options(seconds: float) -> list[tuple[str, Any]]:
+    """Channel options for a ping after `seconds` of silence (also with no call open), the
+    connection closed when one is not answered within half that: what agents use on peer links
+    and towards the directory."""
+    return [
+        ("grpc.keepalive_time_ms", int(seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(seconds * 500)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
