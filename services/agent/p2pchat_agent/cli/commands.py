@@ -281,7 +281,12 @@ COMMANDS = [
     Command("register", "create an account at the directory", cmd_register, _register_args),
     Command("login", "log this agent in as USER", cmd_login, _login_args),
     Command("logout", "log out (pending messages stay queued)", cmd_logout),
-    Command("status", "who is logged in, pending messages, open links", cmd_status, _json),
+    Command(
+        "status",
+        "who is logged in, messages pending, relayed and delivered, open links, the mailbox",
+        cmd_status,
+        _json,
+    ),
     Command("contacts", "list your contacts with address and presence", cmd_contacts, _json),
     Command("add-contact", "add USER to your contacts", cmd_add_contact, _user_address),
     Command("remove-contact", "remove USER from your contacts", cmd_remove_contact, _user),
