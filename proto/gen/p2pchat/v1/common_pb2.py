@@ -25,13 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17p2pchat/v1/common.proto\x12\np2pchat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x01\n\x07\x43ontact\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0epinned_address\x18\x03 \x01(\t\x12\x0e\n\x06online\x18\x04 \x01(\x08\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17p2pchat/v1/common.proto\x12\np2pchat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x01\n\x07\x43ontact\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0epinned_address\x18\x03 \x01(\t\x12\x0e\n\x06online\x18\x04 \x01(\x08\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.p2pchat.v1.ContactState\x12\x0c\n\x04note\x18\x07 \x01(\t\x12\x30\n\x0crequested_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd8\x01\n\x06Invite\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tuses_left\x18\x05 \x01(\r\x12\x11\n\tunlimited\x18\x06 \x01(\x08\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x9d\x01\n\x0c\x43ontactState\x12\x1d\n\x19\x43ONTACT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONTACT_STATE_ACCEPTED\x10\x01\x12\x1b\n\x17\x43ONTACT_STATE_REQUESTED\x10\x02\x12\x1a\n\x16\x43ONTACT_STATE_AWAITING\x10\x03\x12\x19\n\x15\x43ONTACT_STATE_BLOCKED\x10\x04*\x80\x01\n\rContactPolicy\x12\x1e\n\x1a\x43ONTACT_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ONTACT_POLICY_ANYONE\x10\x01\x12\x19\n\x15\x43ONTACT_POLICY_INVITE\x10\x02\x12\x19\n\x15\x43ONTACT_POLICY_NOBODY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pchat.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CONTACTSTATE']._serialized_start=531
+  _globals['_CONTACTSTATE']._serialized_end=688
+  _globals['_CONTACTPOLICY']._serialized_start=691
+  _globals['_CONTACTPOLICY']._serialized_end=819
   _globals['_CONTACT']._serialized_start=73
-  _globals['_CONTACT']._serialized_end=204
+  _globals['_CONTACT']._serialized_end=309
+  _globals['_INVITE']._serialized_start=312
+  _globals['_INVITE']._serialized_end=528
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ Types shared by more than one p2pchat service."""
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -16,6 +17,61 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ContactState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContactStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContactState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTACT_STATE_UNSPECIFIED: _ContactState.ValueType  # 0
+    CONTACT_STATE_ACCEPTED: _ContactState.ValueType  # 1
+    """Both want each other: messages flow, Lookup and the mailbox work, either way."""
+    CONTACT_STATE_REQUESTED: _ContactState.ValueType  # 2
+    """The owner asked this user, who has not accepted (yet). Messages to them wait, pending."""
+    CONTACT_STATE_AWAITING: _ContactState.ValueType  # 3
+    """This user asked the owner: AcceptContact, DeclineContact or BlockContact answers."""
+    CONTACT_STATE_BLOCKED: _ContactState.ValueType  # 4
+    """The owner blocked this user: no request, Lookup, deposit or message of theirs gets through."""
+
+class ContactState(_ContactState, metaclass=_ContactStateEnumTypeWrapper): ...
+
+CONTACT_STATE_UNSPECIFIED: ContactState.ValueType  # 0
+CONTACT_STATE_ACCEPTED: ContactState.ValueType  # 1
+"""Both want each other: messages flow, Lookup and the mailbox work, either way."""
+CONTACT_STATE_REQUESTED: ContactState.ValueType  # 2
+"""The owner asked this user, who has not accepted (yet). Messages to them wait, pending."""
+CONTACT_STATE_AWAITING: ContactState.ValueType  # 3
+"""This user asked the owner: AcceptContact, DeclineContact or BlockContact answers."""
+CONTACT_STATE_BLOCKED: ContactState.ValueType  # 4
+"""The owner blocked this user: no request, Lookup, deposit or message of theirs gets through."""
+Global___ContactState: _TypeAlias = ContactState  # noqa: Y015
+
+class _ContactPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContactPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContactPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTACT_POLICY_UNSPECIFIED: _ContactPolicy.ValueType  # 0
+    CONTACT_POLICY_ANYONE: _ContactPolicy.ValueType  # 1
+    """Anyone (the default)."""
+    CONTACT_POLICY_INVITE: _ContactPolicy.ValueType  # 2
+    """Only a request that carries one of the owner's invite codes (CreateInvite)."""
+    CONTACT_POLICY_NOBODY: _ContactPolicy.ValueType  # 3
+    """Nobody: only users the owner asked first become contacts."""
+
+class ContactPolicy(_ContactPolicy, metaclass=_ContactPolicyEnumTypeWrapper):
+    """Who may send the owner a contact request."""
+
+CONTACT_POLICY_UNSPECIFIED: ContactPolicy.ValueType  # 0
+CONTACT_POLICY_ANYONE: ContactPolicy.ValueType  # 1
+"""Anyone (the default)."""
+CONTACT_POLICY_INVITE: ContactPolicy.ValueType  # 2
+"""Only a request that carries one of the owner's invite codes (CreateInvite)."""
+CONTACT_POLICY_NOBODY: ContactPolicy.ValueType  # 3
+"""Nobody: only users the owner asked first become contacts."""
+Global___ContactPolicy: _TypeAlias = ContactPolicy  # noqa: Y015
 
 @_typing.final
 class Contact(_message.Message):
@@ -28,6 +84,9 @@ class Contact(_message.Message):
     PINNED_ADDRESS_FIELD_NUMBER: _builtins.int
     ONLINE_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    REQUESTED_AT_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     """Canonical (lower-case) username of the contact."""
     address: _builtins.str
@@ -38,9 +97,21 @@ class Contact(_message.Message):
     """The address the owner pinned for this contact ("host:port"); empty when none."""
     online: _builtins.bool
     """True while the contact's agent sends heartbeats within the presence TTL."""
+    state: Global___ContactState.ValueType
+    """Where consent stands between the owner and this user. Address, presence and last_seen are
+    filled only when ACCEPTED: until then nobody learns where the other is or whether online.
+    """
+    note: _builtins.str
+    """The note of the request (at most 200 characters): the owner's own when REQUESTED, the
+    other user's when AWAITING; empty otherwise.
+    """
     @_builtins.property
     def last_seen(self) -> _timestamp_pb2.Timestamp:
         """The contact's last heartbeat or login; unset when never seen."""
+
+    @_builtins.property
+    def requested_at(self) -> _timestamp_pb2.Timestamp:
+        """When the request (REQUESTED, AWAITING) was made; unset otherwise."""
 
     def __init__(
         self,
@@ -50,11 +121,61 @@ class Contact(_message.Message):
         pinned_address: _builtins.str = ...,
         online: _builtins.bool = ...,
         last_seen: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___ContactState.ValueType = ...,
+        note: _builtins.str = ...,
+        requested_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen", "requested_at", b"requested_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "last_seen", b"last_seen", "online", b"online", "pinned_address", b"pinned_address", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "last_seen", b"last_seen", "note", b"note", "online", b"online", "pinned_address", b"pinned_address", "requested_at", b"requested_at", "state", b"state", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Contact: _TypeAlias = Contact  # noqa: Y015
+
+@_typing.final
+class Invite(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    USES_LEFT_FIELD_NUMBER: _builtins.int
+    UNLIMITED_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Short public handle of the code (for ListInvites and RevokeInvite)."""
+    code: _builtins.str
+    """The code itself: in CreateInvite's answer only (the directory keeps its hash)."""
+    uses_left: _builtins.int
+    """Requests it may still admit; 0 with `unlimited`."""
+    unlimited: _builtins.bool
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: never expires."""
+
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """Set once revoked: it admits nothing from then on."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        uses_left: _builtins.int = ...,
+        unlimited: _builtins.bool = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "created_at", b"created_at", "expires_at", b"expires_at", "id", b"id", "revoked_at", b"revoked_at", "unlimited", b"unlimited", "uses_left", b"uses_left"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Invite: _TypeAlias = Invite  # noqa: Y015

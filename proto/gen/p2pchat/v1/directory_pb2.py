@@ -26,15 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from p2pchat.v1 import common_pb2 as p2pchat_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ap2pchat/v1/directory.proto\x12\np2pchat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17p2pchat/v1/common.proto\"F\n\x0fRegisterRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"$\n\x10RegisterResponse\x12\x10\n\x08username\x18\x01 \x01(\t\"T\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\x0c\"\xac\x02\n\rLoginResponse\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x36\n\x12session_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\x0c\x12:\n\x16\x63\x65rtificate_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x06 \x01(\x0c\x12\x18\n\x10\x64irectory_ca_pem\x18\x07 \x01(\x0c\x12/\n\x0bserver_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x0f\n\rLogoutRequest\"\x10\n\x0eLogoutResponse\"\x12\n\x10HeartbeatRequest\"\xae\x01\n\x11HeartbeatResponse\x12\x36\n\x12session_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0conline_until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"\xa5\x01\n\x18RenewCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12:\n\x16\x63\x65rtificate_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12\x18\n\x10\x64irectory_ca_pem\x18\x04 \x01(\x0c\"6\n\x11\x41\x64\x64\x43ontactRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\":\n\x12\x41\x64\x64\x43ontactResponse\x12$\n\x07\x63ontact\x18\x01 \x01(\x0b\x32\x13.p2pchat.v1.Contact\"(\n\x14RemoveContactRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\x17\n\x15RemoveContactResponse\"\x15\n\x13ListContactsRequest\"=\n\x14ListContactsResponse\x12%\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32\x13.p2pchat.v1.Contact\"!\n\rLookupRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\x9e\x01\n\x0eLookupResponse\x12$\n\x07\x63ontact\x18\x01 \x01(\x0b\x32\x13.p2pchat.v1.Contact\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\x0c\x12\x13\n\x0bmailbox_key\x18\x04 \x01(\x0c\x12\x1d\n\x15mailbox_key_signature\x18\x05 \x01(\x0c\"6\n\x18\x43\x65rtificateStatusRequest\x12\x1a\n\x12\x63\x65rtificate_sha256\x18\x01 \x03(\t\"I\n\x19\x43\x65rtificateStatusResponse\x12,\n\x06states\x18\x01 \x03(\x0e\x32\x1c.p2pchat.v1.CertificateState*\x8f\x01\n\x10\x43\x65rtificateState\x12!\n\x1d\x43\x45RTIFICATE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x45RTIFICATE_STATE_GOOD\x10\x01\x12\x1d\n\x19\x43\x45RTIFICATE_STATE_REVOKED\x10\x02\x12\x1d\n\x19\x43\x45RTIFICATE_STATE_UNKNOWN\x10\x03\x32\x9a\x06\n\x10\x44irectoryService\x12\x45\n\x08Register\x12\x1b.p2pchat.v1.RegisterRequest\x1a\x1c.p2pchat.v1.RegisterResponse\x12<\n\x05Login\x12\x18.p2pchat.v1.LoginRequest\x1a\x19.p2pchat.v1.LoginResponse\x12?\n\x06Logout\x12\x19.p2pchat.v1.LogoutRequest\x1a\x1a.p2pchat.v1.LogoutResponse\x12H\n\tHeartbeat\x12\x1c.p2pchat.v1.HeartbeatRequest\x1a\x1d.p2pchat.v1.HeartbeatResponse\x12]\n\x10RenewCertificate\x12#.p2pchat.v1.RenewCertificateRequest\x1a$.p2pchat.v1.RenewCertificateResponse\x12K\n\nAddContact\x12\x1d.p2pchat.v1.AddContactRequest\x1a\x1e.p2pchat.v1.AddContactResponse\x12T\n\rRemoveContact\x12 .p2pchat.v1.RemoveContactRequest\x1a!.p2pchat.v1.RemoveContactResponse\x12Q\n\x0cListContacts\x12\x1f.p2pchat.v1.ListContactsRequest\x1a .p2pchat.v1.ListContactsResponse\x12?\n\x06Lookup\x12\x19.p2pchat.v1.LookupRequest\x1a\x1a.p2pchat.v1.LookupResponse\x12`\n\x11\x43\x65rtificateStatus\x12$.p2pchat.v1.CertificateStatusRequest\x1a%.p2pchat.v1.CertificateStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ap2pchat/v1/directory.proto\x12\np2pchat.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17p2pchat/v1/common.proto\"F\n\x0fRegisterRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"$\n\x10RegisterResponse\x12\x10\n\x08username\x18\x01 \x01(\t\"T\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\x0c\"\xac\x02\n\rLoginResponse\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x36\n\x12session_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\x0c\x12:\n\x16\x63\x65rtificate_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x06 \x01(\x0c\x12\x18\n\x10\x64irectory_ca_pem\x18\x07 \x01(\x0c\x12/\n\x0bserver_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x0f\n\rLogoutRequest\"\x10\n\x0eLogoutResponse\"\x12\n\x10HeartbeatRequest\"\xe7\x01\n\x11HeartbeatResponse\x12\x37\n\x13\x63ontacts_changed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12session_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0conline_until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"\xa5\x01\n\x18RenewCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12:\n\x16\x63\x65rtificate_expires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12\x18\n\x10\x64irectory_ca_pem\x18\x04 \x01(\x0c\"Y\n\x11\x41\x64\x64\x43ontactRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x13\n\x0binvite_code\x18\x04 \x01(\t\":\n\x12\x41\x64\x64\x43ontactResponse\x12$\n\x07\x63ontact\x18\x01 \x01(\x0b\x32\x13.p2pchat.v1.Contact\"(\n\x14RemoveContactRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\x17\n\x15RemoveContactResponse\"\x15\n\x13ListContactsRequest\"=\n\x14ListContactsResponse\x12%\n\x08\x63ontacts\x18\x01 \x03(\x0b\x32\x13.p2pchat.v1.Contact\"\x1c\n\x1aListContactRequestsRequest\"D\n\x1bListContactRequestsResponse\x12%\n\x08requests\x18\x01 \x03(\x0b\x32\x13.p2pchat.v1.Contact\"(\n\x14\x43ontactAnswerRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\x17\n\x15\x43ontactAnswerResponse\"D\n\x17SetContactPolicyRequest\x12)\n\x06policy\x18\x01 \x01(\x0e\x32\x19.p2pchat.v1.ContactPolicy\"\x19\n\x17GetContactPolicyRequest\"B\n\x15\x43ontactPolicyResponse\x12)\n\x06policy\x18\x01 \x01(\x0e\x32\x19.p2pchat.v1.ContactPolicy\"C\n\x13\x43reateInviteRequest\x12\x1a\n\x12\x65xpires_in_seconds\x18\x01 \x01(\r\x12\x10\n\x08max_uses\x18\x02 \x01(\r\"\x14\n\x12ListInvitesRequest\":\n\x13ListInvitesResponse\x12#\n\x07invites\x18\x01 \x03(\x0b\x32\x12.p2pchat.v1.Invite\"!\n\x13RevokeInviteRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\rLookupRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\x9e\x01\n\x0eLookupResponse\x12$\n\x07\x63ontact\x18\x01 \x01(\x0b\x32\x13.p2pchat.v1.Contact\x12\x19\n\x11public_key_sha256\x18\x02 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x03 \x01(\x0c\x12\x13\n\x0bmailbox_key\x18\x04 \x01(\x0c\x12\x1d\n\x15mailbox_key_signature\x18\x05 \x01(\x0c\"6\n\x18\x43\x65rtificateStatusRequest\x12\x1a\n\x12\x63\x65rtificate_sha256\x18\x01 \x03(\t\"I\n\x19\x43\x65rtificateStatusResponse\x12,\n\x06states\x18\x01 \x03(\x0e\x32\x1c.p2pchat.v1.CertificateState*\x8f\x01\n\x10\x43\x65rtificateState\x12!\n\x1d\x43\x45RTIFICATE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x45RTIFICATE_STATE_GOOD\x10\x01\x12\x1d\n\x19\x43\x45RTIFICATE_STATE_REVOKED\x10\x02\x12\x1d\n\x19\x43\x45RTIFICATE_STATE_UNKNOWN\x10\x03\x32\xe7\x0c\n\x10\x44irectoryService\x12\x45\n\x08Register\x12\x1b.p2pchat.v1.RegisterRequest\x1a\x1c.p2pchat.v1.RegisterResponse\x12<\n\x05Login\x12\x18.p2pchat.v1.LoginRequest\x1a\x19.p2pchat.v1.LoginResponse\x12?\n\x06Logout\x12\x19.p2pchat.v1.LogoutRequest\x1a\x1a.p2pchat.v1.LogoutResponse\x12H\n\tHeartbeat\x12\x1c.p2pchat.v1.HeartbeatRequest\x1a\x1d.p2pchat.v1.HeartbeatResponse\x12]\n\x10RenewCertificate\x12#.p2pchat.v1.RenewCertificateRequest\x1a$.p2pchat.v1.RenewCertificateResponse\x12K\n\nAddContact\x12\x1d.p2pchat.v1.AddContactRequest\x1a\x1e.p2pchat.v1.AddContactResponse\x12T\n\rRemoveContact\x12 .p2pchat.v1.RemoveContactRequest\x1a!.p2pchat.v1.RemoveContactResponse\x12Q\n\x0cListContacts\x12\x1f.p2pchat.v1.ListContactsRequest\x1a .p2pchat.v1.ListContactsResponse\x12\x66\n\x13ListContactRequests\x12&.p2pchat.v1.ListContactRequestsRequest\x1a\'.p2pchat.v1.ListContactRequestsResponse\x12Q\n\rAcceptContact\x12 .p2pchat.v1.ContactAnswerRequest\x1a\x1e.p2pchat.v1.AddContactResponse\x12U\n\x0e\x44\x65\x63lineContact\x12 .p2pchat.v1.ContactAnswerRequest\x1a!.p2pchat.v1.ContactAnswerResponse\x12P\n\x0c\x42lockContact\x12 .p2pchat.v1.ContactAnswerRequest\x1a\x1e.p2pchat.v1.AddContactResponse\x12U\n\x0eUnblockContact\x12 .p2pchat.v1.ContactAnswerRequest\x1a!.p2pchat.v1.ContactAnswerResponse\x12Z\n\x10SetContactPolicy\x12#.p2pchat.v1.SetContactPolicyRequest\x1a!.p2pchat.v1.ContactPolicyResponse\x12Z\n\x10GetContactPolicy\x12#.p2pchat.v1.GetContactPolicyRequest\x1a!.p2pchat.v1.ContactPolicyResponse\x12\x43\n\x0c\x43reateInvite\x12\x1f.p2pchat.v1.CreateInviteRequest\x1a\x12.p2pchat.v1.Invite\x12N\n\x0bListInvites\x12\x1e.p2pchat.v1.ListInvitesRequest\x1a\x1f.p2pchat.v1.ListInvitesResponse\x12\x43\n\x0cRevokeInvite\x12\x1f.p2pchat.v1.RevokeInviteRequest\x1a\x12.p2pchat.v1.Invite\x12?\n\x06Lookup\x12\x19.p2pchat.v1.LookupRequest\x1a\x1a.p2pchat.v1.LookupResponse\x12`\n\x11\x43\x65rtificateStatus\x12$.p2pchat.v1.CertificateStatusRequest\x1a%.p2pchat.v1.CertificateStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pchat.v1.directory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CERTIFICATESTATE']._serialized_start=1640
-  _globals['_CERTIFICATESTATE']._serialized_end=1783
+  _globals['_CERTIFICATESTATE']._serialized_start=2250
+  _globals['_CERTIFICATESTATE']._serialized_end=2393
   _globals['_REGISTERREQUEST']._serialized_start=100
   _globals['_REGISTERREQUEST']._serialized_end=170
   _globals['_REGISTERRESPONSE']._serialized_start=172
@@ -50,31 +50,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREQUEST']._serialized_start=634
   _globals['_HEARTBEATREQUEST']._serialized_end=652
   _globals['_HEARTBEATRESPONSE']._serialized_start=655
-  _globals['_HEARTBEATRESPONSE']._serialized_end=829
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=831
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=873
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=876
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=1041
-  _globals['_ADDCONTACTREQUEST']._serialized_start=1043
-  _globals['_ADDCONTACTREQUEST']._serialized_end=1097
-  _globals['_ADDCONTACTRESPONSE']._serialized_start=1099
-  _globals['_ADDCONTACTRESPONSE']._serialized_end=1157
-  _globals['_REMOVECONTACTREQUEST']._serialized_start=1159
-  _globals['_REMOVECONTACTREQUEST']._serialized_end=1199
-  _globals['_REMOVECONTACTRESPONSE']._serialized_start=1201
-  _globals['_REMOVECONTACTRESPONSE']._serialized_end=1224
-  _globals['_LISTCONTACTSREQUEST']._serialized_start=1226
-  _globals['_LISTCONTACTSREQUEST']._serialized_end=1247
-  _globals['_LISTCONTACTSRESPONSE']._serialized_start=1249
-  _globals['_LISTCONTACTSRESPONSE']._serialized_end=1310
-  _globals['_LOOKUPREQUEST']._serialized_start=1312
-  _globals['_LOOKUPREQUEST']._serialized_end=1345
-  _globals['_LOOKUPRESPONSE']._serialized_start=1348
-  _globals['_LOOKUPRESPONSE']._serialized_end=1506
-  _globals['_CERTIFICATESTATUSREQUEST']._serialized_start=1508
-  _globals['_CERTIFICATESTATUSREQUEST']._serialized_end=1562
-  _globals['_CERTIFICATESTATUSRESPONSE']._serialized_start=1564
-  _globals['_CERTIFICATESTATUSRESPONSE']._serialized_end=1637
-  _globals['_DIRECTORYSERVICE']._serialized_start=1786
-  _globals['_DIRECTORYSERVICE']._serialized_end=2580
+  _globals['_HEARTBEATRESPONSE']._serialized_end=886
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=888
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=930
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=933
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=1098
+  _globals['_ADDCONTACTREQUEST']._serialized_start=1100
+  _globals['_ADDCONTACTREQUEST']._serialized_end=1189
+  _globals['_ADDCONTACTRESPONSE']._serialized_start=1191
+  _globals['_ADDCONTACTRESPONSE']._serialized_end=1249
+  _globals['_REMOVECONTACTREQUEST']._serialized_start=1251
+  _globals['_REMOVECONTACTREQUEST']._serialized_end=1291
+  _globals['_REMOVECONTACTRESPONSE']._serialized_start=1293
+  _globals['_REMOVECONTACTRESPONSE']._serialized_end=1316
+  _globals['_LISTCONTACTSREQUEST']._serialized_start=1318
+  _globals['_LISTCONTACTSREQUEST']._serialized_end=1339
+  _globals['_LISTCONTACTSRESPONSE']._serialized_start=1341
+  _globals['_LISTCONTACTSRESPONSE']._serialized_end=1402
+  _globals['_LISTCONTACTREQUESTSREQUEST']._serialized_start=1404
+  _globals['_LISTCONTACTREQUESTSREQUEST']._serialized_end=1432
+  _globals['_LISTCONTACTREQUESTSRESPONSE']._serialized_start=1434
+  _globals['_LISTCONTACTREQUESTSRESPONSE']._serialized_end=1502
+  _globals['_CONTACTANSWERREQUEST']._serialized_start=1504
+  _globals['_CONTACTANSWERREQUEST']._serialized_end=1544
+  _globals['_CONTACTANSWERRESPONSE']._serialized_start=1546
+  _globals['_CONTACTANSWERRESPONSE']._serialized_end=1569
+  _globals['_SETCONTACTPOLICYREQUEST']._serialized_start=1571
+  _globals['_SETCONTACTPOLICYREQUEST']._serialized_end=1639
+  _globals['_GETCONTACTPOLICYREQUEST']._serialized_start=1641
+  _globals['_GETCONTACTPOLICYREQUEST']._serialized_end=1666
+  _globals['_CONTACTPOLICYRESPONSE']._serialized_start=1668
+  _globals['_CONTACTPOLICYRESPONSE']._serialized_end=1734
+  _globals['_CREATEINVITEREQUEST']._serialized_start=1736
+  _globals['_CREATEINVITEREQUEST']._serialized_end=1803
+  _globals['_LISTINVITESREQUEST']._serialized_start=1805
+  _globals['_LISTINVITESREQUEST']._serialized_end=1825
+  _globals['_LISTINVITESRESPONSE']._serialized_start=1827
+  _globals['_LISTINVITESRESPONSE']._serialized_end=1885
+  _globals['_REVOKEINVITEREQUEST']._serialized_start=1887
+  _globals['_REVOKEINVITEREQUEST']._serialized_end=1920
+  _globals['_LOOKUPREQUEST']._serialized_start=1922
+  _globals['_LOOKUPREQUEST']._serialized_end=1955
+  _globals['_LOOKUPRESPONSE']._serialized_start=1958
+  _globals['_LOOKUPRESPONSE']._serialized_end=2116
+  _globals['_CERTIFICATESTATUSREQUEST']._serialized_start=2118
+  _globals['_CERTIFICATESTATUSREQUEST']._serialized_end=2172
+  _globals['_CERTIFICATESTATUSRESPONSE']._serialized_start=2174
+  _globals['_CERTIFICATESTATUSRESPONSE']._serialized_end=2247
+  _globals['_DIRECTORYSERVICE']._serialized_start=2396
+  _globals['_DIRECTORYSERVICE']._serialized_end=4035
 # @@protoc_insertion_point(module_scope)

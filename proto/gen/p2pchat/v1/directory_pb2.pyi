@@ -239,9 +239,16 @@ Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
 class HeartbeatResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CONTACTS_CHANGED_AT_FIELD_NUMBER: _builtins.int
     SESSION_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     ONLINE_UNTIL_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def contacts_changed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the caller's contacts last changed (a request, an answer, a block, on either side);
+        unset when never: an agent refreshes its copy of its contacts when this moves.
+        """
+
     @_builtins.property
     def session_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -255,13 +262,14 @@ class HeartbeatResponse(_message.Message):
     def __init__(
         self,
         *,
+        contacts_changed_at: _timestamp_pb2.Timestamp | None = ...,
         session_expires_at: _timestamp_pb2.Timestamp | None = ...,
         online_until: _timestamp_pb2.Timestamp | None = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["online_until", b"online_until", "server_time", b"server_time", "session_expires_at", b"session_expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contacts_changed_at", b"contacts_changed_at", "online_until", b"online_until", "server_time", b"server_time", "session_expires_at", b"session_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["online_until", b"online_until", "server_time", b"server_time", "session_expires_at", b"session_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contacts_changed_at", b"contacts_changed_at", "online_until", b"online_until", "server_time", b"server_time", "session_expires_at", b"session_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,18 +331,26 @@ class AddContactRequest(_message.Message):
 
     USERNAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    INVITE_CODE_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     address: _builtins.str
     """Optional "host:port" to pin for this contact instead of the one they registered."""
+    note: _builtins.str
+    """Optional note shown to them with the request (at most 200 characters, no control ones)."""
+    invite_code: _builtins.str
+    """One of their invite codes, when their policy asks for one."""
     def __init__(
         self,
         *,
         username: _builtins.str = ...,
         address: _builtins.str = ...,
+        note: _builtins.str = ...,
+        invite_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "invite_code", b"invite_code", "note", b"note", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -430,6 +446,208 @@ class ListContactsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListContactsResponse: _TypeAlias = ListContactsResponse  # noqa: Y015
+
+@_typing.final
+class ListContactRequestsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListContactRequestsRequest: _TypeAlias = ListContactRequestsRequest  # noqa: Y015
+
+@_typing.final
+class ListContactRequestsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Contact]:
+        """State AWAITING, with the requester's note, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[_common_pb2.Contact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListContactRequestsResponse: _TypeAlias = ListContactRequestsResponse  # noqa: Y015
+
+@_typing.final
+class ContactAnswerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactAnswerRequest: _TypeAlias = ContactAnswerRequest  # noqa: Y015
+
+@_typing.final
+class ContactAnswerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactAnswerResponse: _TypeAlias = ContactAnswerResponse  # noqa: Y015
+
+@_typing.final
+class SetContactPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    policy: _common_pb2.ContactPolicy.ValueType
+    def __init__(
+        self,
+        *,
+        policy: _common_pb2.ContactPolicy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetContactPolicyRequest: _TypeAlias = SetContactPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetContactPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetContactPolicyRequest: _TypeAlias = GetContactPolicyRequest  # noqa: Y015
+
+@_typing.final
+class ContactPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    policy: _common_pb2.ContactPolicy.ValueType
+    def __init__(
+        self,
+        *,
+        policy: _common_pb2.ContactPolicy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContactPolicyResponse: _TypeAlias = ContactPolicyResponse  # noqa: Y015
+
+@_typing.final
+class CreateInviteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_USES_FIELD_NUMBER: _builtins.int
+    expires_in_seconds: _builtins.int
+    """Seconds it is good for; 0: no expiry."""
+    max_uses: _builtins.int
+    """Requests it admits; 0: any number."""
+    def __init__(
+        self,
+        *,
+        expires_in_seconds: _builtins.int = ...,
+        max_uses: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "max_uses", b"max_uses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateInviteRequest: _TypeAlias = CreateInviteRequest  # noqa: Y015
+
+@_typing.final
+class ListInvitesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvitesRequest: _TypeAlias = ListInvitesRequest  # noqa: Y015
+
+@_typing.final
+class ListInvitesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invites(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Invite]: ...
+    def __init__(
+        self,
+        *,
+        invites: _abc.Iterable[_common_pb2.Invite] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invites", b"invites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvitesResponse: _TypeAlias = ListInvitesResponse  # noqa: Y015
+
+@_typing.final
+class RevokeInviteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeInviteRequest: _TypeAlias = RevokeInviteRequest  # noqa: Y015
 
 @_typing.final
 class LookupRequest(_message.Message):

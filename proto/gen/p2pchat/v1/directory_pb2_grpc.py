@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from p2pchat.v1 import common_pb2 as p2pchat_dot_v1_dot_common__pb2
 from p2pchat.v1 import directory_pb2 as p2pchat_dot_v1_dot_directory__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -74,6 +75,56 @@ class DirectoryServiceStub:
                 request_serializer=p2pchat_dot_v1_dot_directory__pb2.ListContactsRequest.SerializeToString,
                 response_deserializer=p2pchat_dot_v1_dot_directory__pb2.ListContactsResponse.FromString,
                 _registered_method=True)
+        self.ListContactRequests = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/ListContactRequests',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.ListContactRequestsRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.ListContactRequestsResponse.FromString,
+                _registered_method=True)
+        self.AcceptContact = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/AcceptContact',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.AddContactResponse.FromString,
+                _registered_method=True)
+        self.DeclineContact = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/DeclineContact',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerResponse.FromString,
+                _registered_method=True)
+        self.BlockContact = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/BlockContact',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.AddContactResponse.FromString,
+                _registered_method=True)
+        self.UnblockContact = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/UnblockContact',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerResponse.FromString,
+                _registered_method=True)
+        self.SetContactPolicy = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/SetContactPolicy',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.SetContactPolicyRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.ContactPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetContactPolicy = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/GetContactPolicy',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.GetContactPolicyRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.ContactPolicyResponse.FromString,
+                _registered_method=True)
+        self.CreateInvite = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/CreateInvite',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.CreateInviteRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_common__pb2.Invite.FromString,
+                _registered_method=True)
+        self.ListInvites = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/ListInvites',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.ListInvitesRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.ListInvitesResponse.FromString,
+                _registered_method=True)
+        self.RevokeInvite = channel.unary_unary(
+                '/p2pchat.v1.DirectoryService/RevokeInvite',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.RevokeInviteRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_common__pb2.Invite.FromString,
+                _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/p2pchat.v1.DirectoryService/Lookup',
                 request_serializer=p2pchat_dot_v1_dot_directory__pb2.LookupRequest.SerializeToString,
@@ -128,29 +179,111 @@ class DirectoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AddContact(self, request, context):
-        """NOT_FOUND for no such user; ALREADY_EXISTS when already a contact;
-        INVALID_ARGUMENT for yourself or a bad address.
+        """Sends a contact request (state REQUESTED), or accepts at once when that user asked you
+        (ACCEPTED: two users who add each other are contacts, as in the seed's flow).
+        NOT_FOUND for no such user; ALREADY_EXISTS when already requested or accepted;
+        INVALID_ARGUMENT for yourself, a bad address or a note over 200 characters;
+        FAILED_PRECONDITION when you blocked them (unblock first); PERMISSION_DENIED when their
+        policy refuses it (nobody; or invite codes only, and the code is missing, unknown, revoked,
+        expired or used up) or they blocked you (the same answer: a block is not disclosed);
+        RESOURCE_EXHAUSTED when you sent too many requests lately (per hour) or they have too many
+        requests waiting for an answer (the oldest are kept: nothing is dropped).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveContact(self, request, context):
-        """NOT_FOUND when the user is not in your contacts.
+        """Withdraws your request or your acceptance (what it granted ends: they no longer see your
+        address, presence or key; their request, if any, stands). A block is lifted with
+        UnblockContact. NOT_FOUND when you neither asked nor accepted that user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListContacts(self, request, context):
+        """Every user you asked, accepted, blocked, or who awaits your answer, sorted by username.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListContactRequests(self, request, context):
+        """The requests awaiting your answer (AWAITING), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptContact(self, request, context):
+        """Accepts a request awaiting your answer: ACCEPTED. NOT_FOUND when none is awaiting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclineContact(self, request, context):
+        """Declines a request awaiting your answer; the requester is not told (their side stays
+        REQUESTED). NOT_FOUND when none is awaiting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlockContact(self, request, context):
+        """Blocks a user (whether or not they asked): no request, Lookup, deposit or message from
+        them gets through, and what you granted them ends. NOT_FOUND for no such user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockContact(self, request, context):
+        """Lifts a block (the user is no contact then). NOT_FOUND when not blocked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetContactPolicy(self, request, context):
+        """Who may send you requests; answers the policy in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetContactPolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateInvite(self, request, context):
+        """A new invite code, for the INVITE policy (any policy accepts a request with a good code).
+        INVALID_ARGUMENT for a negative expiry or use count; RESOURCE_EXHAUSTED past 100 codes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInvites(self, request, context):
+        """Your invite codes (without the codes themselves), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeInvite(self, request, context):
+        """Revokes one code: it admits nothing from then on. NOT_FOUND for no such code of yours.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Lookup(self, request, context):
-        """Where a contact's agent lives. NOT_FOUND for no such user;
-        FAILED_PRECONDITION when the user is not in your contacts.
+        """Where a contact's agent lives. NOT_FOUND for no such user; FAILED_PRECONDITION unless
+        you are ACCEPTED contacts (before that, nothing of the other is revealed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,6 +340,56 @@ def add_DirectoryServiceServicer_to_server(servicer, server):
                     servicer.ListContacts,
                     request_deserializer=p2pchat_dot_v1_dot_directory__pb2.ListContactsRequest.FromString,
                     response_serializer=p2pchat_dot_v1_dot_directory__pb2.ListContactsResponse.SerializeToString,
+            ),
+            'ListContactRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContactRequests,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.ListContactRequestsRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.ListContactRequestsResponse.SerializeToString,
+            ),
+            'AcceptContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptContact,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.AddContactResponse.SerializeToString,
+            ),
+            'DeclineContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineContact,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerResponse.SerializeToString,
+            ),
+            'BlockContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockContact,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.AddContactResponse.SerializeToString,
+            ),
+            'UnblockContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockContact,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.ContactAnswerResponse.SerializeToString,
+            ),
+            'SetContactPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetContactPolicy,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.SetContactPolicyRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.ContactPolicyResponse.SerializeToString,
+            ),
+            'GetContactPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContactPolicy,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.GetContactPolicyRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.ContactPolicyResponse.SerializeToString,
+            ),
+            'CreateInvite': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateInvite,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.CreateInviteRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_common__pb2.Invite.SerializeToString,
+            ),
+            'ListInvites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvites,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.ListInvitesRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.ListInvitesResponse.SerializeToString,
+            ),
+            'RevokeInvite': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeInvite,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.RevokeInviteRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_common__pb2.Invite.SerializeToString,
             ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
@@ -435,6 +618,276 @@ class DirectoryService:
             '/p2pchat.v1.DirectoryService/ListContacts',
             p2pchat_dot_v1_dot_directory__pb2.ListContactsRequest.SerializeToString,
             p2pchat_dot_v1_dot_directory__pb2.ListContactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContactRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/ListContactRequests',
+            p2pchat_dot_v1_dot_directory__pb2.ListContactRequestsRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.ListContactRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/AcceptContact',
+            p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.AddContactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/DeclineContact',
+            p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.ContactAnswerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/BlockContact',
+            p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.AddContactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/UnblockContact',
+            p2pchat_dot_v1_dot_directory__pb2.ContactAnswerRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.ContactAnswerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetContactPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/SetContactPolicy',
+            p2pchat_dot_v1_dot_directory__pb2.SetContactPolicyRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.ContactPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContactPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/GetContactPolicy',
+            p2pchat_dot_v1_dot_directory__pb2.GetContactPolicyRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.ContactPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateInvite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/CreateInvite',
+            p2pchat_dot_v1_dot_directory__pb2.CreateInviteRequest.SerializeToString,
+            p2pchat_dot_v1_dot_common__pb2.Invite.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/ListInvites',
+            p2pchat_dot_v1_dot_directory__pb2.ListInvitesRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.ListInvitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeInvite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.DirectoryService/RevokeInvite',
+            p2pchat_dot_v1_dot_directory__pb2.RevokeInviteRequest.SerializeToString,
+            p2pchat_dot_v1_dot_common__pb2.Invite.FromString,
             options,
             channel_credentials,
             insecure,

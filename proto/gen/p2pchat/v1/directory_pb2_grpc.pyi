@@ -15,6 +15,7 @@ is a DNS name, an IPv4 address or a bracketed IPv6 address and port is 1..65535.
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from p2pchat.v1 import common_pb2 as _common_pb2
 from p2pchat.v1 import directory_pb2 as _directory_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -57,15 +58,51 @@ class DirectoryServiceStub:
     RenewCertificate: _grpc.UnaryUnaryMultiCallable[_directory_pb2.RenewCertificateRequest, _directory_pb2.RenewCertificateResponse]
     """Signs a new certificate for the caller's key without a new login."""
     AddContact: _grpc.UnaryUnaryMultiCallable[_directory_pb2.AddContactRequest, _directory_pb2.AddContactResponse]
-    """NOT_FOUND for no such user; ALREADY_EXISTS when already a contact;
-    INVALID_ARGUMENT for yourself or a bad address.
+    """Sends a contact request (state REQUESTED), or accepts at once when that user asked you
+    (ACCEPTED: two users who add each other are contacts, as in the seed's flow).
+    NOT_FOUND for no such user; ALREADY_EXISTS when already requested or accepted;
+    INVALID_ARGUMENT for yourself, a bad address or a note over 200 characters;
+    FAILED_PRECONDITION when you blocked them (unblock first); PERMISSION_DENIED when their
+    policy refuses it (nobody; or invite codes only, and the code is missing, unknown, revoked,
+    expired or used up) or they blocked you (the same answer: a block is not disclosed);
+    RESOURCE_EXHAUSTED when you sent too many requests lately (per hour) or they have too many
+    requests waiting for an answer (the oldest are kept: nothing is dropped).
     """
     RemoveContact: _grpc.UnaryUnaryMultiCallable[_directory_pb2.RemoveContactRequest, _directory_pb2.RemoveContactResponse]
-    """NOT_FOUND when the user is not in your contacts."""
+    """Withdraws your request or your acceptance (what it granted ends: they no longer see your
+    address, presence or key; their request, if any, stands). A block is lifted with
+    UnblockContact. NOT_FOUND when you neither asked nor accepted that user.
+    """
     ListContacts: _grpc.UnaryUnaryMultiCallable[_directory_pb2.ListContactsRequest, _directory_pb2.ListContactsResponse]
+    """Every user you asked, accepted, blocked, or who awaits your answer, sorted by username."""
+    ListContactRequests: _grpc.UnaryUnaryMultiCallable[_directory_pb2.ListContactRequestsRequest, _directory_pb2.ListContactRequestsResponse]
+    """The requests awaiting your answer (AWAITING), oldest first."""
+    AcceptContact: _grpc.UnaryUnaryMultiCallable[_directory_pb2.ContactAnswerRequest, _directory_pb2.AddContactResponse]
+    """Accepts a request awaiting your answer: ACCEPTED. NOT_FOUND when none is awaiting."""
+    DeclineContact: _grpc.UnaryUnaryMultiCallable[_directory_pb2.ContactAnswerRequest, _directory_pb2.ContactAnswerResponse]
+    """Declines a request awaiting your answer; the requester is not told (their side stays
+    REQUESTED). NOT_FOUND when none is awaiting.
+    """
+    BlockContact: _grpc.UnaryUnaryMultiCallable[_directory_pb2.ContactAnswerRequest, _directory_pb2.AddContactResponse]
+    """Blocks a user (whether or not they asked): no request, Lookup, deposit or message from
+    them gets through, and what you granted them ends. NOT_FOUND for no such user.
+    """
+    UnblockContact: _grpc.UnaryUnaryMultiCallable[_directory_pb2.ContactAnswerRequest, _directory_pb2.ContactAnswerResponse]
+    """Lifts a block (the user is no contact then). NOT_FOUND when not blocked."""
+    SetContactPolicy: _grpc.UnaryUnaryMultiCallable[_directory_pb2.SetContactPolicyRequest, _directory_pb2.ContactPolicyResponse]
+    """Who may send you requests; answers the policy in force."""
+    GetContactPolicy: _grpc.UnaryUnaryMultiCallable[_directory_pb2.GetContactPolicyRequest, _directory_pb2.ContactPolicyResponse]
+    CreateInvite: _grpc.UnaryUnaryMultiCallable[_directory_pb2.CreateInviteRequest, _common_pb2.Invite]
+    """A new invite code, for the INVITE policy (any policy accepts a request with a good code).
+    INVALID_ARGUMENT for a negative expiry or use count; RESOURCE_EXHAUSTED past 100 codes.
+    """
+    ListInvites: _grpc.UnaryUnaryMultiCallable[_directory_pb2.ListInvitesRequest, _directory_pb2.ListInvitesResponse]
+    """Your invite codes (without the codes themselves), newest first."""
+    RevokeInvite: _grpc.UnaryUnaryMultiCallable[_directory_pb2.RevokeInviteRequest, _common_pb2.Invite]
+    """Revokes one code: it admits nothing from then on. NOT_FOUND for no such code of yours."""
     Lookup: _grpc.UnaryUnaryMultiCallable[_directory_pb2.LookupRequest, _directory_pb2.LookupResponse]
-    """Where a contact's agent lives. NOT_FOUND for no such user;
-    FAILED_PRECONDITION when the user is not in your contacts.
+    """Where a contact's agent lives. NOT_FOUND for no such user; FAILED_PRECONDITION unless
+    you are ACCEPTED contacts (before that, nothing of the other is revealed).
     """
     CertificateStatus: _grpc.UnaryUnaryMultiCallable[_directory_pb2.CertificateStatusRequest, _directory_pb2.CertificateStatusResponse]
     """Whether user certificates the caller was shown by peers are still good: an agent asks
@@ -92,15 +129,51 @@ class DirectoryServiceAsyncStub(DirectoryServiceStub):
     RenewCertificate: _aio.UnaryUnaryMultiCallable[_directory_pb2.RenewCertificateRequest, _directory_pb2.RenewCertificateResponse]  # type: ignore[assignment]
     """Signs a new certificate for the caller's key without a new login."""
     AddContact: _aio.UnaryUnaryMultiCallable[_directory_pb2.AddContactRequest, _directory_pb2.AddContactResponse]  # type: ignore[assignment]
-    """NOT_FOUND for no such user; ALREADY_EXISTS when already a contact;
-    INVALID_ARGUMENT for yourself or a bad address.
+    """Sends a contact request (state REQUESTED), or accepts at once when that user asked you
+    (ACCEPTED: two users who add each other are contacts, as in the seed's flow).
+    NOT_FOUND for no such user; ALREADY_EXISTS when already requested or accepted;
+    INVALID_ARGUMENT for yourself, a bad address or a note over 200 characters;
+    FAILED_PRECONDITION when you blocked them (unblock first); PERMISSION_DENIED when their
+    policy refuses it (nobody; or invite codes only, and the code is missing, unknown, revoked,
+    expired or used up) or they blocked you (the same answer: a block is not disclosed);
+    RESOURCE_EXHAUSTED when you sent too many requests lately (per hour) or they have too many
+    requests waiting for an answer (the oldest are kept: nothing is dropped).
     """
     RemoveContact: _aio.UnaryUnaryMultiCallable[_directory_pb2.RemoveContactRequest, _directory_pb2.RemoveContactResponse]  # type: ignore[assignment]
-    """NOT_FOUND when the user is not in your contacts."""
+    """Withdraws your request or your acceptance (what it granted ends: they no longer see your
+    address, presence or key; their request, if any, stands). A block is lifted with
+    UnblockContact. NOT_FOUND when you neither asked nor accepted that user.
+    """
     ListContacts: _aio.UnaryUnaryMultiCallable[_directory_pb2.ListContactsRequest, _directory_pb2.ListContactsResponse]  # type: ignore[assignment]
+    """Every user you asked, accepted, blocked, or who awaits your answer, sorted by username."""
+    ListContactRequests: _aio.UnaryUnaryMultiCallable[_directory_pb2.ListContactRequestsRequest, _directory_pb2.ListContactRequestsResponse]  # type: ignore[assignment]
+    """The requests awaiting your answer (AWAITING), oldest first."""
+    AcceptContact: _aio.UnaryUnaryMultiCallable[_directory_pb2.ContactAnswerRequest, _directory_pb2.AddContactResponse]  # type: ignore[assignment]
+    """Accepts a request awaiting your answer: ACCEPTED. NOT_FOUND when none is awaiting."""
+    DeclineContact: _aio.UnaryUnaryMultiCallable[_directory_pb2.ContactAnswerRequest, _directory_pb2.ContactAnswerResponse]  # type: ignore[assignment]
+    """Declines a request awaiting your answer; the requester is not told (their side stays
+    REQUESTED). NOT_FOUND when none is awaiting.
+    """
+    BlockContact: _aio.UnaryUnaryMultiCallable[_directory_pb2.ContactAnswerRequest, _directory_pb2.AddContactResponse]  # type: ignore[assignment]
+    """Blocks a user (whether or not they asked): no request, Lookup, deposit or message from
+    them gets through, and what you granted them ends. NOT_FOUND for no such user.
+    """
+    UnblockContact: _aio.UnaryUnaryMultiCallable[_directory_pb2.ContactAnswerRequest, _directory_pb2.ContactAnswerResponse]  # type: ignore[assignment]
+    """Lifts a block (the user is no contact then). NOT_FOUND when not blocked."""
+    SetContactPolicy: _aio.UnaryUnaryMultiCallable[_directory_pb2.SetContactPolicyRequest, _directory_pb2.ContactPolicyResponse]  # type: ignore[assignment]
+    """Who may send you requests; answers the policy in force."""
+    GetContactPolicy: _aio.UnaryUnaryMultiCallable[_directory_pb2.GetContactPolicyRequest, _directory_pb2.ContactPolicyResponse]  # type: ignore[assignment]
+    CreateInvite: _aio.UnaryUnaryMultiCallable[_directory_pb2.CreateInviteRequest, _common_pb2.Invite]  # type: ignore[assignment]
+    """A new invite code, for the INVITE policy (any policy accepts a request with a good code).
+    INVALID_ARGUMENT for a negative expiry or use count; RESOURCE_EXHAUSTED past 100 codes.
+    """
+    ListInvites: _aio.UnaryUnaryMultiCallable[_directory_pb2.ListInvitesRequest, _directory_pb2.ListInvitesResponse]  # type: ignore[assignment]
+    """Your invite codes (without the codes themselves), newest first."""
+    RevokeInvite: _aio.UnaryUnaryMultiCallable[_directory_pb2.RevokeInviteRequest, _common_pb2.Invite]  # type: ignore[assignment]
+    """Revokes one code: it admits nothing from then on. NOT_FOUND for no such code of yours."""
     Lookup: _aio.UnaryUnaryMultiCallable[_directory_pb2.LookupRequest, _directory_pb2.LookupResponse]  # type: ignore[assignment]
-    """Where a contact's agent lives. NOT_FOUND for no such user;
-    FAILED_PRECONDITION when the user is not in your contacts.
+    """Where a contact's agent lives. NOT_FOUND for no such user; FAILED_PRECONDITION unless
+    you are ACCEPTED contacts (before that, nothing of the other is revealed).
     """
     CertificateStatus: _aio.UnaryUnaryMultiCallable[_directory_pb2.CertificateStatusRequest, _directory_pb2.CertificateStatusResponse]  # type: ignore[assignment]
     """Whether user certificates the caller was shown by peers are still good: an agent asks
@@ -160,8 +233,15 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _directory_pb2.AddContactRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_directory_pb2.AddContactResponse, _abc.Awaitable[_directory_pb2.AddContactResponse]]:
-        """NOT_FOUND for no such user; ALREADY_EXISTS when already a contact;
-        INVALID_ARGUMENT for yourself or a bad address.
+        """Sends a contact request (state REQUESTED), or accepts at once when that user asked you
+        (ACCEPTED: two users who add each other are contacts, as in the seed's flow).
+        NOT_FOUND for no such user; ALREADY_EXISTS when already requested or accepted;
+        INVALID_ARGUMENT for yourself, a bad address or a note over 200 characters;
+        FAILED_PRECONDITION when you blocked them (unblock first); PERMISSION_DENIED when their
+        policy refuses it (nobody; or invite codes only, and the code is missing, unknown, revoked,
+        expired or used up) or they blocked you (the same answer: a block is not disclosed);
+        RESOURCE_EXHAUSTED when you sent too many requests lately (per hour) or they have too many
+        requests waiting for an answer (the oldest are kept: nothing is dropped).
         """
 
     @_abc_1.abstractmethod
@@ -170,14 +250,103 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _directory_pb2.RemoveContactRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_directory_pb2.RemoveContactResponse, _abc.Awaitable[_directory_pb2.RemoveContactResponse]]:
-        """NOT_FOUND when the user is not in your contacts."""
+        """Withdraws your request or your acceptance (what it granted ends: they no longer see your
+        address, presence or key; their request, if any, stands). A block is lifted with
+        UnblockContact. NOT_FOUND when you neither asked nor accepted that user.
+        """
 
     @_abc_1.abstractmethod
     def ListContacts(
         self,
         request: _directory_pb2.ListContactsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_directory_pb2.ListContactsResponse, _abc.Awaitable[_directory_pb2.ListContactsResponse]]: ...
+    ) -> _typing.Union[_directory_pb2.ListContactsResponse, _abc.Awaitable[_directory_pb2.ListContactsResponse]]:
+        """Every user you asked, accepted, blocked, or who awaits your answer, sorted by username."""
+
+    @_abc_1.abstractmethod
+    def ListContactRequests(
+        self,
+        request: _directory_pb2.ListContactRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_pb2.ListContactRequestsResponse, _abc.Awaitable[_directory_pb2.ListContactRequestsResponse]]:
+        """The requests awaiting your answer (AWAITING), oldest first."""
+
+    @_abc_1.abstractmethod
+    def AcceptContact(
+        self,
+        request: _directory_pb2.ContactAnswerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_pb2.AddContactResponse, _abc.Awaitable[_directory_pb2.AddContactResponse]]:
+        """Accepts a request awaiting your answer: ACCEPTED. NOT_FOUND when none is awaiting."""
+
+    @_abc_1.abstractmethod
+    def DeclineContact(
+        self,
+        request: _directory_pb2.ContactAnswerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_pb2.ContactAnswerResponse, _abc.Awaitable[_directory_pb2.ContactAnswerResponse]]:
+        """Declines a request awaiting your answer; the requester is not told (their side stays
+        REQUESTED). NOT_FOUND when none is awaiting.
+        """
+
+    @_abc_1.abstractmethod
+    def BlockContact(
+        self,
+        request: _directory_pb2.ContactAnswerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_pb2.AddContactResponse, _abc.Awaitable[_directory_pb2.AddContactResponse]]:
+        """Blocks a user (whether or not they asked): no request, Lookup, deposit or message from
+        them gets through, and what you granted them ends. NOT_FOUND for no such user.
+        """
+
+    @_abc_1.abstractmethod
+    def UnblockContact(
+        self,
+        request: _directory_pb2.ContactAnswerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_pb2.ContactAnswerResponse, _abc.Awaitable[_directory_pb2.ContactAnswerResponse]]:
+        """Lifts a block (the user is no contact then). NOT_FOUND when not blocked."""
+
+    @_abc_1.abstractmethod
+    def SetContactPolicy(
+        self,
+        request: _directory_pb2.SetContactPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_pb2.ContactPolicyResponse, _abc.Awaitable[_directory_pb2.ContactPolicyResponse]]:
+        """Who may send you requests; answers the policy in force."""
+
+    @_abc_1.abstractmethod
+    def GetContactPolicy(
+        self,
+        request: _directory_pb2.GetContactPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_pb2.ContactPolicyResponse, _abc.Awaitable[_directory_pb2.ContactPolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateInvite(
+        self,
+        request: _directory_pb2.CreateInviteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.Invite, _abc.Awaitable[_common_pb2.Invite]]:
+        """A new invite code, for the INVITE policy (any policy accepts a request with a good code).
+        INVALID_ARGUMENT for a negative expiry or use count; RESOURCE_EXHAUSTED past 100 codes.
+        """
+
+    @_abc_1.abstractmethod
+    def ListInvites(
+        self,
+        request: _directory_pb2.ListInvitesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_directory_pb2.ListInvitesResponse, _abc.Awaitable[_directory_pb2.ListInvitesResponse]]:
+        """Your invite codes (without the codes themselves), newest first."""
+
+    @_abc_1.abstractmethod
+    def RevokeInvite(
+        self,
+        request: _directory_pb2.RevokeInviteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.Invite, _abc.Awaitable[_common_pb2.Invite]]:
+        """Revokes one code: it admits nothing from then on. NOT_FOUND for no such code of yours."""
 
     @_abc_1.abstractmethod
     def Lookup(
@@ -185,8 +354,8 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _directory_pb2.LookupRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_directory_pb2.LookupResponse, _abc.Awaitable[_directory_pb2.LookupResponse]]:
-        """Where a contact's agent lives. NOT_FOUND for no such user;
-        FAILED_PRECONDITION when the user is not in your contacts.
+        """Where a contact's agent lives. NOT_FOUND for no such user; FAILED_PRECONDITION unless
+        you are ACCEPTED contacts (before that, nothing of the other is revealed).
         """
 
     @_abc_1.abstractmethod

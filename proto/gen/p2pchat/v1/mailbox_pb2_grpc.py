@@ -74,8 +74,9 @@ class MailboxServiceServicer:
 
     def Deposit(self, request, context):
         """Stores envelopes for one recipient, all or none. NOT_FOUND for no such user;
-        FAILED_PRECONDITION when the recipient is not in the caller's contacts or has published
-        no mailbox key; INVALID_ARGUMENT for 0 or more than 500 envelopes, an empty one or one over
+        FAILED_PRECONDITION unless caller and recipient are ACCEPTED contacts (common.proto
+        ContactState: nobody can fill the mailbox of a user who did not accept them), or when the
+        recipient has published no mailbox key; INVALID_ARGUMENT for 0 or more than 500 envelopes, an empty one or one over
         4,259,840 bytes (4 MiB + 64 KiB); RESOURCE_EXHAUSTED when the recipient's mailbox is full
         (count or bytes) or the caller deposits faster than its rate, with the reason and, for the
         rate, the wait: the caller keeps its messages and tries again later.
