@@ -8,9 +8,15 @@ from collections.abc import Callable
 import grpc
 import pytest
 
+from p2pchat.v1 import common_pb2, directory_pb2_grpc
 from p2pchat.v1 import directory_pb2 as pb
-from p2pchat.v1 import directory_pb2_grpc
-from tests.support.directory import PASSWORD, InProcessDirectory, auth, expect_error
+from tests.support.directory import (
+    PASSWORD,
+    InProcessDirectory,
+    add_each_other,
+    auth,
+    expect_error,
+)
 
 Stub = directory_pb2_grpc.DirectoryServiceStub
 Code = grpc.StatusCode
@@ -39,13 +45,16 @@ def test_register_login_contacts_lookup_logout_flow(directory: InProcessDirector
     assert login.directory_ca_pem == directory.ca_pem
     token = login.session_token
 
+    bob = stub.Login(pb.LoginRequest(username="bob", password=PASSWORD)).session_token
+    stub.AddContact(pb.AddContactRequest(username="alice"), metadata=auth(bob))
+    stub.Logout(pb.LogoutRequest(), metadata=auth(bob))
     added = stub.AddContact(pb.AddContactRequest(username="Bob"), metadata=auth(token))
     assert added.contact.username == "bob"
-    assert added.contact.address == "10.0.0.2:50052"
+    assert added.contact.address == "10.0.0.2:50052"  # bob asked first: accepted at once
 
     listed = stub.ListContacts(pb.ListContactsRequest(), metadata=auth(token)).contacts
     assert [(c.username, c.address, c.online) for c in listed] == [("bob", "10.0.0.2:50052", False)]
-    assert not listed[0].HasField("last_seen")  # bob never logged in
+    assert listed[0].HasField("last_seen")  # bob's logout
 
     found = stub.Lookup(pb.LookupRequest(username="bob"), metadata=auth(token))
     assert found.contact.username == "bob"
@@ -113,7 +122,7 @@ def test_register_accepts_ipv4_ipv6_and_dns_addresses(directory: InProcessDirect
         other = "lookerup" + name
         stub.Register(pb.RegisterRequest(username=other, password=PASSWORD))
         t2 = stub.Login(pb.LoginRequest(username=other, password=PASSWORD)).session_token
-        stub.AddContact(pb.AddContactRequest(username=name), metadata=auth(t2))
+        add_each_other(stub, (other, t2), (name, token))
         assert stub.Lookup(pb.LookupRequest(username=name), metadata=auth(t2)).contact.address == (
             canonical
         )
@@ -252,7 +261,7 @@ def test_presence_follows_heartbeats_and_logout(
     stub = directory.stub()
     judy = register_and_login(stub, "judy")
     ken = register_and_login(stub, "ken")
-    stub.AddContact(pb.AddContactRequest(username="ken"), metadata=auth(judy))
+    add_each_other(stub, ("judy", judy), ("ken", ken))
 
     def ken_online() -> bool:
         return stub.Lookup(pb.LookupRequest(username="ken"), metadata=auth(judy)).contact.online
@@ -274,7 +283,7 @@ def test_presence_follows_heartbeats_and_logout(
 def test_contact_errors(directory: InProcessDirectory) -> None:
     stub = directory.stub()
     token = register_and_login(stub, "leo")
-    register_and_login(stub, "mia")
+    mia = register_and_login(stub, "mia")
     md = auth(token)
     expect_error(
         Code.NOT_FOUND, stub.AddContact, pb.AddContactRequest(username="nosuch"), metadata=md
@@ -292,6 +301,7 @@ def test_contact_errors(directory: InProcessDirectory) -> None:
         Code.INVALID_ARGUMENT, stub.AddContact, pb.AddContactRequest(username="m!a"), metadata=md
     )
     stub.AddContact(pb.AddContactRequest(username="mia", address="mia.lan:6000"), metadata=md)
+    stub.AddContact(pb.AddContactRequest(username="leo"), metadata=auth(mia))
     expect_error(
         Code.ALREADY_EXISTS, stub.AddContact, pb.AddContactRequest(username="MIA"), metadata=md
     )
@@ -301,6 +311,14 @@ def test_contact_errors(directory: InProcessDirectory) -> None:
     expect_error(
         Code.NOT_FOUND, stub.RemoveContact, pb.RemoveContactRequest(username="mia"), metadata=md
     )
+    # mia's acceptance stands (she may withdraw it): leo sees her request awaiting him.
+    (left,) = stub.ListContacts(pb.ListContactsRequest(), metadata=md).contacts
+    assert (left.username, left.state, left.address) == (
+        "mia",
+        common_pb2.CONTACT_STATE_AWAITING,
+        "",
+    )
+    stub.RemoveContact(pb.RemoveContactRequest(username="leo"), metadata=auth(mia))
     assert list(stub.ListContacts(pb.ListContactsRequest(), metadata=md).contacts) == []
 
 
@@ -336,10 +354,8 @@ def test_contacts_are_listed_sorted_with_addresses(directory: InProcessDirectory
     stub = directory.stub()
     owner = register_and_login(stub, "pat")
     for name in ("zed", "amy", "quinn"):
-        stub.Register(
-            pb.RegisterRequest(username=name, password=PASSWORD, address=f"{name}.lan:50052")
-        )
-        stub.AddContact(pb.AddContactRequest(username=name), metadata=auth(owner))
+        token = register_and_login(stub, name, f"{name}.lan:50052")
+        add_each_other(stub, ("pat", owner), (name, token))
     listed = stub.ListContacts(pb.ListContactsRequest(), metadata=auth(owner)).contacts
     assert [(c.username, c.address) for c in listed] == [
         ("amy", "amy.lan:50052"),
@@ -353,7 +369,8 @@ def test_login_address_replaces_the_registered_one(directory: InProcessDirectory
     rose = register_and_login(stub, "rose")
     stub.Register(pb.RegisterRequest(username="sam", password=PASSWORD, address="old.lan:1"))
     stub.AddContact(pb.AddContactRequest(username="sam"), metadata=auth(rose))
-    stub.Login(pb.LoginRequest(username="sam", password=PASSWORD, address="new.lan:2"))
+    sam = stub.Login(pb.LoginRequest(username="sam", password=PASSWORD, address="new.lan:2"))
+    stub.AddContact(pb.AddContactRequest(username="rose"), metadata=auth(sam.session_token))
     found = stub.Lookup(pb.LookupRequest(username="sam"), metadata=auth(rose))
     assert found.contact.address == "new.lan:2"
     expect_error(

@@ -207,9 +207,10 @@ def test_restart_on_the_same_data_dir_keeps_ca_users_contacts_and_sessions(
                     timeout=RPC_TIMEOUT,
                 )
             token = login(stub, "alice")
-            stub.AddContact(
-                pb.AddContactRequest(username="bob"), metadata=auth(token), timeout=RPC_TIMEOUT
-            )
+            for owner, other in ((token, "bob"), (login(stub, "bob"), "alice")):
+                stub.AddContact(
+                    pb.AddContactRequest(username=other), metadata=auth(owner), timeout=RPC_TIMEOUT
+                )
         assert first.terminate() == 0
         assert "created the directory root in" in log_text(first)
         assert "created the users CA in" in log_text(first)

@@ -145,6 +145,8 @@ def test_contact_added_through_one_replica_is_listed_and_looked_up_through_the_o
     register(b, "bob")
     token = login(a, "alice")
     b.AddContact(pb.AddContactRequest(username="bob"), metadata=auth(token), timeout=RPC_TIMEOUT)
+    bob = login(b, "bob")  # bob accepts through the other replica than he was asked through
+    a.AcceptContact(pb.ContactAnswerRequest(username="alice"), metadata=auth(bob))
     assert contact_names(a, token) == ["bob"]
     found = a.Lookup(pb.LookupRequest(username="bob"), metadata=auth(token), timeout=RPC_TIMEOUT)
     assert found.contact.address == "bob.lan:50052"
@@ -185,6 +187,7 @@ def test_presence_from_a_heartbeat_on_one_replica_is_seen_and_expires_on_the_oth
     alice = login(b, "alice")
     b.AddContact(pb.AddContactRequest(username="bob"), metadata=auth(alice), timeout=RPC_TIMEOUT)
     bob = login(a, "bob")  # a login counts as a heartbeat
+    a.AddContact(pb.AddContactRequest(username="alice"), metadata=auth(bob), timeout=RPC_TIMEOUT)
     assert is_online(b, alice, "bob")
 
     time.sleep(PRESENCE_TTL + 0.5)  # no heartbeat: offline, as seen by either replica

@@ -27,7 +27,13 @@ from p2pchat.v1 import directory_pb2_grpc
 from p2pchat_common.tls import user_identity
 from p2pchat_directory.ca import CertificateAuthority
 from p2pchat_directory.models import Contact, FailedLogin, User, UserSession
-from tests.support.directory import PASSWORD, InProcessDirectory, auth, expect_error
+from tests.support.directory import (
+    PASSWORD,
+    InProcessDirectory,
+    add_each_other,
+    auth,
+    expect_error,
+)
 
 Stub = directory_pb2_grpc.DirectoryServiceStub
 Code = grpc.StatusCode
@@ -105,7 +111,7 @@ def test_login_csr_gives_a_ca_signed_certificate_naming_the_user_not_the_csr_sub
     assert abs((expires - expected_expiry).total_seconds()) < 120
 
     bob = register_and_login(stub, "bob")
-    stub.AddContact(pb.AddContactRequest(username="alice"), metadata=auth(bob))
+    add_each_other(stub, ("bob", bob), ("alice", login.session_token))
     found = stub.Lookup(pb.LookupRequest(username="alice"), metadata=auth(bob))
     assert found.public_key_sha256 == spki_sha256(key)
     assert found.certificate_pem == login.certificate_pem
@@ -121,7 +127,7 @@ def test_renew_certificate_for_a_new_key_changes_the_fingerprint_and_rejects_bad
         pb.LoginRequest(username="carol", password=PASSWORD, csr_pem=make_csr(old_key))
     )
     dave = register_and_login(stub, "dave")
-    stub.AddContact(pb.AddContactRequest(username="carol"), metadata=auth(dave))
+    add_each_other(stub, ("dave", dave), ("carol", login.session_token))
     before = stub.Lookup(pb.LookupRequest(username="carol"), metadata=auth(dave))
     assert before.public_key_sha256 == spki_sha256(old_key)
 

@@ -208,11 +208,15 @@ def test_a_login_with_a_new_key_makes_the_published_mailbox_key_stale(mb: Mailbo
 def test_refused_deposits_store_nothing(mb: Mailbox) -> None:
     alice, bob = enrol(mb.dir, mb.box, "alice", "bob")
     mb.dir.Register(dpb.RegisterRequest(username="dave", password=PASSWORD))  # no key
+    dave = mb.dir.Login(dpb.LoginRequest(username="dave", password=PASSWORD)).session_token
     mb.dir.AddContact(dpb.AddContactRequest(username="dave"), metadata=alice.metadata)
-    (erin,) = enrol(mb.dir, mb.box, "erin")  # has a key, not alice's contact
+    mb.dir.AddContact(dpb.AddContactRequest(username="alice"), metadata=auth(dave))
+    (erin, frank) = enrol(mb.dir, mb.box, "erin", "frank")  # keys, not alice's contacts
+    mb.dir.AddContact(dpb.AddContactRequest(username="frank"), metadata=alice.metadata)
     cases: list[tuple[Code, str, list[bytes], str]] = [
         (Code.NOT_FOUND, "nobody", [b"x"], "no such user"),
         (Code.FAILED_PRECONDITION, "erin", [b"x"], "not in your contacts"),
+        (Code.FAILED_PRECONDITION, "frank", [b"x"], "has not accepted"),  # asked, not accepted
         (Code.FAILED_PRECONDITION, "dave", [b"x"], "mailbox key"),
         (Code.INVALID_ARGUMENT, "bob", [], "1 to 500"),
         (Code.INVALID_ARGUMENT, "bob", [b"x"] * 501, "1 to 500"),
@@ -227,7 +231,7 @@ def test_refused_deposits_store_nothing(mb: Mailbox) -> None:
     assert mb.held() == 0
     # The largest envelope allowed is taken.
     assert len(deposit(mb.box, alice, "Bob", b"z" * MAX_ENVELOPE_BYTES).ids) == 1
-    assert mb.held() == 1 and erin.name == "erin" and bob.name == "bob"
+    assert mb.held() == 1 and erin.name == "erin" and bob.name == "bob" and frank.name == "frank"
 
 
 def test_a_mailbox_full_by_count_refuses_the_whole_batch_with_a_reason(

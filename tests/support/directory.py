@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from p2pchat.v1 import directory_pb2 as dpb
 from p2pchat.v1 import directory_pb2_grpc
 from p2pchat_directory.config import Settings
 from p2pchat_directory.server import DirectoryServer, create_server
@@ -97,6 +98,17 @@ class DirectoryProcess(ServiceProcess):
     @property
     def port(self) -> int:
         return self.ports[0]
+
+
+def add_each_other(
+    stub: directory_pb2_grpc.DirectoryServiceStub, *sessions: tuple[str, str]
+) -> None:
+    """Makes every (username, token) of `sessions` ask every other: ACCEPTED contacts, as two
+    users who add each other are (contact consent)."""
+    for name, token in sessions:
+        for other, _ in sessions:
+            if other != name:
+                stub.AddContact(dpb.AddContactRequest(username=other), metadata=auth(token))
 
 
 def expect_error(code: grpc.StatusCode, call: Callable[..., Any], *args: Any, **kw: Any) -> str:

@@ -52,6 +52,10 @@ class Settings:
     mailbox_max_bytes: int = 64 * 1024 * 1024
     mailbox_deposit_rate: float = 100.0
     mailbox_expiry: timedelta = timedelta(days=14)
+    # Contact consent: requests one user may send in an hour (counted in the database, shared by
+    # replicas), and requests awaiting one user's answer before further ones are refused.
+    contact_request_rate: int = 20
+    contact_request_cap: int = 100
     grace_period: float = 5.0
     workers: int = 8
     log_level: str = "INFO"
@@ -211,6 +215,21 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "[P2PCHAT_MAILBOX_EXPIRY] (default %(default)s)",
     )
     p.add_argument(
+        "--contact-request-rate",
+        type=positive_int,
+        default=env(environ, "CONTACT_REQUEST_RATE", str(d.contact_request_rate)),
+        help="contact requests one user may send in an hour; more get RESOURCE_EXHAUSTED "
+        "[P2PCHAT_CONTACT_REQUEST_RATE] (default %(default)s)",
+    )
+    p.add_argument(
+        "--contact-request-cap",
+        type=positive_int,
+        default=env(environ, "CONTACT_REQUEST_CAP", str(d.contact_request_cap)),
+        help="contact requests that may await one user's answer; further requests to them get "
+        "RESOURCE_EXHAUSTED (none is dropped) [P2PCHAT_CONTACT_REQUEST_CAP] "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--workers",
         type=positive_int,
         default=env(environ, "WORKERS", str(d.workers)),
@@ -254,6 +273,8 @@ def load_settings(
         mailbox_max_bytes=int(ns.mailbox_max_bytes),
         mailbox_deposit_rate=float(ns.mailbox_deposit_rate),
         mailbox_expiry=timedelta(seconds=float(ns.mailbox_expiry)),
+        contact_request_rate=int(ns.contact_request_rate),
+        contact_request_cap=int(ns.contact_request_cap),
         grace_period=float(ns.grace_period),
         workers=int(ns.workers),
         log_level=ns.log_level,

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from p2pchat_common.errors import StartupError
 from p2pchat_common.files import private_dir, private_file
 from p2pchat_common.sqlite import ThreadConnections
-from p2pchat_directory.models import ContactsBase, UsersBase
+from p2pchat_directory.models import Contact, ContactsBase, UsersBase
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,52 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
+# Columns added to `contacts` by contact consent (issue 14), with their DDL. An existing row
+# becomes 'want': a pair both added is ACCEPTED, a one-sided one a request awaiting the other.
+_CONTACT_COLUMNS = (
+    ("state", "VARCHAR(8) NOT NULL DEFAULT 'want'"),
+    ("note", "VARCHAR(200) NOT NULL DEFAULT ''"),
+    ("requested_at", None),  # the dialect's type of the model's column; NULL, then filled
+)
+
+
+def upgrade_contacts(conn: Connection) -> None:
+    """Brings a `contacts` table made before contact consent up to the model: adds the missing
+    columns (an old request's time is when it was added) and the index. Idempotent."""
+    present = {c["name"] for c in inspect(conn).get_columns("contacts")}
+    added = False
+    for name, ddl in _CONTACT_COLUMNS:
+        if name in present:
+            continue
+        if ddl is None:
+            ddl = Contact.__table__.c[name].type.compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE contacts ADD COLUMN {name} {ddl}"))
+        added = True
+    if added:
+        conn.execute(
+            text("UPDATE contacts SET requested_at = created_at WHERE requested_at IS NULL")
+        )
+        log.info("contacts table upgraded for contact consent: existing pairs kept as requests")
+    table: Table = Contact.__table__  # type: ignore[assignment]
+    for index in table.indexes:
+        index.create(conn, checkfirst=True)
+
+
+_UPGRADES: dict[type[DeclarativeBase], Callable[[Connection], None]] = {
+    ContactsBase: upgrade_contacts
+}
+
+
 def create_schema(engine: Engine, base: type[DeclarativeBase]) -> None:
-    """Creates missing tables; on PostgreSQL under an advisory lock so replicas may race."""
+    """Creates missing tables and upgrades old ones; on PostgreSQL under an advisory lock so
+    replicas may race."""
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
         base.metadata.create_all(conn)
+        upgrade = _UPGRADES.get(base)
+        if upgrade is not None:
+            upgrade(conn)
 
 
 def sqlite_reader(engine: Engine) -> ThreadConnections | None:

@@ -80,12 +80,70 @@ class FailedLogin(UsersBase):
 
 
 class Contact(ContactsBase):
+    """The owner's side of a pair: the owner wants the contact ('want'), wanted them but was
+    declined ('declined': still REQUESTED to its owner, no longer AWAITING to the other), or
+    blocked them ('block'). ACCEPTED is both rows 'want' (consent.contact_state)."""
+
     __tablename__ = "contacts"
+    # The requests awaiting one user's answer (the per-recipient cap, ListContactRequests).
+    __table_args__ = (Index("ix_contacts_contact_state", "contact", "state"),)
 
     owner: Mapped[str] = mapped_column(String(32), primary_key=True)
     contact: Mapped[str] = mapped_column(String(32), primary_key=True)
     pinned_address: Mapped[str] = mapped_column(String(261), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Added to existing databases by db.upgrade_contacts (create_all adds no columns).
+    state: Mapped[str] = mapped_column(String(8), default="want", server_default="want")
+    note: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ContactRequestMade(ContactsBase):
+    """One contact request a user sent: counted per requester over the last hour (shared by
+    replicas); older ones are deleted as new ones are recorded."""
+
+    __tablename__ = "contact_requests_made"
+    __table_args__ = (
+        Index("ix_contact_requests_made_requester_at", "requester", "at"),
+        Index("ix_contact_requests_made_at", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    requester: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ContactPolicyRow(ContactsBase):
+    """Who may send a user requests: 'anyone' (also when absent), 'invite' or 'nobody'."""
+
+    __tablename__ = "contact_policies"
+
+    username: Mapped[str] = mapped_column(String(32), primary_key=True)
+    policy: Mapped[str] = mapped_column(String(8))
+
+
+class InviteRow(ContactsBase):
+    """An invite code: the directory keeps its SHA-256, never the code."""
+
+    __tablename__ = "contact_invites"
+    __table_args__ = (Index("ix_contact_invites_owner_created_at", "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # the public handle
+    code_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    owner: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    uses_left: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: unlimited
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ContactsChanged(ContactsBase):
+    """When a user's contacts last changed, on either side (HeartbeatResponse)."""
+
+    __tablename__ = "contacts_changed"
+
+    username: Mapped[str] = mapped_column(String(32), primary_key=True)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class IssuedCertificateRow(UsersBase):

@@ -1,6 +1,7 @@
-"""Queries of the directory databases. Most functions take the SQLAlchemy session it works in (the
-caller owns the transaction); the hot reads every authenticated call makes take the Databases and
-run in plain SQL on a SQLite file, through SQLAlchemy Core elsewhere."""
+"""Queries of the users database (consent_store has those of contacts). Most functions take the
+SQLAlchemy session it works in (the caller owns the transaction); the hot reads every
+authenticated call makes take the Databases and run in plain SQL on a SQLite file, through
+SQLAlchemy Core elsewhere."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from p2pchat_common.errors import AlreadyExists
 from p2pchat_common.timestamps import sqlite_text, sqlite_time
 from p2pchat_directory.db import Databases
 from p2pchat_directory.models import (
-    Contact,
     FailedLogin,
     IssuedCertificateRow,
     MailboxKey,
@@ -58,9 +58,6 @@ _USER_SUMMARY = (
     .outerjoin(MailboxKey, _CURRENT_MAILBOX_KEY)
     .where(User.username == bindparam("username"))
 )
-_PINNED_ADDRESS = select(Contact.pinned_address).where(
-    Contact.owner == bindparam("owner"), Contact.contact == bindparam("contact")
-)
 
 
 # The same reads in plain SQL for a SQLite file (times as SQLAlchemy stores them there).
@@ -73,7 +70,6 @@ _SQLITE_OWNER_AND_USER = (
     "ON m.username = u.username AND m.public_key_sha256 = u.public_key_sha256 "
     "WHERE s.token_hash = ? AND s.expires_at > ?"
 )
-_SQLITE_PINNED_ADDRESS = "SELECT pinned_address FROM contacts WHERE owner = ? AND contact = ?"
 
 
 def session_owner(dbs: Databases, token_hash: str, now: datetime) -> str | None:
@@ -115,17 +111,6 @@ def owner_and_user(
             return None, None
         row = conn.execute(_USER_SUMMARY, {"username": username}).one_or_none()
         return owner, None if row is None else UserSummary(*row)
-
-
-def pinned_address(dbs: Databases, owner: str, contact: str) -> str | None:
-    """The contact's pinned address ("" when none), or None when not a contact."""
-    if dbs.contacts_reader is not None:
-        with dbs.contacts_reader.use() as db:
-            row = db.execute(_SQLITE_PINNED_ADDRESS, (owner, contact)).fetchone()
-        return None if row is None else str(row[0])
-    with dbs.contacts_engine.connect() as conn:
-        params = {"owner": owner, "contact": contact}
-        return conn.execute(_PINNED_ADDRESS, params).scalar_one_or_none()
 
 
 def _session_owner(conn: Connection, token_hash: str, now: datetime) -> str | None:
@@ -235,23 +220,6 @@ def count_live_sessions(s: Session, username: str, now: datetime) -> int:
         )
         or 0
     )
-
-
-def add_contact(s: Session, row: Contact) -> None:
-    s.add(row)
-    try:
-        s.flush()
-    except IntegrityError:
-        raise AlreadyExists(f"{row.contact!r} is already in your contacts") from None
-
-
-def delete_contact(s: Session, owner: str, contact: str) -> bool:
-    result = s.execute(delete(Contact).where(Contact.owner == owner, Contact.contact == contact))
-    return bool(getattr(result, "rowcount", 0))
-
-
-def list_contacts(s: Session, owner: str) -> Sequence[Contact]:
-    return s.scalars(select(Contact).where(Contact.owner == owner).order_by(Contact.contact)).all()
 
 
 # -- issued user certificates ---------------------------------------------------------------

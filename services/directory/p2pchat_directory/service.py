@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from p2pchat_common.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     RateLimited,
     Unauthenticated,
 )
 from p2pchat_common.validation import normalize_address, normalize_username, validate_password
+from p2pchat_directory import consent_store
 from p2pchat_directory import repository as repo
 from p2pchat_directory.ca import CertificateAuthority, IssuedCertificate
 from p2pchat_directory.certificates import (
@@ -31,8 +31,9 @@ from p2pchat_directory.certificates import (
     reserved_usernames,
 )
 from p2pchat_directory.config import Settings
+from p2pchat_directory.consent import ContactsService, ContactView, contact_view, require_accepted
 from p2pchat_directory.db import Databases
-from p2pchat_directory.models import Contact, User, UserSession
+from p2pchat_directory.models import User, UserSession
 from p2pchat_directory.passwords import DUMMY_HASH, hash_password, verify_password
 from p2pchat_directory.throttle import login_refusal
 
@@ -68,34 +69,6 @@ def _owner(found: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class ContactView:
-    username: str
-    address: str
-    pinned_address: str
-    online: bool
-    last_seen: datetime | None
-
-
-def contact_view(
-    username: str,
-    pinned_address: str,
-    registered_address: str,
-    online_until: datetime | None,
-    last_seen: datetime | None,
-    now: datetime,
-) -> ContactView:
-    """How a contact looks to its owner: the pinned address wins over the registered one, and
-    online means a heartbeat within the presence TTL (online_until still ahead)."""
-    return ContactView(
-        username=username,
-        address=pinned_address or registered_address,
-        pinned_address=pinned_address,
-        online=online_until is not None and online_until > now,
-        last_seen=last_seen,
-    )
-
-
-@dataclass(frozen=True)
 class LookupView:
     contact: ContactView
     public_key_sha256: str
@@ -120,6 +93,7 @@ class HeartbeatResult:
     session_expires_at: datetime
     online_until: datetime
     server_time: datetime
+    contacts_changed_at: datetime | None = None  # None: never changed
 
 
 class DirectoryService:
@@ -135,6 +109,7 @@ class DirectoryService:
         self._ca = ca
         self._now = clock
         self._reserved = reserved_usernames(settings)
+        self.contacts = ContactsService(settings, dbs, self.authenticate, clock)
 
     def warn_of_lookalikes(self) -> None:
         """After an upgrade from the first layout (one CA for users and the directory): names
@@ -262,7 +237,10 @@ class DirectoryService:
             if user is not None:
                 user.last_seen = now
                 user.online_until = online_until
-        return HeartbeatResult(expires, online_until, self._now())
+        # Apart from the users transaction: the contacts may live in another database, and
+        # this time is written with the change it reports. One primary-key read.
+        changed = consent_store.changed_at(self._dbs, name)
+        return HeartbeatResult(expires, online_until, self._now(), changed)
 
     def renew_certificate(self, token: str, csr_pem: bytes) -> IssuedCertificate:
         name = self.authenticate(token)
@@ -308,69 +286,19 @@ class DirectoryService:
         served_by_us = self._settings.tls_cert is None and not self._settings.insecure
         return self._ca.cert_pem if served_by_us else b""
 
-    # -- contacts ------------------------------------------------------------------------------
-
-    def _view(self, row: Contact, user: User | None) -> ContactView:
-        if user is None:
-            return contact_view(row.contact, row.pinned_address, "", None, None, self._now())
-        return contact_view(
-            row.contact,
-            row.pinned_address,
-            user.address,
-            user.online_until,
-            user.last_seen,
-            self._now(),
-        )
-
-    def _existing_user(self, username: str) -> User:
-        with self._dbs.users() as s:
-            user = repo.get_user(s, username)
-        if user is None:
-            raise NotFound(f"no such user: {username!r}")
-        return user
-
-    def add_contact(self, token: str, username: str, address: str) -> ContactView:
-        owner = self.authenticate(token)
-        name = normalize_username(username)
-        pinned = normalize_address(address)
-        if name == owner:
-            raise InvalidArgument("you cannot add yourself as a contact")
-        user = self._existing_user(name)
-        row = Contact(owner=owner, contact=name, pinned_address=pinned, created_at=self._now())
-        with self._dbs.contacts() as s, s.begin():
-            repo.add_contact(s, row)
-        log.info("%s added contact %s", owner, name)
-        return self._view(row, user)
-
-    def remove_contact(self, token: str, username: str) -> None:
-        owner = self.authenticate(token)
-        name = normalize_username(username)
-        with self._dbs.contacts() as s, s.begin():
-            if not repo.delete_contact(s, owner, name):
-                raise NotFound(f"{name!r} is not in your contacts")
-        log.info("%s removed contact %s", owner, name)
-
-    def list_contacts(self, token: str) -> list[ContactView]:
-        owner = self.authenticate(token)
-        with self._dbs.contacts() as s:
-            rows = repo.list_contacts(s, owner)
-        with self._dbs.users() as s:
-            users = repo.users_by_name(s, (r.contact for r in rows))
-        return [self._view(r, users.get(r.contact)) for r in rows]
+    # -- contacts (consent.py has the use cases) -------------------------------------------------
 
     def caller_and_contact(
         self, token: str, username: str, now: datetime
     ) -> tuple[str, str, repo.UserSummary, str]:
         """(caller, contact's canonical name, their summary, pinned address) in two short reads;
-        Unauthenticated, NotFound, or FailedPrecondition when not in the caller's contacts."""
+        Unauthenticated, NotFound, or FailedPrecondition unless they are ACCEPTED contacts."""
         name = normalize_username(username)
         owner, user = repo.owner_and_user(self._dbs, _checked_token_hash(token), now, name)
         owner = _owner(owner)
         if user is None:
             raise NotFound(f"no such user: {name!r}")
-        pinned = repo.pinned_address(self._dbs, owner, name)
-        if pinned is None:
-            raise FailedPrecondition(f"{name!r} is not in your contacts: add them first")
+        pinned = require_accepted(name, consent_store.pair_read(self._dbs, owner, name))
         return owner, name, user, pinned
 
     def lookup(self, token: str, username: str) -> LookupView:

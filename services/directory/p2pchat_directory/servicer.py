@@ -16,10 +16,11 @@ from urllib.parse import unquote
 
 import grpc
 
-from p2pchat.v1 import common_pb2, directory_pb2, directory_pb2_grpc
+from p2pchat.v1 import directory_pb2, directory_pb2_grpc
 from p2pchat_common.timestamps import to_timestamp
 from p2pchat_directory.certificates import CertificateState
-from p2pchat_directory.service import ContactView, DirectoryService
+from p2pchat_directory.contacts_servicer import ContactRpcs, contact_pb
+from p2pchat_directory.service import DirectoryService
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -53,29 +54,21 @@ def client_source(context: Context) -> str:
     return "unknown" if ip is None else str(ip)
 
 
-def contact_pb(view: ContactView) -> common_pb2.Contact:
-    pb = common_pb2.Contact(
-        username=view.username,
-        address=view.address,
-        pinned_address=view.pinned_address,
-        online=view.online,
-    )
-    if view.last_seen is not None:
-        pb.last_seen.CopyFrom(to_timestamp(view.last_seen))
-    return pb
-
-
-class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
+class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer):
     def __init__(
         self, service: DirectoryService, executor: ThreadPoolExecutor, inline_reads: bool
     ) -> None:
         self._svc = service
+        self._contacts = service.contacts
         self._executor = executor
         self._inline_reads = inline_reads
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def _token(self, context: Context) -> str:
+        return bearer_token(context)
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """A read-only use case. On SQLite in WAL mode a read never waits for a writer and takes
@@ -127,11 +120,14 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
         self, request: directory_pb2.HeartbeatRequest, context: Context
     ) -> directory_pb2.HeartbeatResponse:
         result = await self._run(self._svc.heartbeat, bearer_token(context))
-        return directory_pb2.HeartbeatResponse(
+        response = directory_pb2.HeartbeatResponse(
             session_expires_at=to_timestamp(result.session_expires_at),
             online_until=to_timestamp(result.online_until),
             server_time=to_timestamp(result.server_time),
         )
+        if result.contacts_changed_at is not None:
+            response.contacts_changed_at.CopyFrom(to_timestamp(result.contacts_changed_at))
+        return response
 
     async def RenewCertificate(
         self, request: directory_pb2.RenewCertificateRequest, context: Context
@@ -145,27 +141,6 @@ class DirectoryServicer(directory_pb2_grpc.DirectoryServiceServicer):
             ca_certificate_pem=self._svc.ca_certificate_pem,
             directory_ca_pem=self._svc.directory_ca_pem,
         )
-
-    async def AddContact(
-        self, request: directory_pb2.AddContactRequest, context: Context
-    ) -> directory_pb2.AddContactResponse:
-        view = await self._run(
-            self._svc.add_contact, bearer_token(context), request.username, request.address
-        )
-        return directory_pb2.AddContactResponse(contact=contact_pb(view))
-
-    async def RemoveContact(
-        self, request: directory_pb2.RemoveContactRequest, context: Context
-    ) -> directory_pb2.RemoveContactResponse:
-        await self._run(self._svc.remove_contact, bearer_token(context), request.username)
-        return directory_pb2.RemoveContactResponse()
-
-    async def ListContacts(
-        self, request: directory_pb2.ListContactsRequest, context: Context
-    ) -> directory_pb2.ListContactsResponse:
-        # Through the ORM (not the plain-SQL reads of Lookup): in a worker thread.
-        views = await self._run(self._svc.list_contacts, bearer_token(context))
-        return directory_pb2.ListContactsResponse(contacts=[contact_pb(v) for v in views])
 
     async def Lookup(
         self, request: directory_pb2.LookupRequest, context: Context
