@@ -1414,7 +1414,9 @@ async def memory(ctx: Context, lazy: Lazy) -> Figures:
     (agent,) = world.users("idle", befriend=False)
     await asyncio.sleep(p.idle_settle)
     idle = rss_mb(agent.pid)
-    identities = await asyncio.to_thread(make_identities, world.directory.data_dir, p.memory_links)
+    identities = await asyncio.to_thread(
+        make_identities, world.directory.data_dir, p.memory_links, "peer", agent.name
+    )
     links = PeerLinks(
         identities, world.directory.users_ca_pem, f"127.0.0.1:{agent.peer_port}", agent.name
     )

@@ -28,7 +28,7 @@ from p2pchat_directory import repository as repo
 from p2pchat_directory.ca import CertificateAuthority
 from p2pchat_directory.config import Settings
 from p2pchat_directory.db import Databases
-from p2pchat_directory.models import IssuedCertificateRow
+from p2pchat_directory.models import Contact, IssuedCertificateRow, User
 
 
 @dataclass
@@ -39,8 +39,11 @@ class PeerIdentity:
 
 
 def make_identities(
-    directory_data_dir: Path, count: int, prefix: str = "peer"
+    directory_data_dir: Path, count: int, prefix: str = "peer", accepted_by: str = ""
 ) -> list[PeerIdentity]:
+    """`count` users with directory-signed certificates, written straight into the directory's
+    databases; with `accepted_by`, each is an accepted contact of that user (both rows 'want':
+    contact consent lets their links through)."""
     ca = CertificateAuthority.load_or_create(directory_data_dir)
     settings = Settings(data_dir=directory_data_dir)
     dbs = Databases.open(settings.users_url, settings.contacts_url)
@@ -63,6 +66,18 @@ def make_identities(
                     expires_at=issued.expires_at,
                 )
                 repo.add_certificate(s, row)
+                if accepted_by:
+                    s.add(User(username=name, password_hash="!", created_at=now))
+        if accepted_by:
+            with dbs.contacts() as s, s.begin():
+                for peer in out:
+                    for owner, contact in (
+                        (peer.username, accepted_by),
+                        (accepted_by, peer.username),
+                    ):
+                        s.add(
+                            Contact(owner=owner, contact=contact, created_at=now, requested_at=now)
+                        )
     finally:
         dbs.dispose()
     return out

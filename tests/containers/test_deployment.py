@@ -110,7 +110,8 @@ def test_register_login_and_contacts_through_the_cli_and_the_grpc_apis(
     login = carol.Login(apb.AgentLoginRequest(username="carol", password=PASSWORD), timeout=30)
     assert login.address == "carol:50052"
 
-    assert "added bob (bob:50052)" in d.cli("alice", "add-contact", "bob")
+    # Contact consent: alice's first add is a request; bob's add back accepts it.
+    assert "added bob: request sent" in d.cli("alice", "add-contact", "bob")
     d.cli("alice", "add-contact", "carol")
     d.cli("bob", "add-contact", "alice")
     d.cli("bob", "add-contact", "carol")

@@ -106,7 +106,12 @@ OLD_AND_NEW: list[tuple[Message, type[Message]]] = [
         dpb.ListContactsResponse(contacts=[contact("ann", False), contact("bob", True)]),
         apb.AgentListContactsResponse,
     ),
-    (dpb.AddContactRequest(username="Bob", address="bob.lan:6000"), apb.AgentAddContactRequest),
+    (
+        dpb.AddContactRequest(
+            username="Bob", address="bob.lan:6000", note="hello", invite_code="c0de"
+        ),
+        apb.AgentAddContactRequest,
+    ),
     (dpb.AddContactResponse(contact=contact("bob", True)), apb.AgentAddContactResponse),
     (dpb.RemoveContactRequest(username="bob"), apb.AgentRemoveContactRequest),
     (dpb.RemoveContactResponse(), apb.AgentRemoveContactResponse),
@@ -190,15 +195,21 @@ def test_a_real_agent_answers_the_new_messages_and_an_older_cli_alike(
     )
     alice.login("alice")
 
-    # AddContact and ListContacts: the new messages, and the older CLI's on the same agent. bob
-    # has not logged in yet: the address he has is the one his agent registered for him.
+    # AddContact and ListContacts: the new messages, and the older CLI's on the same agent.
+    # alice's AddContact is a request: nothing of bob is revealed until he accepts.
     bob_address = bob.status().address
     added = alice.stub.AddContact(apb.AgentAddContactRequest(username="Bob"), timeout=30).contact
-    assert (added.username, added.address, added.pinned_address) == ("bob", bob_address, "")
+    requested = cpb.CONTACT_STATE_REQUESTED
+    assert (added.username, added.address, added.pinned_address, added.state) == (
+        "bob",
+        "",
+        "",
+        requested,
+    )
     bob.login("bob")
     listed = alice.stub.ListContacts(apb.AgentListContactsRequest(), timeout=30)
     assert isinstance(listed, apb.AgentListContactsResponse)
-    assert [(c.username, c.address) for c in listed.contacts] == [("bob", bob_address)]
+    assert [(c.username, c.address, c.state) for c in listed.contacts] == [("bob", "", requested)]
     pinned = old(
         "AddContact",
         dpb.AddContactRequest(username="alice", address="alice.lan:7"),
@@ -209,6 +220,8 @@ def test_a_real_agent_answers_the_new_messages_and_an_older_cli_alike(
     seen_by_old = old("ListContacts", dpb.ListContactsRequest(), dpb.ListContactsResponse)
     assert isinstance(seen_by_old, dpb.ListContactsResponse)
     assert [c.username for c in seen_by_old.contacts] == ["alice"]
+    # bob asked alice back: accepted, and alice sees where bob is.
+    assert [(c.username, c.address) for c in alice.contacts()] == [("bob", bob_address)]
 
     # RemoveContact, then Logout; a second Logout is refused: nobody is logged in.
     alice.stub.RemoveContact(apb.AgentRemoveContactRequest(username="bob"), timeout=30)
@@ -218,7 +231,10 @@ def test_a_real_agent_answers_the_new_messages_and_an_older_cli_alike(
         apb.AgentRemoveContactRequest(username="bob"),
         timeout=30,
     )
-    assert alice.contacts() == []
+    # bob's side stands: alice sees his request, nothing more.
+    assert [(c.username, c.state) for c in alice.contacts()] == [
+        ("bob", cpb.CONTACT_STATE_AWAITING)
+    ]
     assert isinstance(
         alice.stub.Logout(apb.AgentLogoutRequest(), timeout=30), apb.AgentLogoutResponse
     )

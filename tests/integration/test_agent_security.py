@@ -25,15 +25,41 @@ from tests.support.agent import AgentClient, InProcessAgent, logged_in, wait_unt
 from tests.support.directory import PASSWORD, InProcessDirectory
 
 
-def certificate_for(directory: InProcessDirectory, name: str, tmp: Path) -> tuple[bytes, bytes]:
-    """A genuine directory-signed (key, certificate) for a freshly registered user."""
+def certificate_for(
+    directory: InProcessDirectory, name: str, tmp: Path, asks: str = ""
+) -> tuple[bytes, bytes]:
+    """A genuine directory-signed (key, certificate) for a freshly registered user; with
+    `asks`, that user also sends `asks` a contact request (accepted once `asks` adds them)."""
     stub = directory.stub()
     stub.Register(dpb.RegisterRequest(username=name, password=PASSWORD))
     key = load_or_create_key(tmp, name)
     login = stub.Login(
         dpb.LoginRequest(username=name, password=PASSWORD, csr_pem=make_csr(key, name))
     )
+    if asks:
+        metadata = (("authorization", f"Bearer {login.session_token}"),)
+        stub.AddContact(dpb.AddContactRequest(username=asks), metadata=metadata)
     return key, login.certificate_pem
+
+
+def ask_as(directory: InProcessDirectory, name: str, asks: str) -> None:
+    """`name` (registered with PASSWORD) sends `asks` a contact request, or accepts theirs."""
+    stub = directory.stub()
+    token = stub.Login(dpb.LoginRequest(username=name, password=PASSWORD)).session_token
+    stub.AddContact(
+        dpb.AddContactRequest(username=asks), metadata=(("authorization", f"Bearer {token}"),)
+    )
+
+
+def accepted_peer(
+    directory: InProcessDirectory, agent: AgentClient, name: str, tmp: Path
+) -> tuple[bytes, bytes]:
+    """certificate_for a user who is an accepted contact of `agent`'s user (both asked), so
+    that the agent lets their links through to the checks under test."""
+    me = agent.status().username
+    key, cert = certificate_for(directory, name, tmp, asks=me)
+    agent.add_contact(name)
+    return key, cert
 
 
 def frames(*items: ppb.Frame) -> Iterator[ppb.Frame]:
@@ -79,7 +105,7 @@ def test_impersonation_with_a_valid_certificate_is_refused_and_nothing_stored(
 ) -> None:
     (bob,) = logged_in(make_agent, "bob", befriend=False)
     bob_agent_port = bob_peer_port(make_agent, bob)
-    key, cert = certificate_for(agent_directory, "mallory", tmp_path)
+    key, cert = accepted_peer(agent_directory, bob, "mallory", tmp_path)
     ca = agent_directory.users_ca_pem
     # Hello in someone else's name.
     with pytest.raises(grpc.RpcError) as err:
@@ -98,7 +124,6 @@ def test_impersonation_with_a_valid_certificate_is_refused_and_nothing_stored(
     assert "alice" in (err.value.details() or "")
     bob.register("alice")
     bob.add_contact("alice")
-    bob.add_contact("mallory")
     assert bob.history("alice") == [] and bob.history("mallory") == []
 
 
@@ -118,13 +143,12 @@ def test_a_peer_message_outside_the_body_limit_is_refused_and_not_stored(
     why: str,
 ) -> None:
     (bob,) = logged_in(make_agent, "bob", befriend=False)
-    key, cert = certificate_for(agent_directory, "mallory", tmp_path)
+    key, cert = accepted_peer(agent_directory, bob, "mallory", tmp_path)
     sent = frames(hello("mallory"), message("mallory", "bob", body))
     with pytest.raises(grpc.RpcError) as err:
         link_call(bob_peer_port(make_agent, bob), agent_directory.users_ca_pem, key, cert, sent)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, why
     assert "1-16384 bytes of UTF-8" in (err.value.details() or "")
-    bob.add_contact("mallory")
     assert bob.history("mallory") == []
 
 
@@ -132,7 +156,7 @@ def test_a_peer_message_of_exactly_the_limit_in_multibyte_text_is_stored(
     make_agent: Callable[[str], InProcessAgent], agent_directory: InProcessDirectory, tmp_path: Path
 ) -> None:
     (bob,) = logged_in(make_agent, "bob", befriend=False)
-    key, cert = certificate_for(agent_directory, "mallory", tmp_path)
+    key, cert = accepted_peer(agent_directory, bob, "mallory", tmp_path)
     body = "é" * 8_192  # 16,384 bytes: at the limit
     acked = threading.Event()
 
@@ -151,7 +175,6 @@ def test_a_peer_message_of_exactly_the_limit_in_multibyte_text_is_stored(
                 acked.set()
                 break
     assert acked.is_set()
-    bob.add_contact("mallory")
     assert [m.body for m in bob.history("mallory")] == [body]
 
 

@@ -131,6 +131,7 @@ def test_serve_streams_every_incoming_message_live(
     carol.register("carol")
     carol.login("carol")
     carol.add_contact("bob")
+    bob.add_contact("carol")  # accepted: nothing of a stranger's would be stored
     stream = bob.stub.Serve(apb.ServeRequest(), timeout=30)
     got: queue.Queue[apb.ChatEvent] = queue.Queue()
 

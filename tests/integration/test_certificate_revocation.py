@@ -125,6 +125,9 @@ def test_an_open_link_from_a_revoked_certificate_is_closed_and_cannot_reopen(
     stub.Register(dpb.RegisterRequest(username="mallory", password=PASSWORD))
     key = new_key()
     session = login(stub, "mallory", key)
+    metadata = (("authorization", f"Bearer {session.session_token}"),)
+    stub.AddContact(dpb.AddContactRequest(username="bob"), metadata=metadata)
+    bob.add_contact("mallory")  # accepted contacts: the link gets as far as revocation
     creds = grpc.ssl_channel_credentials(agent_directory.users_ca_pem, key, session.certificate_pem)
     options = [("grpc.ssl_target_name_override", user_dns_name("bob"))]
     hold = threading.Event()

@@ -29,13 +29,24 @@ def test_a_scripted_session_from_register_to_history(
     ok(b, "register", "bob", "--password-stdin", stdin=PW)
     assert ok(a, "login", "alice", "--password-stdin", stdin=PW).startswith("logged in as alice")
     ok(b, "login", "bob", "--password-stdin", stdin=PW)
-    assert ok(a, "add-contact", "bob").startswith("added bob (127.0.0.1:")
-    ok(b, "add-contact", "alice")
+    assert ok(a, "add-contact", "bob") == (
+        "added bob: request sent; messages to them wait until they accept\n"
+    )
+    assert ok(b, "add-contact", "alice").startswith("added alice (127.0.0.1:")  # both asked
 
     contacts = json.loads(ok(a, "contacts", "--json"))
     assert [c["username"] for c in contacts] == ["bob"]
-    assert set(contacts[0]) == {"username", "address", "pinned_address", "online", "last_seen"}
-    assert contacts[0]["online"] is True
+    assert set(contacts[0]) == {
+        "username",
+        "address",
+        "pinned_address",
+        "online",
+        "last_seen",
+        "state",
+        "note",
+        "requested_at",
+    }
+    assert contacts[0]["online"] is True and contacts[0]["state"] == "accepted"
 
     sent = ok(a, "send", "bob", "hello from a script", "--wait", "10").split()
     assert len(sent) == 2 and sent[1] == "delivered"
@@ -65,7 +76,10 @@ def test_a_scripted_session_from_register_to_history(
     assert "alice" in ok(a, "status")
 
     assert ok(a, "remove-contact", "bob") == "removed bob\n"
-    assert json.loads(ok(a, "contacts", "--json")) == []
+    # bob's side stands: alice sees his request awaiting her answer, nothing more of him.
+    assert [
+        (c["username"], c["state"], c["address"]) for c in json.loads(ok(a, "contacts", "--json"))
+    ] == [("bob", "awaiting", "")]
     assert ok(a, "logout") == "logged out\n"
     assert json.loads(ok(a, "status", "--json"))["logged_in"] is False
 

@@ -50,9 +50,12 @@ def session(stub: Stub, name: str, address: str = "") -> str:
     return stub.Login(dpb.LoginRequest(username=name, password=PASSWORD)).session_token
 
 
-def address_of(stub: Stub, token: str, name: str) -> str:
-    """`name`'s address as another user sees it (adding them as a contact first)."""
+def address_of(stub: Stub, token: str, name: str, viewer: str = "erin") -> str:
+    """`name`'s address as `viewer` (whose session `token` is) sees it, once they are
+    accepted contacts: each adds the other first (a login of `name` that gives no address)."""
     stub.AddContact(dpb.AddContactRequest(username=name), metadata=auth(token))
+    theirs = stub.Login(dpb.LoginRequest(username=name, password=PASSWORD)).session_token
+    stub.AddContact(dpb.AddContactRequest(username=viewer), metadata=auth(theirs))
     return stub.Lookup(dpb.LookupRequest(username=name), metadata=auth(token)).contact.address
 
 

@@ -22,7 +22,13 @@ from p2pchat.v1 import peer_pb2_grpc
 from p2pchat_agent.handshake import answer_hello, dialler_hello, verify_answer
 from p2pchat_agent.identity import make_csr
 from p2pchat_common.tls import private_key_pem
-from tests.integration.test_agent_security import certificate_for, frames, link_call
+from tests.integration.test_agent_security import (
+    accepted_peer,
+    ask_as,
+    certificate_for,
+    frames,
+    link_call,
+)
 from tests.support.agent import InProcessAgent, logged_in, wait_until
 from tests.support.directory import PASSWORD, InProcessDirectory
 
@@ -62,12 +68,15 @@ def wrong_proof(
 
 
 def test_a_peer_that_cannot_prove_the_checked_key_on_the_link_gets_nothing(
-    make_agent: Callable[[str], InProcessAgent], wrong_proof: tuple[int, WrongProof]
+    make_agent: Callable[[str], InProcessAgent],
+    wrong_proof: tuple[int, WrongProof],
+    agent_directory: InProcessDirectory,
 ) -> None:
     port, impostor = wrong_proof
     agent = make_agent("alice")
     (alice,) = logged_in(lambda _name: agent, "alice", befriend=False)
     alice.add_contact("bob", f"127.0.0.1:{port}")
+    ask_as(agent_directory, "bob", "alice")  # accepted contacts: the dial goes ahead
     alice.send("bob", "for bob's eyes only")
     wait_until(lambda: impostor.dials >= 2)  # the first attempt is over: it was refused
     assert list(alice.status().linked_peers) == []
@@ -85,7 +94,7 @@ def test_an_agent_answers_with_a_proof_of_its_certificate_key(
     bob_agent = make_agent("bob")
     (bob,) = logged_in(lambda _name: bob_agent, "bob", befriend=False)
     port = int(bob.status().address.rpartition(":")[2])
-    key, cert = certificate_for(agent_directory, "mallory", tmp_path)
+    key, cert = accepted_peer(agent_directory, bob, "mallory", tmp_path)
     mine = dialler_hello("mallory")
     answer = link_call(port, agent_directory.users_ca_pem, key, cert, frames(mine))[0]
     bob_cert = x509.load_pem_x509_certificate(
@@ -101,7 +110,7 @@ def test_an_agent_of_protocol_1_is_refused_with_both_versions_named(
 ) -> None:
     (bob,) = logged_in(make_agent, "bob", befriend=False)
     port = int(bob.status().address.rpartition(":")[2])
-    key, cert = certificate_for(agent_directory, "mallory", tmp_path)
+    key, cert = accepted_peer(agent_directory, bob, "mallory", tmp_path)
     old = ppb.Frame(hello=ppb.Hello(username="mallory", protocol_version=1))
     with pytest.raises(grpc.RpcError) as err:
         link_call(port, agent_directory.users_ca_pem, key, cert, frames(old))
@@ -152,6 +161,7 @@ def test_a_peer_presenting_another_key_than_the_directory_knows_is_refused(
         with caplog.at_level(logging.INFO, logger="p2pchat_agent.dialer"):
             (alice,) = logged_in(make_agent, "alice", befriend=False)
             alice.add_contact("bob", f"127.0.0.1:{port}")
+            ask_as(agent_directory, "bob", "alice")  # accepted contacts: the dial goes ahead
             alice.send("bob", "for the real bob")
             wait_until(lambda: "other than the one the directory knows" in caplog.text)
         assert servicer.dials == 0  # refused on the probe, before any Hello

@@ -19,8 +19,8 @@ from p2pchat_agent.direct import FRAME_BODY_BYTES, MAX_FRAME_ACKS, MAX_FRAME_MES
 from p2pchat_common.timestamps import to_timestamp
 from p2pchat_common.tls import user_dns_name
 from tests.integration.test_agent_security import (
+    accepted_peer,
     bob_peer_port,
-    certificate_for,
     frames,
     hello,
     link_call,
@@ -109,8 +109,7 @@ def mallory(
     make_agent: Callable[[str], InProcessAgent], agent_directory: InProcessDirectory, tmp_path: Path
 ) -> Mallory:
     (bob,) = logged_in(make_agent, "bob", befriend=False)
-    key, cert = certificate_for(agent_directory, "mallory", tmp_path)
-    bob.add_contact("mallory")
+    key, cert = accepted_peer(agent_directory, bob, "mallory", tmp_path)
     return Mallory(bob, bob_peer_port(make_agent, bob), agent_directory.users_ca_pem, key, cert)
 
 

@@ -61,6 +61,11 @@ CLIENT = textwrap.dedent(
         .username
         for n, a in [("Zoe", "zoe.lan:50052"), ("yann", "10.1.2.3:6000"), ("xena", "")]
     ]
+    # yann asks zoe first (contact consent), then leaves: zoe's AddContact accepts at once.
+    yann = stub.Login(pb.LoginRequest(username="yann", password=password), timeout=T)
+    ymd = (("authorization", "Bearer " + yann.session_token),)
+    stub.AddContact(pb.AddContactRequest(username="zoe"), metadata=ymd, timeout=T)
+    stub.Logout(pb.LogoutRequest(), metadata=ymd, timeout=T)
     login = stub.Login(pb.LoginRequest(username="zoe", password=password), timeout=T)
     md = (("authorization", "Bearer " + login.session_token),)
     out["login"] = {
@@ -186,7 +191,7 @@ def test_client_generated_only_from_the_proto_files_uses_the_directory(tmp_path:
         "username": "yann",
         "address": "10.1.2.3:6000",
         "online": False,
-        "has_last_seen": False,
+        "has_last_seen": True,  # yann logged in and out
         "public_key_sha256": "",
     }
     assert report["lookup_non_contact"] == "FAILED_PRECONDITION"

@@ -11,7 +11,7 @@ import pytest
 
 from p2pchat_agent.store import MessageStore
 from tests.integration.test_agent_security import (
-    certificate_for,
+    accepted_peer,
     frames,
     hello,
     link_call,
@@ -67,7 +67,7 @@ def test_a_refused_link_pins_no_key(
     agent = make_agent("bob")
     (bob,) = logged_in(lambda _name: agent, "bob", befriend=False)
     port = int(bob.status().address.rpartition(":")[2])
-    key, cert = certificate_for(agent_directory, "mallory", tmp_path)
+    key, cert = accepted_peer(agent_directory, bob, "mallory", tmp_path)
     with pytest.raises(grpc.RpcError) as err:
         link_call(port, agent_directory.users_ca_pem, key, cert, sent())  # type: ignore[arg-type]
     assert err.value.code() in (

@@ -524,16 +524,16 @@ def test_reopening_keeps_everything_at_the_latest_schema_version(db_path: Path) 
         assert _send(second, "bob", "next").seq > received.seq
     finally:
         second.close()
-    assert _user_version(db_path) == len(schema_module.MIGRATIONS) == 4
+    assert _user_version(db_path) == len(schema_module.MIGRATIONS) == 5
 
 
 def test_a_db_from_a_newer_agent_is_refused(db_path: Path) -> None:
     MessageStore.open(db_path).close()
     with sqlite3.connect(db_path) as conn:
-        conn.execute("PRAGMA user_version = 5")
+        conn.execute("PRAGMA user_version = 6")
     conn.close()
 
-    with pytest.raises(RuntimeError, match="schema version 5 is newer than this agent knows"):
+    with pytest.raises(RuntimeError, match="schema version 6 is newer than this agent knows"):
         MessageStore.open(db_path)
 
 
@@ -548,7 +548,7 @@ def test_missing_migrations_are_applied_on_open(
     monkeypatch.setattr(schema_module, "MIGRATIONS", [*schema_module.MIGRATIONS, add_drafts])
     MessageStore.open(db_path).close()
 
-    assert _user_version(db_path) == 5
+    assert _user_version(db_path) == 6
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM drafts").fetchone() == (0,)
     conn.close()
@@ -568,7 +568,7 @@ def test_a_failing_migration_leaves_the_schema_and_version_unchanged(
     with pytest.raises(RuntimeError, match="boom"):
         MessageStore.open(db_path)
 
-    assert _user_version(db_path) == 4
+    assert _user_version(db_path) == 5
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         columns = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from p2pchat.v1 import common_pb2, directory_pb2
+from p2pchat.v1 import common_pb2
 from p2pchat_agent.clock import ClockWatch
 from p2pchat_agent.config import Settings
+from p2pchat_agent.contacts import Contacts
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import EventHub
 from p2pchat_agent.identity import Identity, StoredSession, load_or_make_key, make_csr, save_key
@@ -48,6 +49,7 @@ class Agent:
         self.peer_port = peer_port
         self._lock = asyncio.Lock()
         self.clock = ClockWatch()
+        self._contacts_changed_at: datetime | None = None  # as the last heartbeat said
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs blocking work other than the store's (key files, CSRs) in a thread."""
@@ -188,11 +190,25 @@ class Agent:
                 log.info("heartbeat failed: %s", exc)
                 continue
             active = self.active
+            if active is not None and beat.HasField("contacts_changed_at"):
+                changed = from_timestamp(beat.contacts_changed_at)
+                if changed != self._contacts_changed_at:
+                    first = self._contacts_changed_at is None
+                    self._contacts_changed_at = changed
+                    if not first:  # the session refreshed at its start
+                        await self._refresh_contacts(active)
             if active is not None:
                 expires = from_timestamp(beat.session_expires_at)
                 active.session = StoredSession(
                     active.username, active.session.token, active.session.directory, expires
                 )
+
+    @staticmethod
+    async def _refresh_contacts(active: UserSession) -> None:
+        try:
+            await active.contact_book().refresh()
+        except (Unavailable, Unauthenticated) as exc:
+            log.info("contacts not refreshed: %s", exc)
 
     async def _renew_certificate_if_due(self) -> None:
         active = self.active
@@ -228,14 +244,20 @@ class Agent:
     async def list_contacts(self) -> list[common_pb2.Contact]:
         return await self._require_active().list_contacts()
 
-    async def add_contact(self, username: str, address: str) -> common_pb2.Contact:
-        return await self._require_active().add_contact(username, address)
+    async def add_contact(
+        self, username: str, address: str, note: str = "", invite: str = ""
+    ) -> common_pb2.Contact:
+        return await self._require_active().add_contact(username, address, note, invite)
+
+    def contacts(self) -> Contacts:
+        """The logged-in user's contact use cases (requests, answers, policy, invites)."""
+        return self._require_active().contact_book()
 
     async def remove_contact(self, username: str) -> None:
         await self._require_active().remove_contact(username)
 
-    async def require_contact(self, peer: str) -> directory_pb2.LookupResponse | None:
-        return await self._require_active().require_contact(peer)
+    async def require_contact(self, peer: str) -> None:
+        await self._require_active().require_contact(peer)
 
     async def trust_peer_key(self, username: str) -> str:
         return await self._require_active().trust_peer_key(username)

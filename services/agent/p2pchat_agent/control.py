@@ -156,8 +156,71 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def AddContact(
         self, request: pb.AgentAddContactRequest, context: Context
     ) -> pb.AgentAddContactResponse:
-        contact = await self._agent.add_contact(request.username, request.address)
+        contact = await self._agent.add_contact(
+            request.username, request.address, request.note, request.invite_code
+        )
         return pb.AgentAddContactResponse(contact=contact)
+
+    # -- consent (contacts.py) -------------------------------------------------------------
+
+    async def ListContactRequests(
+        self, request: pb.AgentListContactRequestsRequest, context: Context
+    ) -> pb.AgentListContactRequestsResponse:
+        requests = await self._agent.contacts().requests()
+        return pb.AgentListContactRequestsResponse(requests=requests)
+
+    async def AcceptContact(
+        self, request: pb.AgentContactAnswerRequest, context: Context
+    ) -> pb.AgentContactAnswerResponse:
+        contact = await self._agent.contacts().accept(request.username)
+        return pb.AgentContactAnswerResponse(contact=contact)
+
+    async def DeclineContact(
+        self, request: pb.AgentContactAnswerRequest, context: Context
+    ) -> pb.AgentContactAnswerResponse:
+        await self._agent.contacts().decline(request.username)
+        return pb.AgentContactAnswerResponse()
+
+    async def BlockContact(
+        self, request: pb.AgentContactAnswerRequest, context: Context
+    ) -> pb.AgentContactAnswerResponse:
+        contact = await self._agent.contacts().block(request.username)
+        return pb.AgentContactAnswerResponse(contact=contact)
+
+    async def UnblockContact(
+        self, request: pb.AgentContactAnswerRequest, context: Context
+    ) -> pb.AgentContactAnswerResponse:
+        await self._agent.contacts().unblock(request.username)
+        return pb.AgentContactAnswerResponse()
+
+    async def SetContactPolicy(
+        self, request: pb.AgentSetContactPolicyRequest, context: Context
+    ) -> pb.AgentContactPolicyResponse:
+        policy = await self._agent.contacts().set_policy(request.policy)
+        return pb.AgentContactPolicyResponse(policy=policy)  # type: ignore[arg-type]
+
+    async def GetContactPolicy(
+        self, request: pb.AgentGetContactPolicyRequest, context: Context
+    ) -> pb.AgentContactPolicyResponse:
+        policy = await self._agent.contacts().get_policy()
+        return pb.AgentContactPolicyResponse(policy=policy)  # type: ignore[arg-type]
+
+    async def CreateInvite(
+        self, request: pb.AgentCreateInviteRequest, context: Context
+    ) -> pb.AgentInviteResponse:
+        contacts = self._agent.contacts()
+        invite = await contacts.create_invite(request.expires_in_seconds, request.max_uses)
+        return pb.AgentInviteResponse(invite=invite)
+
+    async def ListInvites(
+        self, request: pb.AgentListInvitesRequest, context: Context
+    ) -> pb.AgentListInvitesResponse:
+        return pb.AgentListInvitesResponse(invites=await self._agent.contacts().invites())
+
+    async def RevokeInvite(
+        self, request: pb.AgentRevokeInviteRequest, context: Context
+    ) -> pb.AgentInviteResponse:
+        return pb.AgentInviteResponse(invite=await self._agent.contacts().revoke_invite(request.id))
 
     async def RemoveContact(
         self, request: pb.AgentRemoveContactRequest, context: Context

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from p2pchat.v1 import common_pb2, directory_pb2_grpc, mailbox_pb2, mailbox_pb2_grpc
 from p2pchat.v1 import directory_pb2 as pb
-from p2pchat.v1 import directory_pb2_grpc, mailbox_pb2, mailbox_pb2_grpc
 from p2pchat_agent.config import Settings
 from p2pchat_common.errors import FailedPrecondition, Unavailable, from_rpc_error
 from p2pchat_common.serving import keepalive_options
@@ -123,9 +123,50 @@ class DirectoryClient:
     async def list_contacts(self) -> pb.ListContactsResponse:
         return await self._call(lambda s: s.ListContacts, pb.ListContactsRequest())
 
-    async def add_contact(self, username: str, address: str) -> pb.AddContactResponse:
-        req = pb.AddContactRequest(username=username, address=address)
+    async def add_contact(
+        self, username: str, address: str, note: str = "", invite_code: str = ""
+    ) -> pb.AddContactResponse:
+        req = pb.AddContactRequest(
+            username=username, address=address, note=note, invite_code=invite_code
+        )
         return await self._call(lambda s: s.AddContact, req)
+
+    # -- consent ----------------------------------------------------------------------------
+
+    async def list_contact_requests(self) -> pb.ListContactRequestsResponse:
+        return await self._call(lambda s: s.ListContactRequests, pb.ListContactRequestsRequest())
+
+    async def accept_contact(self, username: str) -> common_pb2.Contact:
+        req = pb.ContactAnswerRequest(username=username)
+        return (await self._call(lambda s: s.AcceptContact, req)).contact
+
+    async def decline_contact(self, username: str) -> None:
+        await self._call(lambda s: s.DeclineContact, pb.ContactAnswerRequest(username=username))
+
+    async def block_contact(self, username: str) -> common_pb2.Contact:
+        req = pb.ContactAnswerRequest(username=username)
+        return (await self._call(lambda s: s.BlockContact, req)).contact
+
+    async def unblock_contact(self, username: str) -> None:
+        await self._call(lambda s: s.UnblockContact, pb.ContactAnswerRequest(username=username))
+
+    async def set_contact_policy(self, policy: common_pb2.ContactPolicy.ValueType) -> int:
+        req = pb.SetContactPolicyRequest(policy=policy)
+        return (await self._call(lambda s: s.SetContactPolicy, req)).policy
+
+    async def get_contact_policy(self) -> int:
+        req = pb.GetContactPolicyRequest()
+        return (await self._call(lambda s: s.GetContactPolicy, req)).policy
+
+    async def create_invite(self, expires_in: int, max_uses: int) -> common_pb2.Invite:
+        req = pb.CreateInviteRequest(expires_in_seconds=expires_in, max_uses=max_uses)
+        return await self._call(lambda s: s.CreateInvite, req)
+
+    async def list_invites(self) -> list[common_pb2.Invite]:
+        return list((await self._call(lambda s: s.ListInvites, pb.ListInvitesRequest())).invites)
+
+    async def revoke_invite(self, id: str) -> common_pb2.Invite:
+        return await self._call(lambda s: s.RevokeInvite, pb.RevokeInviteRequest(id=id))
 
     async def remove_contact(self, username: str) -> None:
         await self._call(lambda s: s.RemoveContact, pb.RemoveContactRequest(username=username))

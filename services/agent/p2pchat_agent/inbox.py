@@ -77,6 +77,7 @@ class Inbox:
         send_acks: Callable[[str, list[str]], Awaitable[bool]],
         retry_max: float,
         body_limit: int,
+        admits: Callable[[str, bool], Awaitable[bool]] | None = None,
     ) -> None:
         """`send_acks(peer, ids)` sends an ack on an open direct link with `peer`; False when
         there is none (the receipt then goes through the mailbox)."""
@@ -87,7 +88,9 @@ class Inbox:
         self._send_acks = send_acks
         self._retry_max = retry_max
         self._body_limit = body_limit
+        self._admits = admits
         self._collected = False  # the current stream brought something: it worked
+        self._discard: list[int] = []
         self.counts = InboxCounts()
         self._call: grpc.aio.UnaryStreamCall[object, mailbox_pb2.CollectResponse] | None = None
 
@@ -146,6 +149,7 @@ class Inbox:
         else:
             opened = await asyncio.to_thread(lambda: [self._open(e) for e in envelopes])
         sorted_out = _Sorted()
+        self._discard = sorted_out.ack  # refused for good by _trusted: acknowledged too
         for envelope, result in zip(envelopes, opened, strict=True):
             if result is None:
                 sorted_out.ack.append(envelope.id)  # refused for good: do not bring it again
@@ -202,7 +206,12 @@ class Inbox:
         )
 
     async def _trusted(self, envelope: mailbox_pb2.Envelope, opened: Opened) -> bool:
-        """Whether the sender's key is the pinned one (pinned now on first contact)."""
+        """Whether the sender is an accepted contact (else it is refused for good: discarded
+        and acknowledged) and its key the pinned one (pinned now on first contact)."""
+        if self._admits is not None and not await self._admits(opened.sender, False):
+            self._refuse(envelope, f"{opened.sender} is not an accepted contact")
+            self._discard.append(envelope.id)
+            return False
         try:
             await self._pins.check(opened.sender, public_key_sha256(opened.certificate))
         except DomainError as exc:

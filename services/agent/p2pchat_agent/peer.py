@@ -21,14 +21,9 @@ direct.py (the link as a Transport: framing and the checks of what arrives).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
-import socket
-import ssl
-import tempfile
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -52,6 +47,7 @@ from p2pchat_agent.identity import Identity, load_certificate
 from p2pchat_agent.mailbox import Mailbox, MailboxTransport
 from p2pchat_agent.messages import StoredMessage
 from p2pchat_agent.pins import KeyPins
+from p2pchat_agent.probe import peer_identity, probe_peer_certificate
 from p2pchat_agent.registry import LinkRegistry, OpenLink
 from p2pchat_agent.revocation import RevocationChecker
 from p2pchat_common.errors import (
@@ -67,9 +63,8 @@ from p2pchat_common.tls import (
     device_id,
     public_key_sha256,
     user_dns_name,
-    user_identity,
 )
-from p2pchat_common.validation import parse_address, shown
+from p2pchat_common.validation import shown
 
 log = logging.getLogger(__name__)
 
@@ -86,44 +81,6 @@ def channel_options(keepalive: float) -> list[tuple[str, Any]]:
 
 
 HELLO_TIMEOUT = 10.0
-
-
-@functools.lru_cache(maxsize=2)  # the identity in use, and the one before a renewal
-def _probe_context(identity: Identity) -> ssl.SSLContext:
-    """A client TLS context with our certificate, trusting only our CA: made once per identity
-    (ssl loads a key only from a file), not on every dial and retry."""
-    ctx = ssl.create_default_context(cadata=identity.ca_pem.decode())
-    ctx.set_alpn_protocols(["h2"])
-    with tempfile.TemporaryDirectory() as tmp:
-        cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
-        cert.write_bytes(identity.cert_pem)
-        key.write_bytes(identity.key_pem)
-        ctx.load_cert_chain(cert, key)
-    return ctx
-
-
-def probe_peer_certificate(
-    address: str, peer: str, identity: Identity, timeout: float
-) -> x509.Certificate:
-    """The DER certificate the agent at `address` presents, verified to chain to our CA and to
-    name `peer` (blocking). Used to compare the real key with the pinned one before linking."""
-    target = parse_address(address)
-    ctx = _probe_context(identity)
-    with socket.create_connection((target.host, target.port), timeout=timeout) as raw:
-        with ctx.wrap_socket(raw, server_hostname=user_dns_name(peer)) as tls:
-            der = tls.getpeercert(binary_form=True)
-    if der is None:
-        raise Unavailable(f"{peer} at {address} presented no certificate")
-    cert = load_certificate(der)
-    if peer_identity(cert) != peer:
-        raise Unauthenticated(f"the agent at {address} does not present {peer}'s certificate")
-    return cert
-
-
-def peer_identity(cert: x509.Certificate) -> str | None:
-    """The user a verified peer certificate names (its URI SAN), or None."""
-    found = user_identity(cert)
-    return None if found is None else found[0]
 
 
 class LinkManager:
@@ -144,8 +101,12 @@ class LinkManager:
         dial_timeout: float = 5.0,
         keepalive: float = 10.0,
         pins: KeyPins | None = None,
+        admits: Callable[[str, bool], Awaitable[bool]] | None = None,
     ) -> None:
+        """`admits(peer)`: whether consent lets `peer` link with us (consent.ContactBook);
+        None: anyone the directory vouches for (tests of the link alone)."""
         self._identity = identity
+        self._admits = admits
         self._store = store
         self._delivery = delivery
         self._revocation = revocation
@@ -216,6 +177,21 @@ class LinkManager:
 
     def remember_address(self, peer: str, address: str) -> None:
         self._dialer.remember_address(peer, address)
+
+    def reached(self, peer: str) -> None:
+        """The next dial to `peer` starts without waiting (they just accepted us)."""
+        self._dialer.reached(peer)
+
+    def close_peer(self, peer: str) -> None:
+        """Closes the link (direct or mailbox) with `peer`: consent ended."""
+        entry = self.registry.get(peer)
+        if entry is not None:
+            log.info("closing %r: %s is no longer an accepted contact", entry.transport, peer)
+            entry.transport.close()
+
+    async def _require_consent(self, peer: str, ours: bool = False) -> None:
+        if self._admits is not None and not await self._admits(peer, ours):
+            raise PermissionDenied(f"{peer} is not an accepted contact of {self.me}")
 
     async def close(self) -> None:
         self._closing = True
@@ -308,6 +284,7 @@ class LinkManager:
             raise PermissionDenied(
                 f"Hello claims {shown(first.hello.username)} but the certificate names {peer!r}"
             )
+        await self._require_consent(peer)  # before anything is written (a pin, a message)
         cert_sha = certificate_sha256(cert)
         await self._revocation.require_good(peer, cert_sha)
         key_sha = public_key_sha256(cert)
@@ -331,6 +308,7 @@ class LinkManager:
 
     async def _dial_once(self, peer: str, target: Target) -> None:
         """Links with `peer` at `target` and runs delivery until the link ends."""
+        await self._require_consent(peer, ours=True)
         identity = self._identity()
         address = target.address
         timeout = self._dial_timeout

@@ -62,6 +62,10 @@ COLUMNS: dict[str, dict[str, bool]] = {
         "presented_sha256": False,
         "changed_at": False,
     },
+    "contacts": {
+        "peer": False,
+        "state": False,
+    },
     "fts_progress": {
         "id": False,
         "indexed_seq": False,
@@ -236,6 +240,18 @@ _SCHEMA_V4 = [
 ]
 
 
+# Version 5: contact consent. This agent's own copy of where consent stands with each user
+# (the directory's ContactState, as a word), kept from the directory's answers: what the agent
+# checks before it stores anything from anyone, also while the directory is unreachable or
+# wrong. Empty after the upgrade: filled at the first login or resume.
+_SCHEMA_V5 = [
+    """CREATE TABLE contacts (
+        peer VARCHAR(32) NOT NULL PRIMARY KEY,
+        state VARCHAR(9) NOT NULL CHECK (state IN ('accepted', 'requested', 'awaiting', 'blocked'))
+    ) WITHOUT ROWID""",
+]
+
+
 def _run(statements: list[str]) -> Callable[[sqlite3.Connection], None]:
     def migration(conn: sqlite3.Connection) -> None:
         for statement in statements:
@@ -251,6 +267,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run(_SCHEMA_V2),
     _run(_SCHEMA_V3),
     _run(_SCHEMA_V4),
+    _run(_SCHEMA_V5),
 ]
 
 

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from p2pchat.v1 import common_pb2, directory_pb2
+from p2pchat.v1 import common_pb2
 from p2pchat_agent.agent_store import AgentStore
 from p2pchat_agent.config import Settings
+from p2pchat_agent.consent import ContactBook
+from p2pchat_agent.contacts import Contacts
 from p2pchat_agent.delivery import Delivery
 from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.events import DeliveryEvent, EventHub, MessageEvent
@@ -30,7 +32,7 @@ from p2pchat_agent.outbox import Outbox
 from p2pchat_agent.peer import LinkManager
 from p2pchat_agent.pins import KeyPins
 from p2pchat_agent.revocation import RevocationChecker
-from p2pchat_common.errors import FailedPrecondition, InvalidArgument
+from p2pchat_common.errors import DomainError, FailedPrecondition, InvalidArgument
 from p2pchat_common.validation import normalize_username, utf8_size_over
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ class UserSession:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     inbox: Inbox | None = None  # None with --no-mailbox
     renewed_for_format: bool = False
-    contacts: set[str] = field(default_factory=set)  # known contacts (saves a Lookup per send)
+    contacts: Contacts | None = None  # set by open (the contact use cases and consent)
 
     @property
     def username(self) -> str:
@@ -79,6 +81,8 @@ class UserSession:
         ack_timeout = settings.keepalive * 0.75 if settings.mailbox else 0.0
         delivery = Delivery(store, events, ack_timeout=ack_timeout)
         pins = KeyPins(store, events)
+        book = ContactBook(store, directory)
+        await book.load()
         links = LinkManager(
             current_identity,
             store,
@@ -91,6 +95,7 @@ class UserSession:
             settings.dial_timeout,
             settings.keepalive,
             pins,
+            book.admits,
         )
 
         def on_stored(messages: list[StoredMessage]) -> None:
@@ -98,6 +103,11 @@ class UserSession:
 
         outbox = Outbox(store, on_stored)
         user = cls(session, identity, store, links, outbox, settings, directory, events)
+        user.contacts = Contacts(book, directory, links)
+        try:
+            await user.contacts.refresh()
+        except DomainError as exc:  # the directory is away: the stored copy stands
+            log.info("contacts not refreshed at start (%s)", exc)
         outbox.start()
         if settings.mailbox:
             key = await asyncio.to_thread(
@@ -114,6 +124,7 @@ class UserSession:
                 links.send_acks,
                 settings.retry_max,
                 settings.body_limit,
+                book.admits,
             )
             loop = asyncio.get_running_loop()
             user.tasks.append(loop.create_task(user.inbox.run(), name="inbox"))
@@ -154,33 +165,26 @@ class UserSession:
         await self.links.close()
         await self.store.close()
 
-    # -- contacts -------------------------------------------------------------------------------
+    # -- contacts (contacts.py) ---------------------------------------------------------------
+
+    def contact_book(self) -> Contacts:
+        assert self.contacts is not None
+        return self.contacts
 
     async def list_contacts(self) -> list[common_pb2.Contact]:
-        contacts = list((await self.directory.list_contacts()).contacts)
-        self.contacts = {c.username for c in contacts}
-        for c in contacts:
-            self.links.remember_address(c.username, c.address)
-        return contacts
+        return await self.contact_book().all()
 
-    async def add_contact(self, username: str, address: str) -> common_pb2.Contact:
-        contact = (await self.directory.add_contact(username, address)).contact
-        self.contacts.add(contact.username)
-        self.links.remember_address(contact.username, contact.address)
-        return contact
+    async def add_contact(
+        self, username: str, address: str, note: str = "", invite: str = ""
+    ) -> common_pb2.Contact:
+        return await self.contact_book().add(username, address, note, invite)
 
     async def remove_contact(self, username: str) -> None:
-        await self.directory.remove_contact(username)
-        self.contacts.discard(normalize_username(username))
+        await self.contact_book().remove(username)
 
-    async def require_contact(self, peer: str) -> directory_pb2.LookupResponse | None:
-        """FAILED_PRECONDITION unless `peer` is a contact (known here or per the directory)."""
-        if peer in self.contacts:
-            return None
-        found = await self.directory.lookup(peer)
-        self.contacts.add(peer)
-        self.links.remember_address(peer, found.contact.address)
-        return found
+    async def require_contact(self, peer: str) -> None:
+        """FAILED_PRECONDITION unless a message to `peer` may be sent (contacts.py)."""
+        await self.contact_book().require(peer)
 
     async def trust_peer_key(self, username: str) -> str:
         peer = normalize_username(username)

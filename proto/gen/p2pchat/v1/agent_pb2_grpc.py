@@ -74,6 +74,56 @@ class AgentServiceStub:
                 request_serializer=p2pchat_dot_v1_dot_agent__pb2.TrustPeerKeyRequest.SerializeToString,
                 response_deserializer=p2pchat_dot_v1_dot_agent__pb2.TrustPeerKeyResponse.FromString,
                 _registered_method=True)
+        self.ListContactRequests = channel.unary_unary(
+                '/p2pchat.v1.AgentService/ListContactRequests',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentListContactRequestsRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentListContactRequestsResponse.FromString,
+                _registered_method=True)
+        self.AcceptContact = channel.unary_unary(
+                '/p2pchat.v1.AgentService/AcceptContact',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.FromString,
+                _registered_method=True)
+        self.DeclineContact = channel.unary_unary(
+                '/p2pchat.v1.AgentService/DeclineContact',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.FromString,
+                _registered_method=True)
+        self.BlockContact = channel.unary_unary(
+                '/p2pchat.v1.AgentService/BlockContact',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.FromString,
+                _registered_method=True)
+        self.UnblockContact = channel.unary_unary(
+                '/p2pchat.v1.AgentService/UnblockContact',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.FromString,
+                _registered_method=True)
+        self.SetContactPolicy = channel.unary_unary(
+                '/p2pchat.v1.AgentService/SetContactPolicy',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentSetContactPolicyRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetContactPolicy = channel.unary_unary(
+                '/p2pchat.v1.AgentService/GetContactPolicy',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentGetContactPolicyRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactPolicyResponse.FromString,
+                _registered_method=True)
+        self.CreateInvite = channel.unary_unary(
+                '/p2pchat.v1.AgentService/CreateInvite',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentCreateInviteRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentInviteResponse.FromString,
+                _registered_method=True)
+        self.ListInvites = channel.unary_unary(
+                '/p2pchat.v1.AgentService/ListInvites',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentListInvitesRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentListInvitesResponse.FromString,
+                _registered_method=True)
+        self.RevokeInvite = channel.unary_unary(
+                '/p2pchat.v1.AgentService/RevokeInvite',
+                request_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentRevokeInviteRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentInviteResponse.FromString,
+                _registered_method=True)
         self.Send = channel.unary_unary(
                 '/p2pchat.v1.AgentService/Send',
                 request_serializer=p2pchat_dot_v1_dot_agent__pb2.SendRequest.SerializeToString,
@@ -162,6 +212,69 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListContactRequests(self, request, context):
+        """Contact consent, as the directory rules it (directory.proto: AddContact sends a request;
+        the same messages and status codes). This agent also keeps its own copy of who is
+        accepted and blocked, and stores nothing from anyone else, whatever the directory says.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptContact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclineContact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlockContact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockContact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetContactPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetContactPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateInvite(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInvites(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeInvite(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Send(self, request, context):
         """Stores the message as pending, then delivers it. FAILED_PRECONDITION for a non-contact;
         INVALID_ARGUMENT for an empty or oversized body.
@@ -234,6 +347,56 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.TrustPeerKey,
                     request_deserializer=p2pchat_dot_v1_dot_agent__pb2.TrustPeerKeyRequest.FromString,
                     response_serializer=p2pchat_dot_v1_dot_agent__pb2.TrustPeerKeyResponse.SerializeToString,
+            ),
+            'ListContactRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListContactRequests,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentListContactRequestsRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentListContactRequestsResponse.SerializeToString,
+            ),
+            'AcceptContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptContact,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.SerializeToString,
+            ),
+            'DeclineContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineContact,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.SerializeToString,
+            ),
+            'BlockContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockContact,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.SerializeToString,
+            ),
+            'UnblockContact': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockContact,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.SerializeToString,
+            ),
+            'SetContactPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetContactPolicy,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentSetContactPolicyRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactPolicyResponse.SerializeToString,
+            ),
+            'GetContactPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContactPolicy,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentGetContactPolicyRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentContactPolicyResponse.SerializeToString,
+            ),
+            'CreateInvite': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateInvite,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentCreateInviteRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentInviteResponse.SerializeToString,
+            ),
+            'ListInvites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvites,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentListInvitesRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentListInvitesResponse.SerializeToString,
+            ),
+            'RevokeInvite': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeInvite,
+                    request_deserializer=p2pchat_dot_v1_dot_agent__pb2.AgentRevokeInviteRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_agent__pb2.AgentInviteResponse.SerializeToString,
             ),
             'Send': grpc.unary_unary_rpc_method_handler(
                     servicer.Send,
@@ -472,6 +635,276 @@ class AgentService:
             '/p2pchat.v1.AgentService/TrustPeerKey',
             p2pchat_dot_v1_dot_agent__pb2.TrustPeerKeyRequest.SerializeToString,
             p2pchat_dot_v1_dot_agent__pb2.TrustPeerKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListContactRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/ListContactRequests',
+            p2pchat_dot_v1_dot_agent__pb2.AgentListContactRequestsRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentListContactRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/AcceptContact',
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/DeclineContact',
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/BlockContact',
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockContact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/UnblockContact',
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactAnswerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetContactPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/SetContactPolicy',
+            p2pchat_dot_v1_dot_agent__pb2.AgentSetContactPolicyRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContactPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/GetContactPolicy',
+            p2pchat_dot_v1_dot_agent__pb2.AgentGetContactPolicyRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentContactPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateInvite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/CreateInvite',
+            p2pchat_dot_v1_dot_agent__pb2.AgentCreateInviteRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentInviteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/ListInvites',
+            p2pchat_dot_v1_dot_agent__pb2.AgentListInvitesRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentListInvitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeInvite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/p2pchat.v1.AgentService/RevokeInvite',
+            p2pchat_dot_v1_dot_agent__pb2.AgentRevokeInviteRequest.SerializeToString,
+            p2pchat_dot_v1_dot_agent__pb2.AgentInviteResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,20 @@ class AgentServiceStub:
     """
     TrustPeerKey: _grpc.UnaryUnaryMultiCallable[_agent_pb2.TrustPeerKeyRequest, _agent_pb2.TrustPeerKeyResponse]
     """Accepts a contact's new key after a key-change warning."""
+    ListContactRequests: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentListContactRequestsRequest, _agent_pb2.AgentListContactRequestsResponse]
+    """Contact consent, as the directory rules it (directory.proto: AddContact sends a request;
+    the same messages and status codes). This agent also keeps its own copy of who is
+    accepted and blocked, and stores nothing from anyone else, whatever the directory says.
+    """
+    AcceptContact: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentContactAnswerRequest, _agent_pb2.AgentContactAnswerResponse]
+    DeclineContact: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentContactAnswerRequest, _agent_pb2.AgentContactAnswerResponse]
+    BlockContact: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentContactAnswerRequest, _agent_pb2.AgentContactAnswerResponse]
+    UnblockContact: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentContactAnswerRequest, _agent_pb2.AgentContactAnswerResponse]
+    SetContactPolicy: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentSetContactPolicyRequest, _agent_pb2.AgentContactPolicyResponse]
+    GetContactPolicy: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentGetContactPolicyRequest, _agent_pb2.AgentContactPolicyResponse]
+    CreateInvite: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentCreateInviteRequest, _agent_pb2.AgentInviteResponse]
+    ListInvites: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentListInvitesRequest, _agent_pb2.AgentListInvitesResponse]
+    RevokeInvite: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AgentRevokeInviteRequest, _agent_pb2.AgentInviteResponse]
     Send: _grpc.UnaryUnaryMultiCallable[_agent_pb2.SendRequest, _agent_pb2.SendResponse]
     """Stores the message as pending, then delivers it. FAILED_PRECONDITION for a non-contact;
     INVALID_ARGUMENT for an empty or oversized body.
@@ -119,6 +133,20 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     TrustPeerKey: _aio.UnaryUnaryMultiCallable[_agent_pb2.TrustPeerKeyRequest, _agent_pb2.TrustPeerKeyResponse]  # type: ignore[assignment]
     """Accepts a contact's new key after a key-change warning."""
+    ListContactRequests: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentListContactRequestsRequest, _agent_pb2.AgentListContactRequestsResponse]  # type: ignore[assignment]
+    """Contact consent, as the directory rules it (directory.proto: AddContact sends a request;
+    the same messages and status codes). This agent also keeps its own copy of who is
+    accepted and blocked, and stores nothing from anyone else, whatever the directory says.
+    """
+    AcceptContact: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentContactAnswerRequest, _agent_pb2.AgentContactAnswerResponse]  # type: ignore[assignment]
+    DeclineContact: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentContactAnswerRequest, _agent_pb2.AgentContactAnswerResponse]  # type: ignore[assignment]
+    BlockContact: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentContactAnswerRequest, _agent_pb2.AgentContactAnswerResponse]  # type: ignore[assignment]
+    UnblockContact: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentContactAnswerRequest, _agent_pb2.AgentContactAnswerResponse]  # type: ignore[assignment]
+    SetContactPolicy: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentSetContactPolicyRequest, _agent_pb2.AgentContactPolicyResponse]  # type: ignore[assignment]
+    GetContactPolicy: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentGetContactPolicyRequest, _agent_pb2.AgentContactPolicyResponse]  # type: ignore[assignment]
+    CreateInvite: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentCreateInviteRequest, _agent_pb2.AgentInviteResponse]  # type: ignore[assignment]
+    ListInvites: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentListInvitesRequest, _agent_pb2.AgentListInvitesResponse]  # type: ignore[assignment]
+    RevokeInvite: _aio.UnaryUnaryMultiCallable[_agent_pb2.AgentRevokeInviteRequest, _agent_pb2.AgentInviteResponse]  # type: ignore[assignment]
     Send: _aio.UnaryUnaryMultiCallable[_agent_pb2.SendRequest, _agent_pb2.SendResponse]  # type: ignore[assignment]
     """Stores the message as pending, then delivers it. FAILED_PRECONDITION for a non-contact;
     INVALID_ARGUMENT for an empty or oversized body.
@@ -208,6 +236,80 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.TrustPeerKeyResponse, _abc.Awaitable[_agent_pb2.TrustPeerKeyResponse]]:
         """Accepts a contact's new key after a key-change warning."""
+
+    @_abc_1.abstractmethod
+    def ListContactRequests(
+        self,
+        request: _agent_pb2.AgentListContactRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentListContactRequestsResponse, _abc.Awaitable[_agent_pb2.AgentListContactRequestsResponse]]:
+        """Contact consent, as the directory rules it (directory.proto: AddContact sends a request;
+        the same messages and status codes). This agent also keeps its own copy of who is
+        accepted and blocked, and stores nothing from anyone else, whatever the directory says.
+        """
+
+    @_abc_1.abstractmethod
+    def AcceptContact(
+        self,
+        request: _agent_pb2.AgentContactAnswerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentContactAnswerResponse, _abc.Awaitable[_agent_pb2.AgentContactAnswerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeclineContact(
+        self,
+        request: _agent_pb2.AgentContactAnswerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentContactAnswerResponse, _abc.Awaitable[_agent_pb2.AgentContactAnswerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def BlockContact(
+        self,
+        request: _agent_pb2.AgentContactAnswerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentContactAnswerResponse, _abc.Awaitable[_agent_pb2.AgentContactAnswerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UnblockContact(
+        self,
+        request: _agent_pb2.AgentContactAnswerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentContactAnswerResponse, _abc.Awaitable[_agent_pb2.AgentContactAnswerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetContactPolicy(
+        self,
+        request: _agent_pb2.AgentSetContactPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentContactPolicyResponse, _abc.Awaitable[_agent_pb2.AgentContactPolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetContactPolicy(
+        self,
+        request: _agent_pb2.AgentGetContactPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentContactPolicyResponse, _abc.Awaitable[_agent_pb2.AgentContactPolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateInvite(
+        self,
+        request: _agent_pb2.AgentCreateInviteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentInviteResponse, _abc.Awaitable[_agent_pb2.AgentInviteResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListInvites(
+        self,
+        request: _agent_pb2.AgentListInvitesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentListInvitesResponse, _abc.Awaitable[_agent_pb2.AgentListInvitesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeInvite(
+        self,
+        request: _agent_pb2.AgentRevokeInviteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AgentInviteResponse, _abc.Awaitable[_agent_pb2.AgentInviteResponse]]: ...
 
     @_abc_1.abstractmethod
     def Send(

@@ -86,9 +86,55 @@ class AgentConnection:
         )
         return list(response.contacts)
 
-    async def add_contact(self, username: str, address: str) -> common_pb2.Contact:
-        request = apb.AgentAddContactRequest(username=username, address=address)
+    async def add_contact(
+        self, username: str, address: str, note: str = "", invite: str = ""
+    ) -> common_pb2.Contact:
+        request = apb.AgentAddContactRequest(
+            username=username, address=address, note=note, invite_code=invite
+        )
         return (await self._call(self.stub.AddContact(request, timeout=CALL_TIMEOUT))).contact
+
+    # -- consent ----------------------------------------------------------------------------
+
+    async def requests(self) -> list[common_pb2.Contact]:
+        call = self.stub.ListContactRequests(
+            apb.AgentListContactRequestsRequest(), timeout=CALL_TIMEOUT
+        )
+        return list((await self._call(call)).requests)
+
+    async def answer(self, how: str, username: str) -> common_pb2.Contact | None:
+        """`how`: accept, decline, block or unblock."""
+        request = apb.AgentContactAnswerRequest(username=username)
+        stub = self.stub
+        if how == "accept":
+            return (await self._call(stub.AcceptContact(request, timeout=CALL_TIMEOUT))).contact
+        if how == "block":
+            return (await self._call(stub.BlockContact(request, timeout=CALL_TIMEOUT))).contact
+        if how == "decline":
+            await self._call(stub.DeclineContact(request, timeout=CALL_TIMEOUT))
+        else:
+            await self._call(stub.UnblockContact(request, timeout=CALL_TIMEOUT))
+        return None
+
+    async def set_policy(self, policy: common_pb2.ContactPolicy.ValueType) -> int:
+        request = apb.AgentSetContactPolicyRequest(policy=policy)
+        return (await self._call(self.stub.SetContactPolicy(request, timeout=CALL_TIMEOUT))).policy
+
+    async def get_policy(self) -> int:
+        request = apb.AgentGetContactPolicyRequest()
+        return (await self._call(self.stub.GetContactPolicy(request, timeout=CALL_TIMEOUT))).policy
+
+    async def create_invite(self, expires_in: int, max_uses: int) -> common_pb2.Invite:
+        request = apb.AgentCreateInviteRequest(expires_in_seconds=expires_in, max_uses=max_uses)
+        return (await self._call(self.stub.CreateInvite(request, timeout=CALL_TIMEOUT))).invite
+
+    async def invites(self) -> list[common_pb2.Invite]:
+        call = self.stub.ListInvites(apb.AgentListInvitesRequest(), timeout=CALL_TIMEOUT)
+        return list((await self._call(call)).invites)
+
+    async def revoke_invite(self, id: str) -> common_pb2.Invite:
+        request = apb.AgentRevokeInviteRequest(id=id)
+        return (await self._call(self.stub.RevokeInvite(request, timeout=CALL_TIMEOUT))).invite
 
     async def remove_contact(self, username: str) -> None:
         request = apb.AgentRemoveContactRequest(username=username)

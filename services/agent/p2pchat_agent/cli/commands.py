@@ -12,11 +12,12 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from p2pchat_agent.cli import chat, menu
+from p2pchat_agent.cli import chat, consent, menu
 from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
 from p2pchat_agent.cli.console import Console
 from p2pchat_agent.cli.render import (
     STATUS_NAMES,
+    added_line,
     contact_json,
     contact_rows,
     local_time,
@@ -149,8 +150,10 @@ async def cmd_contacts(conn: AgentConnection, console: Console, args: argparse.N
 
 
 async def cmd_add_contact(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
-    contact = await conn.add_contact(args.user, args.address or "")
-    console.say(f"added {safe(contact.username)} ({safe(contact.address) or 'no address yet'})")
+    contact = await conn.add_contact(
+        args.user, args.address or "", args.note or "", args.invite or ""
+    )
+    console.say(added_line(contact))
     return Exit.OK
 
 
@@ -277,6 +280,30 @@ def _login_args(p: argparse.ArgumentParser) -> None:
     _password(p)
 
 
+def _add_contact_args(p: argparse.ArgumentParser) -> None:
+    _user_address(p)
+    p.add_argument("--note", metavar="TEXT", help="a note shown with your request (<= 200 chars)")
+    p.add_argument("--invite", metavar="CODE", help="one of their invite codes, if they ask one")
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "policy",
+        nargs="?",
+        choices=["anyone", "invite", "nobody"],
+        help="anyone may ask (default), only with one of your invite codes, or nobody; "
+        "without it, shows the policy in force",
+    )
+
+
+def _invite_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("id", nargs="?", help="revoke: the code's id (from `invite list`)")
+    p.add_argument("--expires", type=int, metavar="SECONDS", help="create: good for this long")
+    p.add_argument("--uses", type=int, metavar="N", help="create: admits N requests at most")
+    _json(p)
+
+
 COMMANDS = [
     Command("register", "create an account at the directory", cmd_register, _register_args),
     Command("login", "log this agent in as USER", cmd_login, _login_args),
@@ -287,9 +314,31 @@ COMMANDS = [
         cmd_status,
         _json,
     ),
-    Command("contacts", "list your contacts with address and presence", cmd_contacts, _json),
-    Command("add-contact", "add USER to your contacts", cmd_add_contact, _user_address),
+    Command(
+        "contacts",
+        "list your contacts: accepted (address, presence), requested, awaiting you, blocked",
+        cmd_contacts,
+        _json,
+    ),
+    Command(
+        "add-contact",
+        "ask USER to be your contact (accepted at once if they asked you)",
+        cmd_add_contact,
+        _add_contact_args,
+    ),
     Command("remove-contact", "remove USER from your contacts", cmd_remove_contact, _user),
+    Command("requests", "the contact requests awaiting your answer", consent.cmd_requests, _json),
+    Command("accept", "accept USER's contact request", consent._answer("accept"), _user),
+    Command("decline", "decline USER's contact request", consent._answer("decline"), _user),
+    Command("block", "block USER: nothing from them gets through", consent._answer("block"), _user),
+    Command("unblock", "lift the block on USER", consent._answer("unblock"), _user),
+    Command("policy", "who may send you contact requests", consent.cmd_policy, _policy_args),
+    Command(
+        "invite",
+        "create, list or revoke invite codes (for `policy invite`)",
+        consent.cmd_invite,
+        _invite_args,
+    ),
     Command(
         "send",
         "send TEXT (or each line of stdin: -) to USER; prints each message's id and state",

@@ -1,20 +1,21 @@
 """The interactive menus of the seed, with its numbers:
 `1. Register 2. Log in 3. Exit`, then `1. View contacts 2. Add contact 3. Connect to user
-4. Set up as server 5. Log out`."""
+4. Set up as server 5. Log out`, and after them `6. Contact requests` (consent)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from p2pchat_agent.cli import chat
+from p2pchat_agent.cli import chat, consent
 from p2pchat_agent.cli.client import AgentConnection, CliError, Exit
 from p2pchat_agent.cli.console import Console
-from p2pchat_agent.cli.render import contact_rows, safe
+from p2pchat_agent.cli.render import added_line, contact_rows, safe
 
 MAIN_MENU = "\n1. Register\n2. Log in\n3. Exit"
 USER_MENU = (
     "\n1. View contacts\n2. Add contact\n3. Connect to user\n4. Set up as server\n5. Log out"
+    "\n6. Contact requests"
 )
 
 
@@ -77,9 +78,9 @@ async def _user_menu(conn: AgentConnection, console: Console, me: str) -> bool:
             elif choice == "2":
                 username = (await console.ask("Contact's username: ")).strip()
                 pinned = (await console.ask("Pin an address host:port [Enter = theirs]: ")).strip()
-                contact = await conn.add_contact(username, pinned)
-                address = safe(contact.address) or "no address yet"
-                console.say(f"Added {safe(contact.username)} ({address}).")
+                contact = await conn.add_contact(username, pinned)  # the seed's prompts only
+                line = added_line(contact)
+                console.say(line[0].upper() + line[1:] + ".")
             elif choice == "3":
                 peer = (await console.ask("Connect to (username): ")).strip()
                 if peer:
@@ -90,8 +91,10 @@ async def _user_menu(conn: AgentConnection, console: Console, me: str) -> bool:
                 await conn.logout()
                 console.say("Logged out.")
                 return True
+            elif choice == "6":
+                await consent.requests_screen(conn, console)
             else:
-                console.error(f"{choice!r} is not an option: choose 1-5")
+                console.error(f"{choice!r} is not an option: choose 1-6")
 
 
 async def run_menu(conn: AgentConnection, console: Console) -> int:

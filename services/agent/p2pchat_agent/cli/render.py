@@ -85,18 +85,80 @@ def delivery_line(update: apb.DeliveryUpdate, body: str) -> str:
     return f"  ✓ delivered to {safe(update.peer)} at {when}: {preview}"
 
 
+CONTACT_STATES = {
+    common_pb2.CONTACT_STATE_ACCEPTED: "accepted",
+    common_pb2.CONTACT_STATE_REQUESTED: "requested by you",
+    common_pb2.CONTACT_STATE_AWAITING: "awaiting your answer",
+    common_pb2.CONTACT_STATE_BLOCKED: "blocked",
+}
+STATE_WORDS = {  # for --json
+    common_pb2.CONTACT_STATE_ACCEPTED: "accepted",
+    common_pb2.CONTACT_STATE_REQUESTED: "requested",
+    common_pb2.CONTACT_STATE_AWAITING: "awaiting",
+    common_pb2.CONTACT_STATE_BLOCKED: "blocked",
+}
+POLICY_WORDS = {
+    common_pb2.CONTACT_POLICY_ANYONE: "anyone",
+    common_pb2.CONTACT_POLICY_INVITE: "invite",
+    common_pb2.CONTACT_POLICY_NOBODY: "nobody",
+}
+
+
 def contact_rows(contacts: list[common_pb2.Contact]) -> list[str]:
+    """One row per contact: name, address and presence when accepted, else the state."""
     if not contacts:
         return ["(no contacts yet: add one with 2. Add contact)"]
     names = [safe(c.username) for c in contacts]
     width = max(len(name) for name in names)
     rows = []
     for c, name in zip(contacts, names, strict=True):
+        if c.state not in (common_pb2.CONTACT_STATE_ACCEPTED, common_pb2.CONTACT_STATE_UNSPECIFIED):
+            note = f" ({safe(c.note)})" if c.note else ""
+            rows.append(f"  {name:<{width}}  {CONTACT_STATES.get(c.state, 'unknown')}{note}")
+            continue
         state = "online" if c.online else "offline"
         seen = "" if c.online else f", last seen {local_time(c.last_seen, with_date=True)}"
         address = safe(c.address) or "(no address)"
         rows.append(f"  {name:<{width}}  {address:<24}  {state}{seen}")
     return rows
+
+
+def added_line(c: common_pb2.Contact) -> str:
+    """What adding a contact did: accepted at once (they asked you), or a request sent."""
+    name = safe(c.username)
+    if c.state == common_pb2.CONTACT_STATE_REQUESTED:
+        return f"added {name}: request sent; messages to them wait until they accept"
+    address = safe(c.address) or "no address yet"
+    return f"added {name} ({address}): an accepted contact"
+
+
+def request_rows(requests: list[common_pb2.Contact]) -> list[str]:
+    if not requests:
+        return ["(no contact requests awaiting your answer)"]
+    rows = []
+    for i, r in enumerate(requests, 1):
+        note = f": {safe(r.note)}" if r.note else ""
+        when = local_time(r.requested_at, with_date=True)
+        rows.append(f"  {i}. {safe(r.username)} (asked {when}){note}")
+    return rows
+
+
+def invite_json(i: common_pb2.Invite) -> dict[str, Any]:
+    return {
+        "id": i.id,
+        "code": i.code or None,
+        "created_at": _iso(i.created_at),
+        "expires_at": _iso(i.expires_at),
+        "uses_left": None if i.unlimited else i.uses_left,
+        "revoked_at": _iso(i.revoked_at),
+    }
+
+
+def invite_row(i: common_pb2.Invite) -> str:
+    expires = local_time(i.expires_at, with_date=True) if i.HasField("expires_at") else "never"
+    uses = "any number of uses" if i.unlimited else f"{i.uses_left} use(s) left"
+    revoked = ", REVOKED" if i.HasField("revoked_at") else ""
+    return f"  {safe(i.id)}  expires {expires}, {uses}{revoked}"
 
 
 def _iso(ts: Timestamp) -> str | None:
@@ -128,4 +190,7 @@ def contact_json(c: common_pb2.Contact) -> dict[str, Any]:
         "pinned_address": c.pinned_address,
         "online": c.online,
         "last_seen": _iso(c.last_seen),
+        "state": STATE_WORDS.get(c.state, "unknown"),
+        "note": c.note or None,
+        "requested_at": _iso(c.requested_at),
     }
