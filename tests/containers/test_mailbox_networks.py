@@ -34,7 +34,8 @@ def split(docker_images: None) -> Iterator[Deployment]:
             d.connect("directory", network, "directory")
         for name, network in nets.items():
             d.start_agent(name, remote_control=True, network=network, env=FAST)
-        d.wait_healthy(["alice", "bob"])
+        d.start_agent("carol", remote_control=True, network=nets["alice"], env=FAST)
+        d.wait_healthy(["alice", "bob", "carol"])
         yield d
     finally:
         d.close()
@@ -117,3 +118,37 @@ def test_alice_and_bob_on_networks_apart_chat_live_both_ways_through_the_mailbox
     assert "users.db" in files, listing
     dump = b"".join(d.read_file("directory", f"/data/{name}") for name in files)
     assert all(body.encode() not in dump for body in expected)
+
+
+def test_a_stranger_on_alices_network_stores_nothing_with_her_until_she_accepts(
+    split: Deployment,
+) -> None:
+    """carol can reach alice's agent directly, but until alice accepts her request nothing of
+    hers is stored in alice's container; once accepted, what waited arrives once."""
+    d = split
+    carol, alice = d.agent_stub("carol"), d.agent_stub("alice")
+    carol.Register(apb.AgentRegisterRequest(username="carol", password=PASSWORD), timeout=30)
+    carol.Login(apb.AgentLoginRequest(username="carol", password=PASSWORD), timeout=30)
+    request = apb.AgentAddContactRequest(username="alice", note="hi, it's carol")
+    assert carol.AddContact(request, timeout=30).contact.address == ""  # nothing revealed
+    for i in range(3):
+        carol.Send(apb.SendRequest(peer="alice", body=f"before the answer {i}"), timeout=30)
+    time.sleep(3)  # dials and relays are refused meanwhile
+
+    def from_carol() -> list[str]:
+        reply = alice.History(apb.HistoryRequest(peer="carol", limit=100), timeout=30)
+        return [m.body for m in reply.messages]
+
+    assert from_carol() == []
+    waiting = alice.ListContactRequests(apb.AgentListContactRequestsRequest(), timeout=30)
+    assert [(r.username, r.note) for r in waiting.requests] == [("carol", "hi, it's carol")]
+    assert carol.Status(apb.StatusRequest(), timeout=10).pending_messages == 3
+
+    alice.AcceptContact(apb.AgentContactAnswerRequest(username="carol"), timeout=30)
+    wait_until(lambda: len(from_carol()) == 3, 60, "carol's messages once accepted")
+    assert from_carol() == [f"before the answer {i}" for i in range(3)]
+    wait_until(
+        lambda: carol.Status(apb.StatusRequest(), timeout=10).pending_messages == 0,
+        60,
+        "carol's messages delivered",
+    )
