@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import common_pb2
+from p2pchat_directory import service as service_module
 from tests.support.agent import AgentClient, InProcessAgent, logged_in, wait_until
 from tests.support.cli import run_cli
 
@@ -146,3 +148,27 @@ def test_the_consent_subcommands_for_scripts(
     assert "unblocked carol" in cli("bob", "unblock", "carol")
     assert "nobody" in cli("bob", "policy", "nobody")
     assert "nobody" in cli("bob", "policy")
+
+
+def test_a_directory_that_lets_a_stranger_through_still_gets_nothing_stored(
+    make_agent: Callable[..., InProcessAgent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buggy or compromised directory answers Lookup and takes deposits for a pair that is
+    not accepted: bob's agent refuses mallory's link at its Hello and discards her envelopes,
+    from its own copy of its contacts. Nothing of hers is in bob's database file."""
+    monkeypatch.setattr(service_module, "require_accepted", lambda _name, _pair: "")
+    agents: dict[str, InProcessAgent] = {}
+
+    def make(name: str) -> InProcessAgent:
+        agents[name] = make_agent(name, **FAST)
+        return agents[name]
+
+    mallory, bob = logged_in(make, "mallory", "bob", befriend=False)
+    mallory.add_contact("bob")  # a request bob never answers
+    wait_until(lambda: mallory.status().mailbox_connected and bob.status().mailbox_connected)
+    for i in range(3):
+        mallory.send("bob", f"spam {i}")
+    wait_until(lambda: bob.status().envelopes_refused >= 3, 30)  # the mailbox path, refused
+    assert rows(agents["bob"], "bob") == 0
+    assert bob.history("mallory") == []
+    assert list(bob.status().linked_peers) == []  # and no link was let in
