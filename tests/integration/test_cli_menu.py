@@ -224,3 +224,33 @@ def test_menu_without_an_agent_exits_3_with_a_clear_message(tmp_path: Path) -> N
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 3
+
+
+def test_menu_6_lists_a_contact_request_and_accepts_it(
+    make_agent: Callable[[str], InProcessAgent], tmp_path: Path
+) -> None:
+    """The seed's menu keeps 1-5; 6. Contact requests shows the request (with its note) and
+    answers it: the requester becomes an accepted contact in View contacts."""
+    agents = {name: make_agent(name) for name in ("alice", "bob")}
+    screens = {n: spawn_menu(a.server.control_port, tmp_path) for n, a in agents.items()}
+    alice, bob = screens["alice"], screens["bob"]
+    try:
+        for name, child in screens.items():
+            register(child, name)
+            login(child, name)
+        add_contact(alice, "bob")  # a request: bob has not asked alice
+        expect_menu(bob, [*USER, "6. Contact requests"])
+        bob.sendline("6")
+        bob.expect_exact("Contact requests awaiting your answer:")
+        bob.expect(r"1\. alice \(asked ")
+        bob.expect_exact("Answer which")
+        bob.sendline("1")
+        bob.expect_exact("a = accept, d = decline, b = block:")
+        bob.sendline("a")
+        bob.expect_exact("alice is an accepted contact now")
+        expect_menu(bob, USER)
+        bob.sendline("1")
+        bob.expect(r"alice\s+127\.0\.0\.1:\d+\s+online")
+    finally:
+        for child in screens.values():
+            child.close(force=True)
