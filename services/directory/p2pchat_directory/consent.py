@@ -1,12 +1,11 @@
 """Contact consent's use cases: requests, answers, blocks, policies and invite codes (issue 14).
 Blocking (database): the servicer runs them in threads; nothing here knows about gRPC.
 
-A `contacts` row (owner, contact) says what the owner wants of the contact; what a pair is
-comes from both rows (`contact_state`): a block wins, both 'want' is ACCEPTED, the owner's
-'want' or 'declined' alone is REQUESTED, the other's 'want' alone is AWAITING. Only ACCEPTED
-reveals an address, presence or key. Every write runs in one transaction that holds both users'
-locks (consent_store.lock_users) and records that both users' contacts changed.
-"""
+A `contacts` row (owner, contact) says what the owner wants of the contact; what a pair is comes
+from both rows (`contact_state`): a block wins, both 'want' is ACCEPTED, the owner's 'want' or
+'declined' alone is REQUESTED, the other's 'want' alone is AWAITING. Only ACCEPTED reveals an
+address, presence or key. Every write runs in one transaction that holds both users' locks
+(consent_store.lock_users) and records that both users' contacts changed."""
 
 from __future__ import annotations
 
@@ -17,6 +16,8 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+from sqlalchemy import Connection
 
 from p2pchat_common.errors import (
     AlreadyExists,
@@ -253,10 +254,7 @@ class ContactsService:
         owner, name = self._answer(token, username)
         now = self._now()
         with store.write_transaction(self._dbs.contacts_engine) as conn:
-            store.lock_users(conn, owner, name)
-            found = store.pair(conn, owner, name)
-            if contact_state(found.mine, found.theirs) is not ContactState.AWAITING:
-                raise NotFound(f"no contact request from {name!r} awaits your answer")
+            found = _awaiting(conn, owner, name)
             mine = Side(WANT, "", "", now)
             store.insert_side(conn, owner, name, mine, now)
             store.touch(conn, (owner, name), now)
@@ -267,10 +265,7 @@ class ContactsService:
         owner, name = self._answer(token, username)
         now = self._now()
         with store.write_transaction(self._dbs.contacts_engine) as conn:
-            store.lock_users(conn, owner, name)
-            found = store.pair(conn, owner, name)
-            if contact_state(found.mine, found.theirs) is not ContactState.AWAITING:
-                raise NotFound(f"no contact request from {name!r} awaits your answer")
+            found = _awaiting(conn, owner, name)
             assert found.theirs is not None
             store.set_state(conn, name, owner, DECLINED, found.theirs.note)
             store.touch(conn, (owner, name), now)
@@ -394,3 +389,12 @@ class ContactsService:
             raise NotFound(f"no invite code {shown(invite_id)} of yours")
         log.info("%s revoked invite code %s", owner, invite_id)
         return found
+
+
+def _awaiting(conn: Connection, owner: str, name: str) -> Pair:
+    """`owner` and `name`'s pair, locked; NotFound unless `name`'s request awaits an answer."""
+    store.lock_users(conn, owner, name)
+    found = store.pair(conn, owner, name)
+    if contact_state(found.mine, found.theirs) is not ContactState.AWAITING:
+        raise NotFound(f"no contact request from {name!r} awaits your answer")
+    return found

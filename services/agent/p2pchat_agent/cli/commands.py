@@ -7,7 +7,6 @@ reason is printed), 3 agent unreachable.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from p2pchat_agent.cli.render import (
     local_time,
     message_json,
     message_line,
+    print_json,
     safe,
 )
 from p2pchat_agent.cli.send_lines import send_lines
@@ -64,11 +64,6 @@ async def _logged_in_user(conn: AgentConnection) -> str:
     return status.username
 
 
-def _print_json(value: object) -> None:
-    # ASCII only: every control, bidi or other unusual character arrives as a \u escape.
-    print(json.dumps(value, ensure_ascii=True, indent=2))
-
-
 async def cmd_menu(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
     return await menu.run_menu(conn, console)
 
@@ -96,7 +91,7 @@ async def cmd_logout(conn: AgentConnection, console: Console, args: argparse.Nam
 async def cmd_status(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
     s = await conn.status()
     if args.json:
-        _print_json(
+        print_json(
             {
                 "logged_in": s.logged_in,
                 "username": s.username or None,
@@ -142,7 +137,7 @@ async def cmd_status(conn: AgentConnection, console: Console, args: argparse.Nam
 async def cmd_contacts(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
     contacts = await conn.contacts()
     if args.json:
-        _print_json([contact_json(c) for c in contacts])
+        print_json([contact_json(c) for c in contacts])
     else:
         for row in contact_rows(contacts):
             console.say(row)
@@ -185,7 +180,7 @@ async def cmd_send(conn: AgentConnection, console: Console, args: argparse.Names
 async def cmd_history(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
     response = await conn.history(args.user, limit=args.limit, query=args.search or "")
     if args.json:
-        _print_json(
+        print_json(
             {
                 "peer": args.user.lower(),
                 "messages": [message_json(m) for m in response.messages],

@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from p2pchat.v1 import common_pb2
@@ -17,6 +15,7 @@ from p2pchat_agent.cli.render import (
     contact_json,
     invite_json,
     invite_row,
+    print_json,
     request_rows,
     safe,
 )
@@ -30,15 +29,10 @@ _DONE = {
 }
 
 
-def _print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, ensure_ascii=True, indent=2)
-    sys.stdout.write("\n")
-
-
 async def cmd_requests(conn: AgentConnection, console: Console, args: argparse.Namespace) -> int:
     requests = await conn.requests()
     if args.json:
-        _print_json([contact_json(r) for r in requests])
+        print_json([contact_json(r) for r in requests])
     else:
         for row in request_rows(requests):
             console.say(row)
@@ -71,14 +65,14 @@ async def cmd_invite(conn: AgentConnection, console: Console, args: argparse.Nam
     if args.action == "create":
         invite = await conn.create_invite(args.expires or 0, args.uses or 0)
         if args.json:
-            _print_json(invite_json(invite))
+            print_json(invite_json(invite))
         else:
             console.say(f"invite code: {safe(invite.code)}  (id {safe(invite.id)})")
             console.say(invite_row(invite))
     elif args.action == "list":
         invites = await conn.invites()
         if args.json:
-            _print_json([invite_json(i) for i in invites])
+            print_json([invite_json(i) for i in invites])
         elif not invites:
             console.say("(no invite codes: make one with `p2pchat invite create`)")
         for invite in invites if not args.json else []:

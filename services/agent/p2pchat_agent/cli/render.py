@@ -9,6 +9,7 @@ character where text enters).
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from typing import Any
@@ -159,6 +160,12 @@ def invite_row(i: common_pb2.Invite) -> str:
     uses = "any number of uses" if i.unlimited else f"{i.uses_left} use(s) left"
     revoked = ", REVOKED" if i.HasField("revoked_at") else ""
     return f"  {safe(i.id)}  expires {expires}, {uses}{revoked}"
+
+
+def print_json(value: object) -> None:
+    """What --json prints. ASCII only: every control, bidi or other unusual character arrives
+    as a \\u escape."""
+    print(json.dumps(value, ensure_ascii=True, indent=2))
 
 
 def _iso(ts: Timestamp) -> str | None:
