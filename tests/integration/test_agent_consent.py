@@ -17,7 +17,7 @@ import pytest
 from p2pchat.v1 import agent_pb2 as apb
 from p2pchat.v1 import common_pb2
 from p2pchat_directory import service as service_module
-from tests.support.agent import AgentClient, InProcessAgent, logged_in, wait_until
+from tests.support.agent import AgentClient, InProcessAgent, users_with, wait_until
 from tests.support.cli import run_cli
 
 PW = "script password 1\n"
@@ -45,13 +45,7 @@ def answer(client: AgentClient, how: str, name: str) -> None:
 def strangers(
     make_agent: Callable[..., InProcessAgent],
 ) -> tuple[dict[str, InProcessAgent], AgentClient, AgentClient]:
-    agents: dict[str, InProcessAgent] = {}
-
-    def make(name: str) -> InProcessAgent:
-        agents[name] = make_agent(name, **FAST)
-        return agents[name]
-
-    a, b = logged_in(make, "alice", "bob", befriend=False)
+    agents, (a, b) = users_with(make_agent, "alice", "bob", befriend=False, **FAST)
     return agents, a, b
 
 
@@ -157,13 +151,7 @@ def test_a_directory_that_lets_a_stranger_through_still_gets_nothing_stored(
     not accepted: bob's agent refuses mallory's link at its Hello and discards her envelopes,
     from its own copy of its contacts. Nothing of hers is in bob's database file."""
     monkeypatch.setattr(service_module, "require_accepted", lambda _name, _pair: "")
-    agents: dict[str, InProcessAgent] = {}
-
-    def make(name: str) -> InProcessAgent:
-        agents[name] = make_agent(name, **FAST)
-        return agents[name]
-
-    mallory, bob = logged_in(make, "mallory", "bob", befriend=False)
+    agents, (mallory, bob) = users_with(make_agent, "mallory", "bob", befriend=False, **FAST)
     mallory.add_contact("bob")  # a request bob never answers
     wait_until(lambda: mallory.status().mailbox_connected and bob.status().mailbox_connected)
     for i in range(3):

@@ -78,10 +78,11 @@ def directory_files(cluster: Cluster) -> bytes:
     )
 
 
-def held_envelopes(cluster: Cluster) -> list[bytes]:
+def held(cluster: Cluster) -> list[tuple[str, bytes]]:
+    """(recipient, envelope) of what the directory's SQLite file holds, oldest first."""
     with sqlite3.connect(cluster.directory_dir / "users.db") as db:
-        rows = db.execute("SELECT envelope FROM mailbox_envelopes ORDER BY id").fetchall()
-    return [bytes(r[0]) for r in rows]
+        rows = db.execute("SELECT recipient, envelope FROM mailbox_envelopes ORDER BY id")
+        return [(recipient, bytes(envelope)) for recipient, envelope in rows]
 
 
 def stored_ids(node: Node, name: str) -> list[str]:
@@ -113,7 +114,7 @@ def test_never_online_together_100_messages_arrive_and_come_back_delivered(
     assert len(stored_ids(bob, "bob")) == 100
     files = directory_files(mailbox_cluster)
     assert all(body.encode() not in files for body in bodies)
-    wait_until(lambda: held_envelopes(mailbox_cluster) == [], TIMEOUT, 0.2)
+    wait_until(lambda: held(mailbox_cluster) == [], TIMEOUT, 0.2)
 
 
 @pytest.mark.postgres
@@ -203,12 +204,6 @@ def _token(node: Node) -> str:
     return str(json.loads((node.data_dir / "session.json").read_text())["token"])
 
 
-def _held_for(cluster: Cluster) -> dict[str, bytes]:
-    with sqlite3.connect(cluster.directory_dir / "users.db") as db:
-        rows = db.execute("SELECT recipient, envelope FROM mailbox_envelopes ORDER BY id")
-        return {recipient: bytes(envelope) for recipient, envelope in rows}
-
-
 def test_forged_tampered_truncated_replayed_and_retargeted_envelopes_store_nothing(
     mailbox_cluster: Cluster,
 ) -> None:
@@ -226,9 +221,9 @@ def test_forged_tampered_truncated_replayed_and_retargeted_envelopes_store_nothi
     bob.terminate()
     a.send("bob", "the real one")
     a.send("mallory", "for mallory only")
-    wait_until(lambda: len(_held_for(mailbox_cluster)) == 2, TIMEOUT, 0.1)
-    held = _held_for(mailbox_cluster)
-    real, to_mallory = held["bob"], held["mallory"]
+    wait_until(lambda: len(held(mailbox_cluster)) == 2, TIMEOUT, 0.1)
+    by_recipient = dict(held(mailbox_cluster))
+    real, to_mallory = by_recipient["bob"], by_recipient["mallory"]
     mallory_key = MailboxPrivateKey.from_bytes(
         mailbox_key_path(mallory.data_dir, "mallory").read_bytes()
     )
@@ -267,7 +262,7 @@ def test_forged_tampered_truncated_replayed_and_retargeted_envelopes_store_nothi
         replay = mpb.DepositRequest(recipient="bob", envelopes=[real])
         stub.Deposit(replay, metadata=metadata, timeout=10)
         wait_until(lambda: b.status().envelopes_refused == len(bad) + 1, TIMEOUT, 0.1)
-        wait_until(lambda: "bob" not in _held_for(mailbox_cluster), TIMEOUT, 0.1)
+        wait_until(lambda: "bob" not in dict(held(mailbox_cluster)), TIMEOUT, 0.1)
 
     assert stored_ids(bob, "bob") == before  # not the forgeries, not the replay again
     assert [x.body for x in conversation(b, "alice")] == ["the real one"]
@@ -315,7 +310,7 @@ def test_an_expired_envelope_leaves_the_message_pending_with_the_reason_until_th
     (message,) = conversation(a, "bob")
     assert message.status == apb.MESSAGE_STATUS_PENDING
     assert "dropped" in message.status_reason
-    wait_until(lambda: held_envelopes(mailbox_cluster) == [], TIMEOUT, 0.2)
+    wait_until(lambda: held(mailbox_cluster) == [], TIMEOUT, 0.2)
 
     b = bob.start()
     assert [m.body for m in wait_for_conversation(b, "alice", 1)] == ["will expire"]

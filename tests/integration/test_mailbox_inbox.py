@@ -14,7 +14,7 @@ from p2pchat_agent.directory_client import DirectoryClient
 from p2pchat_agent.inbox import Inbox
 from p2pchat_agent.mailbox import Mailbox
 from p2pchat_common.errors import RateLimited, Unavailable
-from tests.support.agent import InProcessAgent, logged_in, wait_until
+from tests.support.agent import InProcessAgent, users_with, wait_until
 from tests.support.directory import InProcessDirectory
 
 UNDIALLABLE: dict[str, Any] = {"advertise": "127.0.0.1:9", "dial_timeout": 1.0, "keepalive": 1.0}
@@ -25,12 +25,6 @@ def test_envelopes_committed_but_not_acknowledged_come_again_and_are_stored_once
     agent_directory: InProcessDirectory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    agents: dict[str, InProcessAgent] = {}
-
-    def make(name: str) -> InProcessAgent:
-        agents[name] = make_agent(name, **UNDIALLABLE)
-        return agents[name]
-
     failures = {"left": 2}
     real = DirectoryClient.acknowledge
 
@@ -41,7 +35,7 @@ def test_envelopes_committed_but_not_acknowledged_come_again_and_are_stored_once
         return await real(self, ids)
 
     monkeypatch.setattr(DirectoryClient, "acknowledge", lost_ack)
-    a, b = logged_in(make, "alice", "bob")
+    agents, (a, b) = users_with(make_agent, "alice", "bob", **UNDIALLABLE)
     wait_until(lambda: a.status().mailbox_connected and b.status().mailbox_connected)
     sent = [a.send("bob", f"once {i}") for i in range(5)]
     wait_until(lambda: a.status().delivered_messages == 5, 30)
@@ -70,13 +64,7 @@ def test_a_reconnect_of_the_collect_stream_keeps_the_inbox_collecting(
 ) -> None:
     """What `p2pchat trust` does to bring again what was kept for a new key: the stream is
     cancelled and opened again; the inbox does not end with it."""
-    agents: dict[str, InProcessAgent] = {}
-
-    def make(name: str) -> InProcessAgent:
-        agents[name] = make_agent(name, **UNDIALLABLE)
-        return agents[name]
-
-    a, b = logged_in(make, "alice", "bob")
+    agents, (a, b) = users_with(make_agent, "alice", "bob", **UNDIALLABLE)
     wait_until(lambda: a.status().mailbox_connected and b.status().mailbox_connected)
     bob = agents["bob"]
     active = bob.server.agent.active
@@ -109,13 +97,7 @@ def test_a_receipt_that_cannot_go_keeps_the_envelopes_until_it_goes(
         await real(self, peer, ids)
 
     monkeypatch.setattr(Mailbox, "send_receipt", refused_once)
-    agents: dict[str, InProcessAgent] = {}
-
-    def make(name: str) -> InProcessAgent:
-        agents[name] = make_agent(name, **UNDIALLABLE)
-        return agents[name]
-
-    a, b = logged_in(make, "alice", "bob")
+    agents, (a, b) = users_with(make_agent, "alice", "bob", **UNDIALLABLE)
     wait_until(lambda: a.status().mailbox_connected and b.status().mailbox_connected)
     sent = a.send("bob", "receipted at last", wait=20)
     assert sent.status == apb.MESSAGE_STATUS_DELIVERED and failures["left"] == 0

@@ -7,7 +7,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -178,3 +178,17 @@ def logged_in(
                 if other != name:
                     client.add_contact(other)
     return clients
+
+
+def users_with(
+    make_agent: Callable[..., InProcessAgent], *names: str, befriend: bool = True, **settings: Any
+) -> tuple[dict[str, InProcessAgent], list[AgentClient]]:
+    """`logged_in` for agents started with these `settings` overrides: the agents by name (for
+    their data dirs and sessions) and their clients."""
+    agents: dict[str, InProcessAgent] = {}
+
+    def make(name: str) -> InProcessAgent:
+        agents[name] = make_agent(name, **settings)
+        return agents[name]
+
+    return agents, logged_in(make, *names, befriend=befriend)

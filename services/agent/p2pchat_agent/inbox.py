@@ -25,6 +25,7 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Literal
 
 import grpc
 
@@ -90,7 +91,6 @@ class Inbox:
         self._body_limit = body_limit
         self._admits = admits
         self._collected = False  # the current stream brought something: it worked
-        self._discard: list[int] = []
         self.counts = InboxCounts()
         self._call: grpc.aio.UnaryStreamCall[object, mailbox_pb2.CollectResponse] | None = None
 
@@ -149,11 +149,12 @@ class Inbox:
         else:
             opened = await asyncio.to_thread(lambda: [self._open(e) for e in envelopes])
         sorted_out = _Sorted()
-        self._discard = sorted_out.ack  # refused for good by _trusted: acknowledged too
         for envelope, result in zip(envelopes, opened, strict=True):
-            if result is None:
-                sorted_out.ack.append(envelope.id)  # refused for good: do not bring it again
-            elif await self._trusted(envelope, result):
+            verdict = "discard" if result is None else await self._verdict(envelope, result)
+            if verdict == "discard":  # refused for good: acknowledged, it does not come again
+                sorted_out.ack.append(envelope.id)
+            elif verdict == "store":
+                assert result is not None
                 self._sort(envelope.id, result, sorted_out)
         self.counts.envelopes += len(envelopes)
         for batch in sorted_out.messages.values():
@@ -205,19 +206,21 @@ class Inbox:
             reason,
         )
 
-    async def _trusted(self, envelope: mailbox_pb2.Envelope, opened: Opened) -> bool:
-        """Whether the sender is an accepted contact (else it is refused for good: discarded
-        and acknowledged) and its key the pinned one (pinned now on first contact)."""
+    async def _verdict(
+        self, envelope: mailbox_pb2.Envelope, opened: Opened
+    ) -> Literal["store", "discard", "keep"]:
+        """What to do with an envelope that opened: discard it when the sender is not an
+        accepted contact; keep it at the directory when their key is not the pinned one (it
+        comes again once the user trusts the new key); else store (pinned on first contact)."""
         if self._admits is not None and not await self._admits(opened.sender, False):
             self._refuse(envelope, f"{opened.sender} is not an accepted contact")
-            self._discard.append(envelope.id)
-            return False
+            return "discard"
         try:
             await self._pins.check(opened.sender, public_key_sha256(opened.certificate))
         except DomainError as exc:
             self._refuse(envelope, f"{exc} (kept at the directory until then)")
-            return False
-        return True
+            return "keep"
+        return "store"
 
     @staticmethod
     def _sort(envelope_id: int, opened: Opened, into: _Sorted) -> None:
