@@ -90,8 +90,6 @@ class Contacts:
     async def block(self, username: str) -> common_pb2.Contact:
         contact = await self._directory.block_contact(username)
         await self.refresh()
-        if self.book.state(contact.username) != BLOCKED:  # the directory said otherwise
-            log.warning("the directory did not list %s as blocked", contact.username)
         return contact
 
     async def unblock(self, username: str) -> None:
