@@ -123,6 +123,7 @@ def test_the_seed_usage_step_by_step_two_users_chat_both_ways(
         bob.expect_exact("alice: are you serving?")
         bob.sendline("yes, replying from the server screen")
         alice.expect_exact("bob: yes, replying from the server screen")
+        bob.expect_exact("[→ alice]")  # the reply's send has returned: bob's prompt is back
         bob.sendcontrol("c")  # Ctrl-C leaves the server screen, not the program
         bob.expect_exact("stopped serving")
         alice.sendline("/quit")
