@@ -55,6 +55,11 @@ class DirectoryServiceStub:
                 request_serializer=p2pchat_dot_v1_dot_directory__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=p2pchat_dot_v1_dot_directory__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Presence = channel.stream_stream(
+                '/p2pchat.v1.DirectoryService/Presence',
+                request_serializer=p2pchat_dot_v1_dot_directory__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=p2pchat_dot_v1_dot_directory__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.RenewCertificate = channel.unary_unary(
                 '/p2pchat.v1.DirectoryService/RenewCertificate',
                 request_serializer=p2pchat_dot_v1_dot_directory__pb2.RenewCertificateRequest.SerializeToString,
@@ -165,7 +170,23 @@ class DirectoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Keeps presence and the session alive (sliding expiry).
+        """Keeps presence and the session alive (sliding expiry). One database write per call:
+        agents use Presence instead; this stays for clients that hold no stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Presence(self, request_iterator, context):
+        """Presence over one long-lived stream: the caller is online while it sends a beat (a
+        HeartbeatRequest) at least once per presence TTL; each beat is answered with a
+        HeartbeatResponse. Beats cost no database write: each replica renews the presence of all
+        its streams in one statement per interval (online_until = last beat + TTL), renews a
+        session only once half its lifetime is used, and ends the stream with UNAUTHENTICATED
+        within that interval once the session is revoked or expires. contacts_changed_at in an
+        answer may lag a change by up to that interval. A stream ended by the client, the network
+        or a replica going away stops the renewals: the user is offline within the TTL of the
+        last beat, unless it opens a stream again (to any replica).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -318,6 +339,11 @@ def add_DirectoryServiceServicer_to_server(servicer, server):
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
+                    request_deserializer=p2pchat_dot_v1_dot_directory__pb2.HeartbeatRequest.FromString,
+                    response_serializer=p2pchat_dot_v1_dot_directory__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Presence': grpc.stream_stream_rpc_method_handler(
+                    servicer.Presence,
                     request_deserializer=p2pchat_dot_v1_dot_directory__pb2.HeartbeatRequest.FromString,
                     response_serializer=p2pchat_dot_v1_dot_directory__pb2.HeartbeatResponse.SerializeToString,
             ),
@@ -508,6 +534,33 @@ class DirectoryService:
             request,
             target,
             '/p2pchat.v1.DirectoryService/Heartbeat',
+            p2pchat_dot_v1_dot_directory__pb2.HeartbeatRequest.SerializeToString,
+            p2pchat_dot_v1_dot_directory__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Presence(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/p2pchat.v1.DirectoryService/Presence',
             p2pchat_dot_v1_dot_directory__pb2.HeartbeatRequest.SerializeToString,
             p2pchat_dot_v1_dot_directory__pb2.HeartbeatResponse.FromString,
             options,

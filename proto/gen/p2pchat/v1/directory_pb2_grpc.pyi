@@ -54,7 +54,20 @@ class DirectoryServiceStub:
     Logout: _grpc.UnaryUnaryMultiCallable[_directory_pb2.LogoutRequest, _directory_pb2.LogoutResponse]
     """Revokes the calling session; the user goes offline when no session is left."""
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_directory_pb2.HeartbeatRequest, _directory_pb2.HeartbeatResponse]
-    """Keeps presence and the session alive (sliding expiry)."""
+    """Keeps presence and the session alive (sliding expiry). One database write per call:
+    agents use Presence instead; this stays for clients that hold no stream.
+    """
+    Presence: _grpc.StreamStreamMultiCallable[_directory_pb2.HeartbeatRequest, _directory_pb2.HeartbeatResponse]
+    """Presence over one long-lived stream: the caller is online while it sends a beat (a
+    HeartbeatRequest) at least once per presence TTL; each beat is answered with a
+    HeartbeatResponse. Beats cost no database write: each replica renews the presence of all
+    its streams in one statement per interval (online_until = last beat + TTL), renews a
+    session only once half its lifetime is used, and ends the stream with UNAUTHENTICATED
+    within that interval once the session is revoked or expires. contacts_changed_at in an
+    answer may lag a change by up to that interval. A stream ended by the client, the network
+    or a replica going away stops the renewals: the user is offline within the TTL of the
+    last beat, unless it opens a stream again (to any replica).
+    """
     RenewCertificate: _grpc.UnaryUnaryMultiCallable[_directory_pb2.RenewCertificateRequest, _directory_pb2.RenewCertificateResponse]
     """Signs a new certificate for the caller's key without a new login."""
     AddContact: _grpc.UnaryUnaryMultiCallable[_directory_pb2.AddContactRequest, _directory_pb2.AddContactResponse]
@@ -125,7 +138,20 @@ class DirectoryServiceAsyncStub(DirectoryServiceStub):
     Logout: _aio.UnaryUnaryMultiCallable[_directory_pb2.LogoutRequest, _directory_pb2.LogoutResponse]  # type: ignore[assignment]
     """Revokes the calling session; the user goes offline when no session is left."""
     Heartbeat: _aio.UnaryUnaryMultiCallable[_directory_pb2.HeartbeatRequest, _directory_pb2.HeartbeatResponse]  # type: ignore[assignment]
-    """Keeps presence and the session alive (sliding expiry)."""
+    """Keeps presence and the session alive (sliding expiry). One database write per call:
+    agents use Presence instead; this stays for clients that hold no stream.
+    """
+    Presence: _aio.StreamStreamMultiCallable[_directory_pb2.HeartbeatRequest, _directory_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    """Presence over one long-lived stream: the caller is online while it sends a beat (a
+    HeartbeatRequest) at least once per presence TTL; each beat is answered with a
+    HeartbeatResponse. Beats cost no database write: each replica renews the presence of all
+    its streams in one statement per interval (online_until = last beat + TTL), renews a
+    session only once half its lifetime is used, and ends the stream with UNAUTHENTICATED
+    within that interval once the session is revoked or expires. contacts_changed_at in an
+    answer may lag a change by up to that interval. A stream ended by the client, the network
+    or a replica going away stops the renewals: the user is offline within the TTL of the
+    last beat, unless it opens a stream again (to any replica).
+    """
     RenewCertificate: _aio.UnaryUnaryMultiCallable[_directory_pb2.RenewCertificateRequest, _directory_pb2.RenewCertificateResponse]  # type: ignore[assignment]
     """Signs a new certificate for the caller's key without a new login."""
     AddContact: _aio.UnaryUnaryMultiCallable[_directory_pb2.AddContactRequest, _directory_pb2.AddContactResponse]  # type: ignore[assignment]
@@ -217,7 +243,26 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _directory_pb2.HeartbeatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_directory_pb2.HeartbeatResponse, _abc.Awaitable[_directory_pb2.HeartbeatResponse]]:
-        """Keeps presence and the session alive (sliding expiry)."""
+        """Keeps presence and the session alive (sliding expiry). One database write per call:
+        agents use Presence instead; this stays for clients that hold no stream.
+        """
+
+    @_abc_1.abstractmethod
+    def Presence(
+        self,
+        request_iterator: _MaybeAsyncIterator[_directory_pb2.HeartbeatRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_directory_pb2.HeartbeatResponse], _abc.AsyncIterator[_directory_pb2.HeartbeatResponse]]:
+        """Presence over one long-lived stream: the caller is online while it sends a beat (a
+        HeartbeatRequest) at least once per presence TTL; each beat is answered with a
+        HeartbeatResponse. Beats cost no database write: each replica renews the presence of all
+        its streams in one statement per interval (online_until = last beat + TTL), renews a
+        session only once half its lifetime is used, and ends the stream with UNAUTHENTICATED
+        within that interval once the session is revoked or expires. contacts_changed_at in an
+        answer may lag a change by up to that interval. A stream ended by the client, the network
+        or a replica going away stops the renewals: the user is offline within the TTL of the
+        last beat, unless it opens a stream again (to any replica).
+        """
 
     @_abc_1.abstractmethod
     def RenewCertificate(
