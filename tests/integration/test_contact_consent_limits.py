@@ -73,7 +73,9 @@ def test_policies_anyone_invite_and_nobody(directory: InProcessDirectory) -> Non
         == cpb.CONTACT_POLICY_NOBODY
     )
     assert REFUSED in expect_error(Code.PERMISSION_DENIED, add, stub, carol, "alice")
-    assert add(stub, carol, "alice", invite_code=code).state == REQUESTED  # a code: any policy
+    # Nobody means nobody: a good code of hers does not get through either.
+    refused = expect_error(Code.PERMISSION_DENIED, add, stub, carol, "alice", invite_code=code)
+    assert REFUSED in refused
     # Nobody may ask her, but those she asks accept by asking back.
     dave = user(stub, "dave")
     add(stub, alice, "dave")

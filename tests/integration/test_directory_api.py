@@ -387,3 +387,30 @@ def test_logout_revokes_only_that_session(directory: InProcessDirectory) -> None
     stub.Logout(pb.LogoutRequest(), metadata=auth(first))
     expect_error(Code.UNAUTHENTICATED, stub.Logout, pb.LogoutRequest(), metadata=auth(first))
     stub.Heartbeat(pb.HeartbeatRequest(), metadata=auth(second))
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
+def test_a_dropped_database_connection_costs_the_hot_reads_nothing(
+    make_directory: Callable[..., InProcessDirectory], db_urls: tuple[str, str]
+) -> None:
+    """PostgreSQL drops the kept connections of the hot reads (a restart, a failover): the
+    next Lookup and ListContacts reconnect and answer; no pre-ping round trip needed for it."""
+    import psycopg
+
+    directory = make_directory()
+    stub = directory.stub()
+    judy, ken = register_and_login(stub, "judy"), register_and_login(stub, "ken")
+    add_each_other(stub, ("judy", judy), ("ken", ken))
+    lookup = pb.LookupRequest(username="ken")
+    assert stub.Lookup(lookup, metadata=auth(judy)).contact.username == "ken"
+    dsn = db_urls[0].replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        dropped = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'p2pchat-directory hot reads'"
+        ).fetchone()
+    assert dropped is not None and dropped[0] >= 1
+    for _ in range(8):  # every worker thread's connection, whichever thread answers
+        assert stub.Lookup(lookup, metadata=auth(judy)).contact.username == "ken"
+        listed = stub.ListContacts(pb.ListContactsRequest(), metadata=auth(judy)).contacts
+        assert [c.username for c in listed] == ["ken"]

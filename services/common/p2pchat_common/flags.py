@@ -53,6 +53,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {shown(text)}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {shown(text)}")
+    return value
+
+
 def log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in LOG_LEVELS:

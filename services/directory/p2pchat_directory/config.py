@@ -17,6 +17,7 @@ from p2pchat_common.flags import (
     address,
     env,
     env_flag,
+    non_negative_int,
     parse,
     positive_float,
     positive_int,
@@ -24,6 +25,8 @@ from p2pchat_common.flags import (
 from p2pchat_common.tls import is_reserved_name
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
+# hashlib.scrypt releases the GIL: one hashing thread per core keeps every core busy (hashing.py).
+DEFAULT_HASH_WORKERS = os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class Settings:
     contact_request_cap: int = 100
     grace_period: float = 5.0
     workers: int = 8
+    # Password hashing (scrypt, ~80 ms of CPU each) has threads of its own, and room for
+    # hash_queue more hashes to wait; past that Register and Login are refused (hashing.py).
+    hash_workers: int = DEFAULT_HASH_WORKERS
+    hash_queue: int = 4 * DEFAULT_HASH_WORKERS
     log_level: str = "INFO"
 
     @property
@@ -233,8 +240,23 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--workers",
         type=positive_int,
         default=env(environ, "WORKERS", str(d.workers)),
-        help="threads for database work and password hashing [P2PCHAT_WORKERS] "
-        "(default %(default)s)",
+        help="threads for database work; password hashing has its own (--hash-workers) "
+        "[P2PCHAT_WORKERS] (default %(default)s)",
+    )
+    p.add_argument(
+        "--hash-workers",
+        type=positive_int,
+        default=env(environ, "HASH_WORKERS", str(d.hash_workers)),
+        help="threads that hash passwords (scrypt, ~80 ms each) for Register and Login "
+        "[P2PCHAT_HASH_WORKERS] (default %(default)s: the number of cores)",
+    )
+    p.add_argument(
+        "--hash-queue",
+        type=non_negative_int,
+        default=env(environ, "HASH_QUEUE", "") or None,
+        help="password hashes that may wait for a hashing thread; past that, Register and "
+        "Login get RESOURCE_EXHAUSTED at once, with a hint to retry [P2PCHAT_HASH_QUEUE] "
+        "(default 4 x --hash-workers)",
     )
     add_lifecycle_flags(p, environ, d.grace_period, d.log_level)
     return p
@@ -277,5 +299,7 @@ def load_settings(
         contact_request_cap=int(ns.contact_request_cap),
         grace_period=float(ns.grace_period),
         workers=int(ns.workers),
+        hash_workers=int(ns.hash_workers),
+        hash_queue=4 * int(ns.hash_workers) if ns.hash_queue is None else int(ns.hash_queue),
         log_level=ns.log_level,
     )

@@ -146,10 +146,7 @@ class ContactsService:
     ) -> list[ContactView]:
         """Views of (name, state, owner's row, other's row): presence only when ACCEPTED."""
         accepted = [name for name, state, _, _ in rows if state is ContactState.ACCEPTED]
-        users = {}
-        if accepted:
-            with self._dbs.users() as s:
-                users = repo.users_by_name(s, accepted)
+        users = repo.presence_of(self._dbs, accepted)
         now = self._now()
         views = []
         for name, state, mine, theirs in rows:
@@ -223,12 +220,12 @@ class ContactsService:
                 return self._view(name, Pair(mine, Side(WANT, "", "", None)))
             if found.theirs is not None:  # they blocked the owner
                 raise PermissionDenied(_REFUSED.format(name=name))
-            invited = bool(invite_code) and len(invite_code) <= INVITE_CODE_MAX
+            # Nobody means nobody, a code of theirs included; under INVITE a code is needed.
+            policy = store.policy(conn, name) or Policy.ANYONE.value
+            invited = policy != Policy.NOBODY.value and 0 < len(invite_code) <= INVITE_CODE_MAX
             invited = invited and store.use_invite(conn, name, _code_hash(invite_code), now)
-            if not invited:
-                policy = store.policy(conn, name) or Policy.ANYONE.value
-                if policy != Policy.ANYONE.value:
-                    raise PermissionDenied(_REFUSED.format(name=name))
+            if not invited and policy != Policy.ANYONE.value:
+                raise PermissionDenied(_REFUSED.format(name=name))
             forget = now - RATE_WINDOW
             if store.requests_since(conn, owner, forget) >= settings.contact_request_rate:
                 raise RateLimited(
@@ -319,9 +316,7 @@ class ContactsService:
 
     def list_contacts(self, token: str) -> list[ContactView]:
         owner = self._authenticate(token)
-        with self._dbs.contacts_engine.connect() as conn:
-            owned = store.owned(conn, owner)
-            waiting = store.awaiting(conn, owner)
+        owned, waiting = store.listing(self._dbs, owner)
         rows: list[tuple[str, ContactState, Side | None, Side | None]] = []
         for name, mine, back in owned:
             theirs = None if back is None else Side(back, "", "", None)

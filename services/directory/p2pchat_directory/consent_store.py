@@ -27,7 +27,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import aliased
 
-from p2pchat_common.timestamps import sqlite_time
 from p2pchat_directory.db import Databases
 from p2pchat_directory.mailbox_store import write_transaction as write_transaction
 from p2pchat_directory.models import (
@@ -82,12 +81,12 @@ _PAIR = select(_C.owner, _C.state, _C.pinned_address, _C.note, _C.requested_at).
         and_(_C.owner == bindparam("b"), _C.contact == bindparam("a")),
     )
 )
-_SQLITE_PAIR = (
+_PLAIN_PAIR = (
     "SELECT owner, state, pinned_address, note, requested_at FROM contacts "
     "WHERE (owner = ? AND contact = ?) OR (owner = ? AND contact = ?)"
 )
 _CHANGED_AT = select(_CHANGED.c.changed_at).where(_CHANGED.c.username == bindparam("username"))
-_SQLITE_CHANGED_AT = "SELECT changed_at FROM contacts_changed WHERE username = ?"
+_PLAIN_CHANGED_AT = "SELECT changed_at FROM contacts_changed WHERE username = ?"
 
 
 def _pair_of(owner: str, rows: Iterable[Sequence[object]]) -> Pair:
@@ -103,10 +102,10 @@ def _pair_of(owner: str, rows: Iterable[Sequence[object]]) -> Pair:
 
 def pair_read(dbs: Databases, owner: str, other: str) -> Pair:
     """Both rows of (owner, other) in one short read outside any transaction (Lookup, Deposit)."""
-    if dbs.contacts_reader is not None:
-        with dbs.contacts_reader.use() as db:
-            rows = db.execute(_SQLITE_PAIR, (owner, other, other, owner)).fetchall()
-        return _pair_of(owner, ((o, s, p, n, sqlite_time(r)) for o, s, p, n, r in rows))
+    reader = dbs.contacts_reader
+    if reader is not None:
+        rows = reader.all(_PLAIN_PAIR, (owner, other, other, owner))
+        return _pair_of(owner, ((o, s, p, n, reader.time(r)) for o, s, p, n, r in rows))
     with dbs.contacts_engine.connect() as conn:
         return pair(conn, owner, other)
 
@@ -117,10 +116,10 @@ def pair(conn: Connection, owner: str, other: str) -> Pair:
 
 def changed_at(dbs: Databases, username: str) -> datetime | None:
     """When `username`'s contacts last changed (None: never)."""
-    if dbs.contacts_reader is not None:
-        with dbs.contacts_reader.use() as db:
-            row = db.execute(_SQLITE_CHANGED_AT, (username,)).fetchone()
-        return None if row is None else sqlite_time(row[0])
+    reader = dbs.contacts_reader
+    if reader is not None:
+        row = reader.one(_PLAIN_CHANGED_AT, (username,))
+        return None if row is None else reader.time(row[0])
     with dbs.contacts_engine.connect() as conn:
         found: datetime | None = conn.execute(
             _CHANGED_AT, {"username": username}
@@ -128,17 +127,20 @@ def changed_at(dbs: Databases, username: str) -> datetime | None:
         return found
 
 
+_LOCK_USERS = text(
+    "SELECT pg_advisory_xact_lock(:ns, k) FROM (SELECT DISTINCT hashtext(n) AS k "
+    "FROM unnest(CAST(:names AS text[])) AS n ORDER BY k) AS keys"
+)
+
+
 def lock_users(conn: Connection, *usernames: str) -> None:
     """Serialises the consent writes that touch these users (their requests sent and received,
     their rows, policy and codes) across replicas. On SQLite the write transaction already
-    holds the database's write lock; on PostgreSQL, advisory locks taken in one order."""
+    holds the database's write lock; on PostgreSQL, advisory locks taken in the order of their
+    keys (not of the names: two names may hash alike, and then name order is no lock order)."""
     if conn.dialect.name != "postgresql":
         return
-    for name in sorted(set(usernames)):
-        conn.execute(
-            text("SELECT pg_advisory_xact_lock(:ns, hashtext(:name))"),
-            {"ns": _LOCK_NAMESPACE, "name": name},
-        )
+    conn.execute(_LOCK_USERS, {"ns": _LOCK_NAMESPACE, "names": sorted(set(usernames))})
 
 
 # -- rows of the contacts table ----------------------------------------------------------------
@@ -190,6 +192,38 @@ def awaiting(conn: Connection, recipient: str) -> list[tuple[str, Side]]:
         .order_by(_C.requested_at, _C.owner)
     )
     return [(o, Side(s, p, n, r)) for o, s, p, n, r in rows]
+
+
+# ListContacts in one statement: the owner's rows with the other side's state, then the
+# requests awaiting the owner (a 'want' toward them they have no row toward).
+_PLAIN_LISTING = (
+    "SELECT 0, c.contact, c.state, c.pinned_address, c.note, c.requested_at, b.state "
+    "FROM contacts AS c LEFT JOIN contacts AS b ON b.owner = c.contact AND b.contact = c.owner "
+    "WHERE c.owner = ? "
+    "UNION ALL "
+    "SELECT 1, c.owner, c.state, c.pinned_address, c.note, c.requested_at, NULL "
+    "FROM contacts AS c WHERE c.contact = ? AND c.state = 'want' AND NOT EXISTS "
+    "(SELECT 1 FROM contacts AS b WHERE b.owner = ? AND b.contact = c.owner)"
+)
+
+
+def listing(
+    dbs: Databases, owner: str
+) -> tuple[list[tuple[str, Side, str | None]], list[tuple[str, Side]]]:
+    """`owned(owner)` and `awaiting(owner)` (in no particular order) in one short read."""
+    reader = dbs.contacts_reader
+    if reader is None:
+        with dbs.contacts_engine.connect() as conn:
+            return owned(conn, owner), awaiting(conn, owner)
+    mine: list[tuple[str, Side, str | None]] = []
+    waiting: list[tuple[str, Side]] = []
+    for kind, name, state, pinned, note, at, back in reader.all(_PLAIN_LISTING, (owner,) * 3):
+        side = Side(state, pinned, note, reader.time(at))
+        if kind == 0:
+            mine.append((name, side, back))
+        else:
+            waiting.append((name, side))
+    return mine, waiting
 
 
 def owned(conn: Connection, owner: str) -> list[tuple[str, Side, str | None]]:

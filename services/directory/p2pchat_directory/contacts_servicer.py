@@ -82,10 +82,15 @@ class ContactRpcs:
     def _token(self, context: Context) -> str:
         raise NotImplementedError
 
+    def _changed(self, context: Context, username: str) -> None:
+        """The caller's contacts with `username` changed (their presence streams hear of it)."""
+        raise NotImplementedError
+
     async def _answered(
         self, fn: Callable[[str, str], ContactView], request: Any, context: Context
     ) -> directory_pb2.AddContactResponse:
         view = await self._run(fn, self._token(context), request.username)
+        self._changed(context, view.username)
         return directory_pb2.AddContactResponse(contact=contact_pb(view))
 
     async def AddContact(
@@ -99,12 +104,14 @@ class ContactRpcs:
             request.note,
             request.invite_code,
         )
+        self._changed(context, view.username)
         return directory_pb2.AddContactResponse(contact=contact_pb(view))
 
     async def RemoveContact(
         self, request: directory_pb2.RemoveContactRequest, context: Context
     ) -> directory_pb2.RemoveContactResponse:
         await self._run(self._contacts.remove_contact, self._token(context), request.username)
+        self._changed(context, request.username)
         return directory_pb2.RemoveContactResponse()
 
     async def ListContacts(
@@ -128,6 +135,7 @@ class ContactRpcs:
         self, request: directory_pb2.ContactAnswerRequest, context: Context
     ) -> directory_pb2.ContactAnswerResponse:
         await self._run(self._contacts.decline, self._token(context), request.username)
+        self._changed(context, request.username)
         return directory_pb2.ContactAnswerResponse()
 
     async def BlockContact(
@@ -139,6 +147,7 @@ class ContactRpcs:
         self, request: directory_pb2.ContactAnswerRequest, context: Context
     ) -> directory_pb2.ContactAnswerResponse:
         await self._run(self._contacts.unblock, self._token(context), request.username)
+        self._changed(context, request.username)
         return directory_pb2.ContactAnswerResponse()
 
     async def SetContactPolicy(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from p2pchat_common.errors import StartupError
 from p2pchat_common.files import private_dir, private_file
-from p2pchat_common.sqlite import ThreadConnections
+from p2pchat_directory.hot import HotReader, hot_reader
 from p2pchat_directory.models import Contact, ContactsBase, UsersBase
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,10 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # No pre-ping: it costs a round trip at every checkout. A connection the server dropped
+    # fails its statement once and the pool then replaces its connections (and hot.py's reads
+    # reconnect by themselves); the long-lived ones are recycled hourly.
+    return create_engine(url, pool_size=10, max_overflow=10, pool_recycle=3600)
 
 
 # Columns added to `contacts` by contact consent (issue 14), with their DDL. An existing row
@@ -95,37 +97,22 @@ def create_schema(engine: Engine, base: type[DeclarativeBase]) -> None:
             upgrade(conn)
 
 
-def sqlite_reader(engine: Engine) -> ThreadConnections | None:
-    """For the reads every authenticated call makes, when the engine's database is a SQLite
-    file: plain sqlite3 connections, one per thread, read-only, in autocommit (each SELECT sees
-    the latest commit; in WAL it never waits). None for any other database."""
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
-        return None
-
-    def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=10000")
-        conn.execute("PRAGMA query_only=ON")
-        return conn
-
-    return ThreadConnections(connect, f"the database {database}")
-
-
 @dataclass
 class Databases:
     users_engine: Engine
     contacts_engine: Engine
     users: sessionmaker[Session]
     contacts: sessionmaker[Session]
-    users_reader: ThreadConnections | None = None
-    contacts_reader: ThreadConnections | None = None
+    users_reader: HotReader | None = None
+    contacts_reader: HotReader | None = None
 
     @classmethod
     def open(cls, users_url: str, contacts_url: str) -> Databases:
-        """Connects and creates missing tables; StartupError when a database cannot be used."""
+        """Connects and creates missing tables; StartupError when a database cannot be used.
+        Two URLs that are one database share one engine (one pool) and one hot reader."""
         users_engine = make_engine(users_url)
-        contacts_engine = make_engine(contacts_url)
+        same = make_url(users_url) == make_url(contacts_url)
+        contacts_engine = users_engine if same else make_engine(contacts_url)
         for engine, base, what in (
             (users_engine, UsersBase, "users"),
             (contacts_engine, ContactsBase, "contacts"),
@@ -143,14 +130,21 @@ class Databases:
             users_engine.url.render_as_string(hide_password=True),
             contacts_engine.url.render_as_string(hide_password=True),
         )
+        users_reader = hot_reader(users_engine)
+        users = sessionmaker(users_engine, expire_on_commit=False)
         return cls(
             users_engine,
             contacts_engine,
-            sessionmaker(users_engine, expire_on_commit=False),
-            sessionmaker(contacts_engine, expire_on_commit=False),
-            sqlite_reader(users_engine),
-            sqlite_reader(contacts_engine),
+            users,
+            users if same else sessionmaker(contacts_engine, expire_on_commit=False),
+            users_reader,
+            users_reader if same else hot_reader(contacts_engine),
         )
+
+    @property
+    def one_database(self) -> bool:
+        """Users and contacts are one database (one statement may join their tables)."""
+        return self.users_engine is self.contacts_engine
 
     @property
     def local_only(self) -> bool:
@@ -158,8 +152,8 @@ class Databases:
         return all(e.dialect.name == "sqlite" for e in (self.users_engine, self.contacts_engine))
 
     def dispose(self) -> None:
-        for reader in (self.users_reader, self.contacts_reader):
-            if reader is not None:
-                reader.close()
+        for reader in {id(r): r for r in (self.users_reader, self.contacts_reader) if r}.values():
+            reader.close()
         self.users_engine.dispose()
-        self.contacts_engine.dispose()
+        if not self.one_database:
+            self.contacts_engine.dispose()

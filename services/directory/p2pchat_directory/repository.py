@@ -5,6 +5,7 @@ SQLAlchemy Core elsewhere."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +15,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from p2pchat_common.errors import AlreadyExists
-from p2pchat_common.timestamps import sqlite_text, sqlite_time
 from p2pchat_directory.db import Databases
 from p2pchat_directory.models import (
     FailedLogin,
@@ -60,9 +60,9 @@ _USER_SUMMARY = (
 )
 
 
-# The same reads in plain SQL for a SQLite file (times as SQLAlchemy stores them there).
-_SQLITE_SESSION_OWNER = "SELECT username FROM sessions WHERE token_hash = ? AND expires_at > ?"
-_SQLITE_OWNER_AND_USER = (
+# The same reads in plain SQL for the hot reader (hot.py), on either backend.
+_PLAIN_SESSION_OWNER = "SELECT username FROM sessions WHERE token_hash = ? AND expires_at > ?"
+_PLAIN_OWNER_AND_USER = (
     "SELECT s.username, u.username, u.address, u.last_seen, u.online_until, "
     "u.public_key_sha256, u.certificate_pem, m.mailbox_key, m.signature FROM sessions AS s "
     "LEFT JOIN users AS u ON u.username = ? "
@@ -74,9 +74,9 @@ _SQLITE_OWNER_AND_USER = (
 
 def session_owner(dbs: Databases, token_hash: str, now: datetime) -> str | None:
     """The user of a live session."""
-    if dbs.users_reader is not None:
-        with dbs.users_reader.use() as db:
-            row = db.execute(_SQLITE_SESSION_OWNER, (token_hash, sqlite_text(now))).fetchone()
+    reader = dbs.users_reader
+    if reader is not None:
+        row = reader.one(_PLAIN_SESSION_OWNER, (token_hash, reader.param(now)))
         return None if row is None else str(row[0])
     with dbs.users_engine.connect() as conn:
         return _session_owner(conn, token_hash, now)
@@ -87,10 +87,9 @@ def owner_and_user(
 ) -> tuple[str | None, UserSummary | None]:
     """The user of a live session (None: no such session) and the summary of `username` (None:
     no such user), in one read."""
-    if dbs.users_reader is not None:
-        with dbs.users_reader.use() as db:
-            params = (username, token_hash, sqlite_text(now))
-            row = db.execute(_SQLITE_OWNER_AND_USER, params).fetchone()
+    reader = dbs.users_reader
+    if reader is not None:
+        row = reader.one(_PLAIN_OWNER_AND_USER, (username, token_hash, reader.param(now)))
         if row is None:
             return None, None
         owner, found, address, last_seen, online_until, key_sha256, cert, mkey, msig = row
@@ -98,12 +97,12 @@ def owner_and_user(
             return owner, None
         return owner, UserSummary(
             address,
-            sqlite_time(last_seen),
-            sqlite_time(online_until),
+            reader.time(last_seen),
+            reader.time(online_until),
             key_sha256,
-            cert,
-            mkey,
-            msig,
+            _bytes(cert),
+            _bytes(mkey),
+            _bytes(msig),
         )
     with dbs.users_engine.connect() as conn:
         owner = _session_owner(conn, token_hash, now)
@@ -111,6 +110,50 @@ def owner_and_user(
             return None, None
         row = conn.execute(_USER_SUMMARY, {"username": username}).one_or_none()
         return owner, None if row is None else UserSummary(*row)
+
+
+@dataclass(frozen=True)
+class Presence:
+    address: str
+    online_until: datetime | None
+    last_seen: datetime | None
+
+
+# One prepared statement whatever the number of names: an array on PostgreSQL, a JSON array
+# on SQLite. The primary key's index finds each.
+_PG_PRESENCE = (
+    "SELECT username, address, online_until, last_seen FROM users WHERE username = ANY(?)"
+)
+_SQLITE_PRESENCE = (
+    "SELECT username, address, online_until, last_seen FROM users "
+    "WHERE username IN (SELECT value FROM json_each(?))"
+)
+
+
+def presence_of(dbs: Databases, usernames: Sequence[str]) -> dict[str, Presence]:
+    """The address and presence of each of these users (ListContacts): those columns only."""
+    if not usernames:
+        return {}
+    reader = dbs.users_reader
+    if reader is None:
+        with dbs.users() as s:
+            return {
+                u.username: Presence(u.address, u.online_until, u.last_seen)
+                for u in users_by_name(s, usernames)
+            }
+    if reader.postgres:
+        rows = reader.all(_PG_PRESENCE, (list(usernames),))
+    else:
+        rows = reader.all(_SQLITE_PRESENCE, (json.dumps(list(usernames)),))
+    return {
+        name: Presence(address, reader.time(online_until), reader.time(last_seen))
+        for name, address, online_until, last_seen in rows
+    }
+
+
+def _bytes(value: object) -> bytes | None:
+    """A BLOB/bytea as bytes (psycopg may hand out a memoryview)."""
+    return None if value is None else bytes(value)  # type: ignore[call-overload]
 
 
 def _session_owner(conn: Connection, token_hash: str, now: datetime) -> str | None:
@@ -134,11 +177,9 @@ def existing_usernames(s: Session, usernames: Iterable[str]) -> set[str]:
     return set(s.scalars(select(User.username).where(User.username.in_(names)))) if names else set()
 
 
-def users_by_name(s: Session, usernames: Iterable[str]) -> dict[str, User]:
+def users_by_name(s: Session, usernames: Iterable[str]) -> list[User]:
     names = list(usernames)
-    if not names:
-        return {}
-    return {u.username: u for u in s.scalars(select(User).where(User.username.in_(names)))}
+    return list(s.scalars(select(User).where(User.username.in_(names)))) if names else []
 
 
 @dataclass(frozen=True)
@@ -197,8 +238,29 @@ def add_session(s: Session, session: UserSession) -> None:
     s.add(session)
 
 
-def get_session(s: Session, token_hash: str) -> UserSession | None:
-    return s.get(UserSession, token_hash)
+def beat(
+    s: Session,
+    token_hash: str,
+    username: str,
+    expires: datetime,
+    online_until: datetime,
+    now: datetime,
+) -> bool:
+    """A unary heartbeat: the session extended and the user online; False (nothing written)
+    when the session ended meanwhile."""
+    extended = s.execute(
+        update(UserSession)
+        .where(UserSession.token_hash == token_hash, UserSession.expires_at > now)
+        .values(expires_at=expires)
+    )
+    if not getattr(extended, "rowcount", 0):
+        return False
+    s.execute(
+        update(User)
+        .where(User.username == username)
+        .values(last_seen=now, online_until=online_until)
+    )
+    return True
 
 
 def delete_session(s: Session, token_hash: str) -> None:

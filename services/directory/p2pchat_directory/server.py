@@ -25,12 +25,15 @@ from p2pchat_common.serving import (
     set_serving,
 )
 from p2pchat_common.validation import is_wildcard
+from p2pchat_directory.accounts import Accounts
 from p2pchat_directory.ca import CertificateAuthority, Clock
 from p2pchat_directory.config import Settings
 from p2pchat_directory.db import Databases
+from p2pchat_directory.hashing import HashingPool
 from p2pchat_directory.mailbox import MailboxService
 from p2pchat_directory.mailbox_relay import MailboxRelay
 from p2pchat_directory.mailbox_servicer import MailboxServicer
+from p2pchat_directory.presence import PresenceHub
 from p2pchat_directory.service import DirectoryService, utcnow
 from p2pchat_directory.servicer import DirectoryServicer
 
@@ -52,6 +55,12 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
+    # Every connection is asked to move on (GOAWAY) after ~10 minutes, its calls given a
+    # minute to end: a client then resolves the directory's name again, so a replica that
+    # came back, or a new one, gets its share of the agents (round_robin only re-resolves
+    # when a connection ends). The Presence and Collect streams reopen at once, anywhere.
+    ("grpc.max_connection_age_ms", 600_000),
+    ("grpc.max_connection_age_grace_ms", 60_000),
 ]
 
 
@@ -64,14 +73,18 @@ class DirectoryServer:
     executor: ThreadPoolExecutor
     ca: CertificateAuthority
     mailbox: MailboxRelay
+    presence: PresenceHub
+    hashing: HashingPool
 
     async def stop(self, grace: float | None) -> None:
         """Health NOT_SERVING, end the Collect streams (they would wait forever), stop accepting,
         let calls finish in `grace` s, release resources."""
         await self.health.enter_graceful_shutdown()
         await self.mailbox.close()
+        await self.presence.close()
         await self.server.stop(grace)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.hashing.shutdown()
         self.databases.dispose()
 
 
@@ -92,15 +105,24 @@ async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryS
     databases = await asyncio.to_thread(Databases.open, settings.users_url, settings.contacts_url)
     ca = await asyncio.to_thread(CertificateAuthority.load_or_create, settings.data_dir, clock)
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="directory")
+    # scrypt apart from the shared threads, bounded, so that logins never starve the rest.
+    hashing = HashingPool(settings.hash_workers, settings.hash_queue)
     service = DirectoryService(settings, databases, ca, clock)
     if ca.upgraded:
         await asyncio.to_thread(service.warn_of_lookalikes)
 
+    presence = PresenceHub(databases, executor, settings.presence_ttl, settings.session_ttl, clock)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_service(
         server,
         directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
-        DirectoryServicer(service, executor, inline_reads=databases.local_only),
+        DirectoryServicer(
+            service,
+            executor,
+            databases.local_only,
+            presence,
+            Accounts(service, executor, hashing),
+        ),
     )
     mailbox = MailboxRelay.for_engine(
         MailboxService(settings, databases, service, clock),
@@ -126,20 +148,26 @@ async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryS
         )
     except StartupError:
         executor.shutdown()
+        hashing.shutdown()
         databases.dispose()
         raise
     try:
         await mailbox.start()
+        await presence.start()
         await server.start()
     except BaseException:
+        await presence.close()
         await mailbox.close()
         await server.stop(None)
         executor.shutdown()
+        hashing.shutdown()
         databases.dispose()
         raise
     await set_serving(health, SERVICE_NAME, MAILBOX_SERVICE_NAME)
     log.info("directory serving on port %d (%s)", port, "insecure" if settings.insecure else "TLS")
-    return DirectoryServer(server, port, health, databases, executor, ca, mailbox)
+    return DirectoryServer(
+        server, port, health, databases, executor, ca, mailbox, presence, hashing
+    )
 
 
 async def serve(settings: Settings) -> None:

@@ -1,4 +1,5 @@
-"""The directory's use cases. Blocking (database, scrypt): the servicer runs them in threads.
+"""The directory's use cases. Blocking (database): the servicer runs them in threads; scrypt
+runs apart, on the hashing pool, between the phases of Register and Login (accounts.py).
 
 Every method opens its own short transactions (`with db() as s, s.begin():`) and raises the domain
 errors of p2pchat_common.errors; nothing here knows about gRPC.
@@ -34,7 +35,7 @@ from p2pchat_directory.config import Settings
 from p2pchat_directory.consent import ContactsService, ContactView, contact_view, require_accepted
 from p2pchat_directory.db import Databases
 from p2pchat_directory.models import User, UserSession
-from p2pchat_directory.passwords import DUMMY_HASH, hash_password, verify_password
+from p2pchat_directory.passwords import DUMMY_HASH
 from p2pchat_directory.throttle import login_refusal
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def _checked_token_hash(token: str) -> str:
+def checked_token_hash(token: str) -> str:
     """The hash of a bearer token to look up; Unauthenticated when it is missing or malformed."""
     if not token:
         raise Unauthenticated("missing session token: log in first")
@@ -75,6 +76,25 @@ class LookupView:
     certificate_pem: bytes
     mailbox_key: bytes = b""  # empty: none published for the current identity key
     mailbox_key_signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    """A Register's checked name and address, waiting for its password hash."""
+
+    username: str
+    address: str
+
+
+@dataclass(frozen=True)
+class LoginAttempt:
+    """What `begin_login` found, for `finish_login` once the password has been checked."""
+
+    username: str
+    address: str
+    source: str
+    stored_hash: str  # DUMMY_HASH for an unknown name: it costs the same scrypt as a real one
+    known: bool  # whether the user exists
 
 
 @dataclass(frozen=True)
@@ -129,47 +149,59 @@ class DirectoryService:
 
     # -- accounts and sessions ---------------------------------------------------------------
 
-    def register(self, username: str, password: str, address: str) -> str:
+    # Register and Login are split around scrypt, which runs on the hashing pool between these
+    # phases (accounts.py) and never here: these run on the shared threads.
+
+    def check_registration(self, username: str, password: str, address: str) -> NewAccount:
+        """The account a Register asks for, checked before its password is hashed. No I/O."""
         name = normalize_username(username)
         if name in self._reserved:
             raise InvalidArgument(f"the username {name!r} is reserved: choose another")
         validate_password(password)
-        addr = normalize_address(address)
+        return NewAccount(name, normalize_address(address))
+
+    def add_account(self, account: NewAccount, password_hash: str) -> str:
         row = User(
-            username=name,
-            password_hash=hash_password(password),
-            address=addr,
+            username=account.username,
+            password_hash=password_hash,
+            address=account.address,
             created_at=self._now(),
             public_key_sha256="",
         )
         with self._dbs.users() as s, s.begin():
             repo.add_user(s, row)
-        log.info("registered user %s", name)
-        return name
+        log.info("registered user %s", account.username)
+        return account.username
 
-    def login(
-        self, username: str, password: str, address: str, csr_pem: bytes, source: str
-    ) -> LoginResult:
-        """`source` is where the client connects from (servicer.client_source): failed logins
-        are throttled per (username, source), per source and per username (throttle.py)."""
+    def begin_login(self, username: str, password: str, address: str, source: str) -> LoginAttempt:
+        """The checks of a login before its password is: the failed-login throttles (RateLimited,
+        nothing recorded) and the stored hash to verify against. `source` is where the client
+        connects from (servicer.client_source): failed logins are throttled per (username,
+        source), per source and per username (throttle.py). One read, no write."""
         name = normalize_username(username)
         if not password:
             raise InvalidArgument("password is required")
         addr = normalize_address(address)
-        settings = self._settings
         now = self._now()
-        forget = now - settings.login_failure_window
+        forget = now - self._settings.login_failure_window
         with self._dbs.users() as s, s.begin():
             recent = repo.recent_failures(s, name, source, forget)
             user = repo.get_user(s, name)
-            stored = user.password_hash if user is not None else DUMMY_HASH
-        refusal = login_refusal(settings, name, recent, now)
+            stored = user.password_hash if user is not None else None
+        refusal = login_refusal(self._settings, name, recent, now)
         if refusal is not None:
             log.warning("login for %s from %s refused: %s", name, source, refusal)
             raise RateLimited(refusal)
-        if not verify_password(password, stored) or user is None:
+        known = stored is not None
+        return LoginAttempt(name, addr, source, DUMMY_HASH if stored is None else stored, known)
+
+    def finish_login(self, attempt: LoginAttempt, verified: bool, csr_pem: bytes) -> LoginResult:
+        """After the password was checked (`verified`): a failure recorded, or a session."""
+        name, source, settings = attempt.username, attempt.source, self._settings
+        now = self._now()
+        if not verified or not attempt.known:
             with self._dbs.users() as s, s.begin():
-                repo.record_failure(s, name, source, now, forget)
+                repo.record_failure(s, name, source, now, now - settings.login_failure_window)
             log.info("failed login for %s from %s", name, source)
             raise Unauthenticated(_BAD_LOGIN)
         issued = (
@@ -190,8 +222,8 @@ class DirectoryService:
             user = repo.get_user(s, name)
             if user is None:  # deleted between the two transactions
                 raise Unauthenticated(_BAD_LOGIN)
-            if addr:
-                user.address = addr
+            if attempt.address:
+                user.address = attempt.address
             user.last_seen = now
             user.online_until = now + settings.presence_ttl
             if issued is not None:
@@ -209,7 +241,7 @@ class DirectoryService:
 
     def authenticate(self, token: str) -> str:
         """The username a bearer token belongs to; Unauthenticated when missing/expired/revoked."""
-        return _owner(repo.session_owner(self._dbs, _checked_token_hash(token), self._now()))
+        return _owner(repo.session_owner(self._dbs, checked_token_hash(token), self._now()))
 
     def logout(self, token: str) -> None:
         name = self.authenticate(token)
@@ -228,15 +260,9 @@ class DirectoryService:
         name = self.authenticate(token)
         now = self._now()
         expires, online_until = now + self._settings.session_ttl, now + self._settings.presence_ttl
-        with self._dbs.users() as s, s.begin():
-            session = repo.get_session(s, _token_hash(token))
-            if session is None:  # logged out meanwhile
+        with self._dbs.users() as s, s.begin():  # two UPDATEs, no row loaded
+            if not repo.beat(s, _token_hash(token), name, expires, online_until, now):
                 raise Unauthenticated("session expired or revoked: log in again")
-            session.expires_at = expires
-            user = repo.get_user(s, name)
-            if user is not None:
-                user.last_seen = now
-                user.online_until = online_until
         # Apart from the users transaction: the contacts may live in another database, and
         # this time is written with the change it reports. One primary-key read.
         changed = consent_store.changed_at(self._dbs, name)
@@ -294,7 +320,7 @@ class DirectoryService:
         """(caller, contact's canonical name, their summary, pinned address) in two short reads;
         Unauthenticated, NotFound, or FailedPrecondition unless they are ACCEPTED contacts."""
         name = normalize_username(username)
-        owner, user = repo.owner_and_user(self._dbs, _checked_token_hash(token), now, name)
+        owner, user = repo.owner_and_user(self._dbs, checked_token_hash(token), now, name)
         owner = _owner(owner)
         if user is None:
             raise NotFound(f"no such user: {name!r}")

@@ -1,7 +1,8 @@
 """DirectoryService over gRPC: translates protobuf <-> the use cases, nothing else.
 
-The use cases block (database, scrypt), so each call runs in the server's worker threads; domain
-errors are mapped to status codes by p2pchat_common.errors.add_service.
+The use cases block (database), so each call runs in the server's worker threads; Register and
+Login go through accounts.py, which runs their scrypt on the hashing pool between their database
+phases. Domain errors are mapped to status codes by p2pchat_common.errors.add_service.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -18,9 +19,12 @@ import grpc
 
 from p2pchat.v1 import directory_pb2, directory_pb2_grpc
 from p2pchat_common.timestamps import to_timestamp
+from p2pchat_common.validation import normalize_username
+from p2pchat_directory.accounts import Accounts
 from p2pchat_directory.certificates import CertificateState
 from p2pchat_directory.contacts_servicer import ContactRpcs, contact_pb
-from p2pchat_directory.service import DirectoryService
+from p2pchat_directory.presence import PresenceHub
+from p2pchat_directory.service import DirectoryService, HeartbeatResult, checked_token_hash
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -56,12 +60,19 @@ def client_source(context: Context) -> str:
 
 class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer):
     def __init__(
-        self, service: DirectoryService, executor: ThreadPoolExecutor, inline_reads: bool
+        self,
+        service: DirectoryService,
+        executor: ThreadPoolExecutor,
+        inline_reads: bool,
+        presence: PresenceHub,
+        accounts: Accounts,
     ) -> None:
         self._svc = service
+        self._accounts = accounts
         self._contacts = service.contacts
         self._executor = executor
         self._inline_reads = inline_reads
+        self._presence = presence
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -69,6 +80,12 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
 
     def _token(self, context: Context) -> str:
         return bearer_token(context)
+
+    def _changed(self, context: Context, username: str) -> None:
+        # Only after the call succeeded: the token and the name were good.
+        self._presence.contacts_changed(
+            checked_token_hash(bearer_token(context)), normalize_username(username)
+        )
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """A read-only use case. On SQLite in WAL mode a read never waits for a writer and takes
@@ -81,16 +98,13 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
     async def Register(
         self, request: directory_pb2.RegisterRequest, context: Context
     ) -> directory_pb2.RegisterResponse:
-        name = await self._run(
-            self._svc.register, request.username, request.password, request.address
-        )
+        name = await self._accounts.register(request.username, request.password, request.address)
         return directory_pb2.RegisterResponse(username=name)
 
     async def Login(
         self, request: directory_pb2.LoginRequest, context: Context
     ) -> directory_pb2.LoginResponse:
-        result = await self._run(
-            self._svc.login,
+        result = await self._accounts.login(
             request.username,
             request.password,
             request.address,
@@ -113,21 +127,21 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
     async def Logout(
         self, request: directory_pb2.LogoutRequest, context: Context
     ) -> directory_pb2.LogoutResponse:
-        await self._run(self._svc.logout, bearer_token(context))
+        token = bearer_token(context)
+        await self._run(self._svc.logout, token)
+        self._presence.revoke(checked_token_hash(token))  # its stream ends now
         return directory_pb2.LogoutResponse()
 
     async def Heartbeat(
         self, request: directory_pb2.HeartbeatRequest, context: Context
     ) -> directory_pb2.HeartbeatResponse:
-        result = await self._run(self._svc.heartbeat, bearer_token(context))
-        response = directory_pb2.HeartbeatResponse(
-            session_expires_at=to_timestamp(result.session_expires_at),
-            online_until=to_timestamp(result.online_until),
-            server_time=to_timestamp(result.server_time),
-        )
-        if result.contacts_changed_at is not None:
-            response.contacts_changed_at.CopyFrom(to_timestamp(result.contacts_changed_at))
-        return response
+        return heartbeat_pb(await self._run(self._svc.heartbeat, bearer_token(context)))
+
+    async def Presence(
+        self, request_iterator: AsyncIterator[directory_pb2.HeartbeatRequest], context: Context
+    ) -> AsyncIterator[directory_pb2.HeartbeatResponse]:
+        async for result in self._presence.attend(bearer_token(context), request_iterator):
+            yield heartbeat_pb(result)
 
     async def RenewCertificate(
         self, request: directory_pb2.RenewCertificateRequest, context: Context
@@ -161,6 +175,17 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
             self._svc.certificate_status, bearer_token(context), list(request.certificate_sha256)
         )
         return directory_pb2.CertificateStatusResponse(states=[_STATE[s] for s in states])
+
+
+def heartbeat_pb(result: HeartbeatResult) -> directory_pb2.HeartbeatResponse:
+    response = directory_pb2.HeartbeatResponse(
+        session_expires_at=to_timestamp(result.session_expires_at),
+        online_until=to_timestamp(result.online_until),
+        server_time=to_timestamp(result.server_time),
+    )
+    if result.contacts_changed_at is not None:
+        response.contacts_changed_at.CopyFrom(to_timestamp(result.contacts_changed_at))
+    return response
 
 
 _STATE = {

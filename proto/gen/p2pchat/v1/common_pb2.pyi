@@ -59,7 +59,9 @@ class _ContactPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Contact
     CONTACT_POLICY_INVITE: _ContactPolicy.ValueType  # 2
     """Only a request that carries one of the owner's invite codes (CreateInvite)."""
     CONTACT_POLICY_NOBODY: _ContactPolicy.ValueType  # 3
-    """Nobody: only users the owner asked first become contacts."""
+    """Nobody: only users the owner asked first become contacts (an invite code does not get
+    through either).
+    """
 
 class ContactPolicy(_ContactPolicy, metaclass=_ContactPolicyEnumTypeWrapper):
     """Who may send the owner a contact request."""
@@ -70,7 +72,9 @@ CONTACT_POLICY_ANYONE: ContactPolicy.ValueType  # 1
 CONTACT_POLICY_INVITE: ContactPolicy.ValueType  # 2
 """Only a request that carries one of the owner's invite codes (CreateInvite)."""
 CONTACT_POLICY_NOBODY: ContactPolicy.ValueType  # 3
-"""Nobody: only users the owner asked first become contacts."""
+"""Nobody: only users the owner asked first become contacts (an invite code does not get
+through either).
+"""
 Global___ContactPolicy: _TypeAlias = ContactPolicy  # noqa: Y015
 
 @_typing.final

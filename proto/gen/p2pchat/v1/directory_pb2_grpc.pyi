@@ -44,7 +44,8 @@ class DirectoryServiceStub:
     def __new__(cls, channel: _aio.Channel) -> DirectoryServiceAsyncStub: ...
     Register: _grpc.UnaryUnaryMultiCallable[_directory_pb2.RegisterRequest, _directory_pb2.RegisterResponse]
     """Creates a user. ALREADY_EXISTS for a taken name (case-insensitive);
-    INVALID_ARGUMENT for a bad username, password or address.
+    INVALID_ARGUMENT for a bad username, password or address. RESOURCE_EXHAUSTED "busy
+    hashing passwords: retry in 1 s" when the replica's password hashing is full (Login too).
     """
     Login: _grpc.UnaryUnaryMultiCallable[_directory_pb2.LoginRequest, _directory_pb2.LoginResponse]
     """Checks the password and opens a session. Wrong password and unknown user give the same
@@ -128,7 +129,8 @@ class DirectoryServiceAsyncStub(DirectoryServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.UnaryUnaryMultiCallable[_directory_pb2.RegisterRequest, _directory_pb2.RegisterResponse]  # type: ignore[assignment]
     """Creates a user. ALREADY_EXISTS for a taken name (case-insensitive);
-    INVALID_ARGUMENT for a bad username, password or address.
+    INVALID_ARGUMENT for a bad username, password or address. RESOURCE_EXHAUSTED "busy
+    hashing passwords: retry in 1 s" when the replica's password hashing is full (Login too).
     """
     Login: _aio.UnaryUnaryMultiCallable[_directory_pb2.LoginRequest, _directory_pb2.LoginResponse]  # type: ignore[assignment]
     """Checks the password and opens a session. Wrong password and unknown user give the same
@@ -215,7 +217,8 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_directory_pb2.RegisterResponse, _abc.Awaitable[_directory_pb2.RegisterResponse]]:
         """Creates a user. ALREADY_EXISTS for a taken name (case-insensitive);
-        INVALID_ARGUMENT for a bad username, password or address.
+        INVALID_ARGUMENT for a bad username, password or address. RESOURCE_EXHAUSTED "busy
+        hashing passwords: retry in 1 s" when the replica's password hashing is full (Login too).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,51 @@
+"""Register and Login as the event loop runs them: their database phases on the shared worker
+threads, scrypt on the hashing pool (hashing.py) in between, awaited from the loop. So no shared
+thread ever hashes, nor waits for a hash, and a burst of logins leaves those threads to the
+heartbeats and lookups.
+
+Login: a hashing ticket first (refused at once when the pool is full: nothing read, nothing
+written), then on a shared thread the checks, the failed-login throttles and the stored hash
+(DirectoryService.begin_login: a throttled login is refused before any hashing), then scrypt
+against that hash (the dummy one for an unknown name, at the same cost), then on a shared
+thread the failure recorded or the session made (finish_login).
+
+Register: the checks (on the loop: no I/O), a ticket, scrypt, then the insert on a shared thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+from p2pchat_directory.hashing import HashingPool
+from p2pchat_directory.service import DirectoryService, LoginResult
+
+T = TypeVar("T")
+
+
+class Accounts:
+    def __init__(self, service: DirectoryService, executor: Executor, hashing: HashingPool) -> None:
+        self._svc = service
+        self._executor = executor
+        self._hashing = hashing
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def register(self, username: str, password: str, address: str) -> str:
+        account = self._svc.check_registration(username, password, address)
+        with self._hashing.admit() as ticket:
+            password_hash = await ticket.hash(password)
+        return await self._run(self._svc.add_account, account, password_hash)
+
+    async def login(
+        self, username: str, password: str, address: str, csr_pem: bytes, source: str
+    ) -> LoginResult:
+        with self._hashing.admit() as ticket:
+            attempt = await self._run(self._svc.begin_login, username, password, address, source)
+            verified = await ticket.verify(password, attempt.stored_hash)
+        return await self._run(self._svc.finish_login, attempt, verified, csr_pem)

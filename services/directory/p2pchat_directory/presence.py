@@ -1,0 +1,241 @@
+"""Presence streams: an agent is online while its Presence stream beats, and no beat costs a
+database write (issue 15). Event loop only; the statements are in presence_store.
+
+Per replica, `PresenceHub` holds one `Attendance` per open stream, in memory: the session's
+token hash, owner and expiry, the last beat, when the owner's contacts last changed. Every
+`interval` (a third of the presence TTL) one `tick`:
+- writes the lease of every stream that beat since the last tick (online until its last beat
+  plus the TTL) in one statement;
+- extends, in one statement, the sessions past half their lifetime (a session is not written
+  at every beat: seven days of sliding expiry need a write every few days, not every 10 s);
+- reads, in one statement each, which sessions still live and when contacts changed: a stream
+  whose session was revoked (a logout, a login with a new key, through any replica) or expired
+  ends with UNAUTHENTICATED, and each answer carries the latest contacts_changed_at.
+A stream that ends (client gone, network cut, replica stopping) is simply no longer renewed:
+its user is offline within the TTL of its last beat, unless it opens a stream again anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from p2pchat_common.errors import DomainError, Unauthenticated, Unavailable
+from p2pchat_directory import presence_store as store
+from p2pchat_directory.db import Databases
+from p2pchat_directory.service import HeartbeatResult, checked_token_hash
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_REVOKED = Unauthenticated("session expired or revoked: log in again")
+_STOPPING = Unavailable("the directory is shutting down: open the presence stream again")
+
+
+@dataclass(eq=False)
+class Attendance:
+    """One open Presence stream."""
+
+    username: str
+    token_hash: str
+    session_expires_at: datetime
+    last_beat: datetime
+    contacts_changed_at: datetime | None
+    leased_beat: datetime  # the beat whose lease is in the database
+    polled_changed_at: datetime | None = None  # contacts_changed_at as last read
+    # What the stream waits on: a beat (None), the client's end (_CLIENT_DONE), or the error
+    # that ends the stream.
+    inbox: asyncio.Queue[DomainError | None] = field(default_factory=asyncio.Queue)
+
+    def end(self, error: DomainError) -> None:
+        self.inbox.put_nowait(error)
+
+
+_CLIENT_DONE = Unavailable("the client closed the presence stream")  # ends it quietly
+
+
+class PresenceHub:
+    def __init__(
+        self,
+        dbs: Databases,
+        executor: ThreadPoolExecutor,
+        presence_ttl: timedelta,
+        session_ttl: timedelta,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._dbs = dbs
+        self._executor = executor
+        self._ttl = presence_ttl
+        self._session_ttl = session_ttl
+        self._now = clock
+        self.interval = presence_ttl.total_seconds() / 3
+        self._streams: dict[str, Attendance] = {}  # by token hash
+        self._ticker: asyncio.Task[None] | None = None
+        self.closed = False
+        self.ticks = 0
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    async def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="presence")
+
+    async def close(self) -> None:
+        """Ends every stream with UNAVAILABLE (the agents open one again, elsewhere) and stops
+        ticking. The leases already written run out within the TTL unless renewed elsewhere."""
+        self.closed = True
+        for attendance in list(self._streams.values()):
+            attendance.end(_STOPPING)
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # -- one stream ------------------------------------------------------------------------
+
+    async def attend(
+        self, token: str, beats: AsyncIterator[object]
+    ) -> AsyncIterator[HeartbeatResult]:
+        """Answers each beat of one stream; ends with UNAUTHENTICATED once the session is gone,
+        UNAVAILABLE when the replica stops, quietly when the client closes its side."""
+        if self.closed:
+            raise _STOPPING
+        token_hash = checked_token_hash(token)
+        attendance: Attendance | None = None
+        reader: asyncio.Task[None] | None = None
+        try:
+            async for _ in beats:  # the first beat opens the stream
+                now = self._now()
+                opened = await self._run(
+                    store.open_stream, self._dbs, token_hash, now, now + self._ttl
+                )
+                attendance = Attendance(
+                    opened.username,
+                    token_hash,
+                    opened.session_expires_at,
+                    now,
+                    opened.contacts_changed_at,
+                    now,
+                    opened.contacts_changed_at,
+                )
+                replaced = self._streams.get(token_hash)
+                if replaced is not None:  # the same session opened a second stream: keep one
+                    replaced.end(Unavailable("another presence stream of this session opened"))
+                self._streams[token_hash] = attendance
+                yield self._answer(attendance, now)
+                break
+            else:
+                return
+            reader = asyncio.get_running_loop().create_task(self._read(beats, attendance))
+            while True:
+                error = await attendance.inbox.get()
+                if error is _CLIENT_DONE:
+                    return
+                if error is not None:
+                    raise error
+                now = self._now()
+                attendance.last_beat = now
+                yield self._answer(attendance, now)
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if attendance is not None and self._streams.get(token_hash) is attendance:
+                del self._streams[token_hash]
+
+    @staticmethod
+    async def _read(beats: AsyncIterator[object], attendance: Attendance) -> None:
+        """Beats into the attendance's inbox; the client's end of the stream ends it too."""
+        try:
+            async for _ in beats:
+                attendance.inbox.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the call broke: nothing more will come
+            pass
+        attendance.end(_CLIENT_DONE)
+
+    def _answer(self, attendance: Attendance, now: datetime) -> HeartbeatResult:
+        return HeartbeatResult(
+            attendance.session_expires_at, now + self._ttl, now, attendance.contacts_changed_at
+        )
+
+    # -- what other calls tell the hub -------------------------------------------------------
+
+    def revoke(self, token_hash: str) -> None:
+        """The session ended through this replica (a logout): its stream ends now."""
+        attendance = self._streams.get(token_hash)
+        if attendance is not None:
+            attendance.end(_REVOKED)
+
+    def contacts_changed(self, token_hash: str, other: str) -> None:
+        """The caller of this session changed its contacts with `other` through this replica:
+        both sides' next answers say so, without waiting for a tick. The value only has to
+        differ from the last one (agents refresh when it moves), so it is this replica's now."""
+        now = self._now()
+        caller = self._streams.get(token_hash)
+        for attendance in self._streams.values():
+            if attendance is caller or attendance.username == other:
+                attendance.contacts_changed_at = now
+
+    # -- every interval ------------------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except Exception as exc:
+                log.warning("presence renewal failed (will retry): %s", exc)
+
+    async def tick(self) -> None:
+        """Renews leases and due sessions, then ends the streams of dead sessions and notes
+        contact changes: at most four statements, whatever the number of streams."""
+        self.ticks += 1
+        streams = list(self._streams.values())
+        if not streams:
+            return
+        now = self._now()
+        fresh = [a for a in streams if a.last_beat > a.leased_beat]
+        leases = [store.Lease(a.username, a.token_hash, a.last_beat) for a in fresh]
+        await self._run(store.renew, self._dbs, leases, self._ttl, now)
+        for attendance, lease in zip(fresh, leases, strict=True):
+            attendance.leased_beat = lease.beat
+        due = [a for a in streams if a.session_expires_at - now < self._session_ttl / 2]
+        if due:
+            expires = now + self._session_ttl
+            await self._run(
+                store.extend_sessions, self._dbs, [a.token_hash for a in due], expires, now
+            )
+            for attendance in due:
+                attendance.session_expires_at = expires
+        polled = await self._run(
+            store.poll,
+            self._dbs,
+            [a.token_hash for a in streams],
+            sorted({a.username for a in streams}),
+            now,
+        )
+        for attendance in streams:
+            expires_at = polled.sessions.get(attendance.token_hash)
+            if expires_at is None:
+                attendance.end(_REVOKED)
+                continue
+            attendance.session_expires_at = expires_at
+            # Compared with the last value read, not with the one reported: another replica's
+            # clock may be behind this one's (contacts_changed above).
+            changed = polled.contacts_changed.get(attendance.username)
+            if changed != attendance.polled_changed_at:
+                attendance.polled_changed_at = changed
+                attendance.contacts_changed_at = changed
