@@ -90,8 +90,8 @@ def plans(engine: Engine) -> list[tuple[str, str]]:
         for what, stmt, named in [*presence_queries(postgres), *core_queries()]:
             # The DB-API cursor's rows: the statement's own result processors (a time column's)
             # do not apply to a plan.
-            rows = conn.execute(stmt, named).cursor.fetchall()  # type: ignore[attr-defined]
-            found.append((what, "\n".join(str(r[-1]) for r in rows)))
+            raw = conn.execute(stmt, named).cursor.fetchall()
+            found.append((what, "\n".join(str(r[-1]) for r in raw)))
         conn.rollback()  # EXPLAIN of a DELETE or UPDATE runs nothing; nothing to keep anyway
     return found
 
