@@ -15,21 +15,25 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from p2pchat.v1 import common_pb2
+import grpc
+
+from p2pchat.v1 import common_pb2, directory_pb2
 from p2pchat_agent.clock import ClockWatch
 from p2pchat_agent.config import Settings
 from p2pchat_agent.contacts import Contacts
-from p2pchat_agent.directory_client import DirectoryClient
+from p2pchat_agent.directory_client import CALL_TIMEOUT, DirectoryClient
 from p2pchat_agent.events import EventHub
 from p2pchat_agent.identity import Identity, StoredSession, load_or_make_key, make_csr, save_key
 from p2pchat_agent.messages import StoredMessage
 from p2pchat_agent.peer import LinkManager
 from p2pchat_agent.session import UserSession
 from p2pchat_common.errors import (
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     Unauthenticated,
     Unavailable,
+    from_rpc_error,
 )
 from p2pchat_common.timestamps import from_timestamp
 from p2pchat_common.validation import normalize_username
@@ -169,46 +173,98 @@ class Agent:
             log.info("logged out %s", active.username)
 
     async def _heartbeats(self) -> None:
-        interval = self.settings.heartbeat_interval
-        first = True
+        """Presence: beats every --heartbeat-interval on one Presence stream, opened again (to
+        any replica) when it breaks; unary Heartbeat calls against a directory without it. A
+        session the directory ended logs this agent out."""
+        streaming = True
         while True:
-            if not first:
-                await asyncio.sleep(interval)
-            first = False
             try:
-                asked = datetime.now(UTC)
-                beat = await self.directory.heartbeat()
-                self.clock.note(beat.server_time, asked)
-                await self._renew_certificate_if_due()
-            except Unauthenticated as exc:
+                if streaming:
+                    await self._beat_on_stream()
+                else:
+                    await self._beat_once()
+                    await asyncio.sleep(self.settings.heartbeat_interval)
+            except Unavailable as exc:
+                log.info("heartbeat failed: %s", exc)
+                await asyncio.sleep(self.settings.heartbeat_interval)
+            except DomainError as exc:
+                if exc.code == grpc.StatusCode.UNIMPLEMENTED and streaming:
+                    log.info("the directory has no Presence stream: heartbeats one by one")
+                    streaming = False
+                    continue
+                if exc.code != grpc.StatusCode.UNAUTHENTICATED:
+                    log.warning("heartbeat failed: %s", exc)
+                    await asyncio.sleep(self.settings.heartbeat_interval)
+                    continue
                 log.warning("session ended by the directory (%s): log in again", exc)
                 async with self._lock:
                     await self._deactivate()
                     await self.blocking(StoredSession.clear, self.settings.data_dir)
                 return
-            except Unavailable as exc:
-                log.info("heartbeat failed: %s", exc)
-                continue
-            active = self.active
-            if active is not None and beat.HasField("contacts_changed_at"):
-                changed = from_timestamp(beat.contacts_changed_at)
-                if changed != self._contacts_changed_at:
-                    first = self._contacts_changed_at is None
-                    self._contacts_changed_at = changed
-                    if not first:  # the session refreshed at its start
-                        await self._refresh_contacts(active)
-            if active is not None:
-                expires = from_timestamp(beat.session_expires_at)
-                active.session = StoredSession(
-                    active.username, active.session.token, active.session.directory, expires
-                )
+            except Exception:  # a bug must not end presence: logged, tried again
+                log.exception("heartbeat failed")
+                await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _beat_on_stream(self) -> None:
+        """One Presence stream, until it fails (raised as a domain error)."""
+        call = self.directory.presence()
+        where = f"directory at {self.directory.address}"
+        try:
+            while True:
+                asked = datetime.now(UTC)
+                try:
+                    await call.write(directory_pb2.HeartbeatRequest())
+                except asyncio.InvalidStateError:  # the directory ended it: with what status
+                    code, details = await call.code(), await call.details()
+                    metadata = grpc.aio.Metadata()
+                    err = grpc.aio.AioRpcError(code, metadata, metadata, details)
+                    raise from_rpc_error(err, where) from None
+                beat = await asyncio.wait_for(call.read(), CALL_TIMEOUT)
+                if not isinstance(beat, directory_pb2.HeartbeatResponse):
+                    raise Unavailable("the directory closed the presence stream")
+                await self._on_beat(beat, asked)
+                await asyncio.sleep(self.settings.heartbeat_interval)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, where) from None
+        except TimeoutError:
+            raise Unavailable("the directory did not answer a beat in time") from None
+        finally:
+            call.cancel()
+
+    async def _beat_once(self) -> None:
+        asked = datetime.now(UTC)
+        await self._on_beat(await self.directory.heartbeat(), asked)
+
+    async def _on_beat(self, beat: directory_pb2.HeartbeatResponse, asked: datetime) -> None:
+        """What an answer to a beat tells: the directory's clock, whether the certificate is due
+        for renewal, whether contacts changed, the session's expiry."""
+        self.clock.note(beat.server_time, asked)
+        await self._renew_certificate_if_due()
+        active = self.active
+        if active is not None and beat.HasField("contacts_changed_at"):
+            changed = from_timestamp(beat.contacts_changed_at)
+            # Also the first time: a change may have come between the session's start and
+            # this answer. Noted once the refresh worked, so that a failed one is tried again.
+            if changed != self._contacts_changed_at and await self._refresh_contacts(active):
+                self._contacts_changed_at = changed
+        if active is not None:
+            expires = from_timestamp(beat.session_expires_at)
+            active.session = StoredSession(
+                active.username, active.session.token, active.session.directory, expires
+            )
 
     @staticmethod
-    async def _refresh_contacts(active: UserSession) -> None:
+    async def _refresh_contacts(active: UserSession) -> bool:
+        """Whether the copy of the contacts was brought up to the directory's."""
         try:
             await active.contact_book().refresh()
         except (Unavailable, Unauthenticated) as exc:
             log.info("contacts not refreshed: %s", exc)
+            return False
+        except Exception:  # never the end of the heartbeats: the next beat tries again
+            log.exception("contacts not refreshed")
+            return False
+        return True
 
     async def _renew_certificate_if_due(self) -> None:
         active = self.active

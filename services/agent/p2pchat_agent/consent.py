@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from p2pchat.v1 import common_pb2
 from p2pchat_agent import store_contacts
@@ -52,6 +53,9 @@ class ContactBook:
         self._states: dict[str, str] = {}
         self._refreshed_at = -REFRESH_AT_MOST
         self._lock = asyncio.Lock()
+        # Told of every change, whichever refresh found it (a Hello's, an envelope's, a
+        # listing's): links with users no longer accepted must close (contacts.Contacts).
+        self.on_change: Callable[[Changes], Awaitable[None]] | None = None
 
     async def load(self) -> None:
         """The copy as stored (the directory may be unreachable at start)."""
@@ -69,10 +73,14 @@ class ContactBook:
         """Accepted, or asked by us: a message waits, pending, until they accept."""
         return self._states.get(peer) in (ACCEPTED, REQUESTED)
 
-    async def update(self, contacts: Iterable[common_pb2.Contact]) -> Changes:
-        """Replaces the copy by what the directory answered (ListContacts); what changed."""
+    async def _update(self, contacts: Iterable[common_pb2.Contact]) -> Changes:
+        """Replaces the copy by what the directory answered (ListContacts; the caller holds the
+        lock, so that an older answer never overwrites a newer one); what changed, also told
+        to `on_change`. Nothing is written when nothing changed."""
         states = states_of(contacts)
         before = self._states
+        if states == before:
+            return Changes([], [])
         self._states = states
         await self._store.write(
             self._store.sync.in_transaction, True, store_contacts.replace, states
@@ -85,13 +93,34 @@ class ContactBook:
             log.info("%s is an accepted contact now", peer)
         for peer in ended:
             log.info("%s is no longer an accepted contact", peer)
-        return Changes(accepted, ended)
+        changes = Changes(accepted, ended)
+        if self.on_change is not None and (accepted or ended):
+            await self.on_change(changes)
+        return changes
 
-    async def refresh(self) -> Changes:
+    async def refresh(self) -> list[common_pb2.Contact]:
+        """The directory's ListContacts, and the copy brought up to it; the contacts."""
         async with self._lock:
             self._refreshed_at = asyncio.get_running_loop().time()
-            contacts = (await self._directory.list_contacts()).contacts
-            return await self.update(contacts)
+            contacts = list((await self._directory.list_contacts()).contacts)
+            await self._update(contacts)
+            return contacts
+
+    async def verdict(self, peer: str) -> Literal["accepted", "refused", "unknown"]:
+        """For an envelope from `peer`, which the directory let through (it checked consent
+        at the deposit): accepted from the copy, else after a refresh now. Refused only when
+        blocked or when that refresh says they are not accepted; unknown when it failed (the
+        envelope then stays at the directory: an acceptance must not lose a message)."""
+        if self.accepted(peer):
+            return "accepted"
+        if self._states.get(peer) == BLOCKED:
+            return "refused"
+        try:
+            await self.refresh()
+        except Exception as exc:
+            log.info("cannot refresh the contacts (%s): the envelope waits", exc)
+            return "unknown"
+        return "accepted" if self.accepted(peer) else "refused"
 
     async def admits(self, peer: str, ours: bool = False) -> bool:
         """Whether `peer` is accepted: from the copy, else after one refresh (at most every

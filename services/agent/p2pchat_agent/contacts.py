@@ -22,6 +22,7 @@ class Contacts:
         self.book = book
         self._directory = directory
         self._links = links
+        book.on_change = self.changed
 
     async def changed(self, changes: Changes) -> None:
         """What a refresh found: newly accepted users are dialled at once (messages that waited
@@ -33,7 +34,7 @@ class Contacts:
             self._links.close_peer(peer)
 
     async def refresh(self) -> None:
-        await self.changed(await self.book.refresh())
+        await self.book.refresh()  # its changes come to `changed`
 
     async def _after(self, contact: common_pb2.Contact) -> common_pb2.Contact:
         await self.refresh()
@@ -43,8 +44,7 @@ class Contacts:
     # -- the seed's contacts ----------------------------------------------------------------
 
     async def all(self) -> list[common_pb2.Contact]:
-        contacts = list((await self._directory.list_contacts()).contacts)
-        await self.changed(await self.book.update(contacts))
+        contacts = await self.book.refresh()
         for c in contacts:
             self._links.remember_address(c.username, c.address)
         return contacts

@@ -3,6 +3,8 @@ failures translated into domain errors (so the control API passes on the directo
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -13,8 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from p2pchat.v1 import common_pb2, directory_pb2_grpc, mailbox_pb2, mailbox_pb2_grpc
 from p2pchat.v1 import directory_pb2 as pb
 from p2pchat_agent.config import Settings
-from p2pchat_common.errors import FailedPrecondition, Unavailable, from_rpc_error
+from p2pchat_common.errors import FailedPrecondition, InvalidArgument, Unavailable, from_rpc_error
 from p2pchat_common.serving import keepalive_options
+from p2pchat_common.validation import parse_address
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +26,44 @@ CALL_TIMEOUT = 10.0
 DIRECTORY_CA_FILE = "directory-ca.pem"
 # A mailbox deposit or collected response may carry up to ~4 MiB of envelopes.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# Calls go round-robin over every address the directory's name resolves to (its replicas), and
+# only to those with a working connection: when one goes away, the next call, and the next
+# Collect stream, goes to another. Only this policy applies: a DNS TXT record cannot set another.
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# A replica back after an outage is connected to again within this (gRPC's default: 120 s).
+MAX_RECONNECT_BACKOFF_MS = 10_000
+
+
+def directory_target(address: str) -> str:
+    """The gRPC target for the directory at `address` ("host:port", as config.py gives it).
+
+    A DNS name becomes `dns:///host:port`: every address it resolves to (A and AAAA records,
+    re-resolved when a connection fails) is a subchannel of the round_robin policy. The
+    authority, the name the directory's certificate must show, is still `host`, as without the
+    scheme. An IP literal stays as it is (one address); a target that is not "host:port" (such
+    as unix:PATH, or one that names its own scheme) is passed on unchanged."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return address
+    try:
+        host = parse_address(address).host
+    except InvalidArgument:
+        return address
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return f"dns:///{address}"
+    return address
 
 
 def channel_options(keepalive: float) -> list[tuple[str, Any]]:
     """Keepalive pings on the channel (also with no call open), so that a long Collect stream
-    to a directory that vanished ends within 1.5 x `keepalive`; and room for envelopes."""
+    to a directory that vanished ends within 1.5 x `keepalive`; round_robin over the replicas
+    (see SERVICE_CONFIG); and room for envelopes."""
     return [
         *keepalive_options(keepalive),
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.service_config_disable_resolution", 1),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
@@ -63,12 +97,13 @@ class DirectoryClient:
         if self._stub is None:
             ca = directory_ca(self._settings)
             options = channel_options(self._settings.keepalive)
+            target = directory_target(self.address)
             if ca is None:
                 log.warning("talking to the directory WITHOUT TLS (--directory-insecure)")
-                self._channel = grpc.aio.insecure_channel(self.address, options=options)
+                self._channel = grpc.aio.insecure_channel(target, options=options)
             else:
                 creds = grpc.ssl_channel_credentials(root_certificates=ca)
-                self._channel = grpc.aio.secure_channel(self.address, creds, options=options)
+                self._channel = grpc.aio.secure_channel(target, creds, options=options)
             self._stub = directory_pb2_grpc.DirectoryServiceStub(self._channel)
             self._mailbox = mailbox_pb2_grpc.MailboxServiceStub(self._channel)
         assert self._stub is not None
@@ -114,6 +149,11 @@ class DirectoryClient:
 
     async def heartbeat(self) -> pb.HeartbeatResponse:
         return await self._call(lambda s: s.Heartbeat, pb.HeartbeatRequest())
+
+    def presence(self) -> grpc.aio.StreamStreamCall[pb.HeartbeatRequest, pb.HeartbeatResponse]:
+        """The Presence stream (no deadline: it lives as long as the session); the caller
+        writes beats, reads the answers, cancels it and translates its errors."""
+        return self._get_stub().Presence(metadata=self._metadata())
 
     async def renew_certificate(self, csr_pem: bytes) -> pb.RenewCertificateResponse:
         return await self._call(

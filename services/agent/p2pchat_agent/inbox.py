@@ -78,7 +78,7 @@ class Inbox:
         send_acks: Callable[[str, list[str]], Awaitable[bool]],
         retry_max: float,
         body_limit: int,
-        admits: Callable[[str, bool], Awaitable[bool]] | None = None,
+        verdict: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
         """`send_acks(peer, ids)` sends an ack on an open direct link with `peer`; False when
         there is none (the receipt then goes through the mailbox)."""
@@ -89,7 +89,7 @@ class Inbox:
         self._send_acks = send_acks
         self._retry_max = retry_max
         self._body_limit = body_limit
-        self._admits = admits
+        self._consent = verdict  # consent.ContactBook.verdict
         self._collected = False  # the current stream brought something: it worked
         self.counts = InboxCounts()
         self._call: grpc.aio.UnaryStreamCall[object, mailbox_pb2.CollectResponse] | None = None
@@ -209,12 +209,17 @@ class Inbox:
     async def _verdict(
         self, envelope: mailbox_pb2.Envelope, opened: Opened
     ) -> Literal["store", "discard", "keep"]:
-        """What to do with an envelope that opened: discard it when the sender is not an
-        accepted contact; keep it at the directory when their key is not the pinned one (it
-        comes again once the user trusts the new key); else store (pinned on first contact)."""
-        if self._admits is not None and not await self._admits(opened.sender, False):
+        """What to do with an envelope that opened: discard it when the sender is blocked or,
+        as a refresh just said, not an accepted contact; keep it at the directory when that
+        cannot be known now, or when their key is not the pinned one (it comes again once the
+        user trusts the new key); else store (pinned on first contact)."""
+        consent = "accepted" if self._consent is None else await self._consent(opened.sender)
+        if consent == "refused":
             self._refuse(envelope, f"{opened.sender} is not an accepted contact")
             return "discard"
+        if consent != "accepted":
+            self._refuse(envelope, "consent cannot be checked now (kept at the directory)")
+            return "keep"
         try:
             await self._pins.check(opened.sender, public_key_sha256(opened.certificate))
         except DomainError as exc:

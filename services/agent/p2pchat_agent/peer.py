@@ -257,6 +257,12 @@ class LinkManager:
         except DomainError:
             link.close()
             raise
+        try:  # again: consent may have ended while the link was being set up
+            await self._require_consent(link.peer)
+        except DomainError:
+            self.registry.detach(entry)
+            link.close()
+            raise
         self._dialer.reached(link.peer)
         log.info("link open: %r", link)
         try:

@@ -124,7 +124,7 @@ class UserSession:
                 links.send_acks,
                 settings.retry_max,
                 settings.body_limit,
-                book.admits,
+                book.verdict,
             )
             loop = asyncio.get_running_loop()
             user.tasks.append(loop.create_task(user.inbox.run(), name="inbox"))

@@ -291,11 +291,22 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _uint32(text: str) -> int:
+    """A whole number from 0 to 2^32 - 1 (what the request's field holds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be 0 to {2**32 - 1}: {text!r}")
+    return value
+
+
 def _invite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["create", "list", "revoke"])
     p.add_argument("id", nargs="?", help="revoke: the code's id (from `invite list`)")
-    p.add_argument("--expires", type=int, metavar="SECONDS", help="create: good for this long")
-    p.add_argument("--uses", type=int, metavar="N", help="create: admits N requests at most")
+    p.add_argument("--expires", type=_uint32, metavar="SECONDS", help="create: good for this long")
+    p.add_argument("--uses", type=_uint32, metavar="N", help="create: admits N requests at most")
     _json(p)
 
 
