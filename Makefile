@@ -16,6 +16,9 @@ BENCH_ARGS ?=
 # Containers: `docker compose` (v2) when present, else Debian's `docker-compose` (v1.29).
 COMPOSE ?= $(shell if docker compose version >/dev/null 2>&1; then echo 'docker compose'; else echo docker-compose; fi)
 OFFLINE ?=
+# SCALE=1: the `scale` profile of docker-compose.yml (PostgreSQL, two directory replicas behind
+# one name, the agents dave and erin) for `images`, `up` and `logs`; `down` removes it always.
+SCALE ?=
 UP_TIMEOUT ?= 180
 
 .PHONY: help install proto check-proto lint format test test-unit test-integration check clean up down \
@@ -61,17 +64,17 @@ test-integration: $(STAMP) ## Process-level integration tests only (real servers
 
 check: check-proto lint test ## Everything CI checks: generated code, lint, tests
 
-images: $(if $(filter 1,$(OFFLINE)),$(STAMP)) ## Build the images; OFFLINE=1: local Debian base + host wheels, no registry
-	OFFLINE=$(or $(OFFLINE),auto) FORCE=$(FORCE) scripts/images.sh
+images: $(if $(filter 1,$(OFFLINE)),$(STAMP)) ## Build the images; OFFLINE=1: local Debian base + host wheels, no registry; SCALE=1: + PostgreSQL
+	OFFLINE=$(or $(OFFLINE),auto) FORCE=$(FORCE) SCALE=$(SCALE) scripts/images.sh
 
-up: images ## Start directory + alice, bob, carol in Docker (builds images if needed), wait until healthy
-	COMPOSE="$(COMPOSE)" scripts/compose-up.sh $(UP_TIMEOUT)
+up: images ## Start directory + alice, bob, carol (builds images if needed), wait until healthy; SCALE=1: the replicas
+	COMPOSE="$(COMPOSE)" SCALE=$(SCALE) scripts/compose-up.sh $(UP_TIMEOUT)
 
-down: ## Stop and remove the containers and network (data volumes kept; PURGE=1 removes them)
-	$(COMPOSE) down --remove-orphans $(if $(filter 1,$(PURGE)),--volumes)
+down: ## Stop and remove the containers and networks, `scale` profile too (data volumes kept; PURGE=1 removes them)
+	$(COMPOSE) --profile scale down --remove-orphans $(if $(filter 1,$(PURGE)),--volumes)
 
-logs: ## Follow the containers' logs (SERVICE=alice for one)
-	$(COMPOSE) logs --follow --tail=100 $(SERVICE)
+logs: ## Follow the containers' logs (SERVICE=alice for one; SCALE=1 for the `scale` profile's)
+	$(COMPOSE) $(if $(filter 1,$(SCALE)),--profile scale) logs --follow --tail=100 $(SERVICE)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -5,6 +5,11 @@
 #                                offline (also when the local base image exists already)
 #   OFFLINE=1 scripts/images.sh  offline: no image registry, no package index inside `docker build`
 #   OFFLINE=0 scripts/images.sh  online: FROM $BASE_IMAGE (python:3.11-slim), pip from the index
+#   SCALE=1 scripts/images.sh    also p2pchat-postgres, the PostgreSQL of the replicas
+#                                (docker-compose.yml's `scale` profile): online FROM
+#                                $POSTGRES_BASE_IMAGE (postgres:15-bookworm); offline FROM a second
+#                                debootstrap image, p2pchat-postgres-base:bookworm (minbase +
+#                                postgresql-15), made once per Docker engine like the base image
 #
 # Offline makes a local Debian base image (p2pchat-base:bookworm) with debootstrap, once per
 # Docker engine, and the wheels of p2pchat and its dependencies on the host (build/wheels, the
@@ -26,6 +31,10 @@ WHEELS=build/wheels
 WHEEL_CACHE=${P2PCHAT_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/p2pchat/wheels}
 FORCE=${FORCE:-0}
 PULL_TIMEOUT=${PULL_TIMEOUT:-120}
+SCALE=${SCALE:-0}
+ONLINE_POSTGRES_BASE=${POSTGRES_BASE_IMAGE:-postgres:15-bookworm}
+OFFLINE_POSTGRES_BASE=${OFFLINE_POSTGRES_BASE_IMAGE:-p2pchat-postgres-base:$SUITE}
+POSTGRES_PACKAGE=${POSTGRES_PACKAGE:-postgresql-15}
 
 log() { echo "images: $*" >&2; }
 die() { echo "images: error: $*" >&2; exit 1; }
@@ -58,33 +67,45 @@ remove_rootfs() {
   rm -rf "$root" "$root.log"
 }
 
-build_base() {
-  if have_image "$OFFLINE_BASE"; then
-    log "base image $OFFLINE_BASE present"
+# bootstrap_image IMAGE PACKAGES WHAT CMD: debootstrap minbase + PACKAGES (comma-separated)
+# into a temporary rootfs on the host, trimmed, imported as IMAGE (CMD ["CMD"]); skipped when
+# IMAGE exists. Only debootstrap (on the host) fetches anything.
+bootstrap_image() {
+  local image=$1 packages=$2 what=$3 cmd=$4
+  if have_image "$image"; then
+    log "base image $image present"
     return
   fi
   command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
-  [ "$(id -u)" = 0 ] || die "debootstrap needs root to build $OFFLINE_BASE"
+  [ "$(id -u)" = 0 ] || die "debootstrap needs root to build $image"
   root=$(mktemp -d /tmp/p2pchat-rootfs.XXXXXX)
   trap remove_rootfs EXIT
-  log "debootstrap $SUITE (minbase + python3) into $root; takes a few minutes, once"
+  log "debootstrap $SUITE (minbase + $what) into $root; takes a few minutes, once"
   local t0=$SECONDS
-  timeout 1200 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+  timeout 1200 debootstrap --variant=minbase --include="$packages" \
     "$SUITE" "$root" >"$root.log" 2>&1 || { tail -20 "$root.log" >&2; die "debootstrap failed"; }
   rm -f "$root.log"
-  # Trim what a runtime image never uses.
+  # Trim what a runtime image never uses; and what PostgreSQL's packages make when installed:
+  # a default cluster (the image's entrypoint makes its own in the volume) and ssl-cert's
+  # snakeoil key (a private key no image should carry).
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
     "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
-    "$root"/usr/share/locale/* "$root"/var/log/* "$root"/tmp/*
+    "$root"/usr/share/locale/* "$root"/var/log/* "$root"/tmp/* \
+    "$root"/var/lib/postgresql/* "$root"/etc/postgresql/* \
+    "$root"/etc/ssl/private/ssl-cert-snakeoil.key "$root"/etc/ssl/certs/ssl-cert-snakeoil.pem
   tar --numeric-owner -C "$root" -c . | docker import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
-    --change 'CMD ["python3"]' \
-    --message "debootstrap --variant=minbase $SUITE + python3 (scripts/images.sh)" \
-    - "$OFFLINE_BASE" >/dev/null
+    --change "CMD [\"$cmd\"]" \
+    --message "debootstrap --variant=minbase $SUITE + $what (scripts/images.sh)" \
+    - "$image" >/dev/null
   remove_rootfs
   trap - EXIT
-  log "base image $OFFLINE_BASE built in $((SECONDS - t0)) s"
+  log "base image $image built in $((SECONDS - t0)) s"
+}
+
+build_base() {
+  bootstrap_image "$OFFLINE_BASE" python3,python3-venv,ca-certificates python3 python3
 }
 
 # --- offline: the wheels ------------------------------------------------------------------
@@ -145,7 +166,8 @@ PYEOF
 # --- the service images -------------------------------------------------------------------
 source_hash() {
   # What goes into the images: the files the .dockerignore lets in (minus build/wheels, which
-  # is derived from them), the Dockerfiles, and the base image.
+  # is derived from them), the Dockerfiles, and the base image; not services/postgres (the
+  # PostgreSQL image's own, see build_postgres).
   {
     echo "$1"
     local files=(pyproject.toml README.md proto/gen services scripts/healthcheck.py .dockerignore)
@@ -153,7 +175,8 @@ source_hash() {
       git ls-files -co --exclude-standard -- "${files[@]}"
     else
       find "${files[@]}" -type f
-    fi | grep -v -e '__pycache__' -e '\.pyc$' -e '\.egg-info/' | LC_ALL=C sort | xargs sha256sum
+    fi | grep -v -e '__pycache__' -e '\.pyc$' -e '\.egg-info/' -e '^services/postgres/' |
+      LC_ALL=C sort | xargs sha256sum
   } | sha256sum | cut -c1-16
 }
 
@@ -168,8 +191,21 @@ build_image() {
   log "building $image (base $base)"
   local t0=$SECONDS
   docker build --quiet --file "services/$service/Dockerfile" --tag "$image" \
-    --build-arg "BASE_IMAGE=$base" --label "p2pchat.source=$hash" "$@" . >/dev/null
+    --build-arg "BASE_IMAGE=$base" --label "p2pchat.source=$hash" "$@" "${BUILD_CONTEXT:-.}" >/dev/null
   log "$image built in $((SECONDS - t0)) s"
+}
+
+# p2pchat-postgres (SCALE=1 only): its build context is services/postgres alone.
+build_postgres() {
+  local base=$ONLINE_POSTGRES_BASE id=""
+  if [ "$OFFLINE" = 1 ]; then
+    base=$OFFLINE_POSTGRES_BASE
+    bootstrap_image "$base" "$POSTGRES_PACKAGE" "$POSTGRES_PACKAGE" postgres
+    id=$(docker image inspect -f '{{.Id}}' "$base")
+  fi
+  local hash
+  hash=$({ echo "$base $id"; (cd services/postgres && LC_ALL=C sha256sum -- *); } | sha256sum | cut -c1-16)
+  BUILD_CONTEXT=services/postgres build_image postgres "$base" "$hash"
 }
 
 t_start=$SECONDS
@@ -193,7 +229,12 @@ else
     build_image "$service" "$base" "$hash"
   done
 fi
+built="p2pchat-directory:$IMAGE_TAG p2pchat-agent:$IMAGE_TAG"
+if [ "$SCALE" = 1 ]; then
+  build_postgres
+  built+=" p2pchat-postgres:$IMAGE_TAG"
+fi
 # Untagged leftovers of earlier builds (replaced service images, build stages) only take space.
 docker image prune --force --filter label=p2pchat.source >/dev/null
 docker image prune --force --filter label=p2pchat.stage=build >/dev/null
-log "images ready in $((SECONDS - t_start)) s: p2pchat-directory:$IMAGE_TAG p2pchat-agent:$IMAGE_TAG"
+log "images ready in $((SECONDS - t_start)) s: $built"

@@ -39,6 +39,9 @@ from p2pchat.v1 import agent_pb2_grpc, directory_pb2_grpc
 
 DIRECTORY_IMAGE = os.environ.get("P2PCHAT_DIRECTORY_IMAGE", "p2pchat-directory:latest")
 AGENT_IMAGE = os.environ.get("P2PCHAT_AGENT_IMAGE", "p2pchat-agent:latest")
+POSTGRES_IMAGE = os.environ.get("P2PCHAT_POSTGRES_IMAGE", "p2pchat-postgres:latest")
+# How directory replicas reach their PostgreSQL (the image trusts its own network: samenet).
+REPLICA_DB_URL = "postgresql+psycopg://p2pchat@postgres/p2pchat"
 LABEL = "p2pchat.test.pid"
 HOST_LABEL = "p2pchat.test.host"  # pids are only meaningful on the host (pid namespace) that ran
 PASSWORD = "correct horse battery"
@@ -174,6 +177,35 @@ class Deployment:
         self._publish_on_loopback(container, 50051)
         self.containers["directory"] = container
         container.start()
+
+    def start_postgres(self, network: Network) -> None:
+        """Starts PostgreSQL (p2pchat-postgres) on `network`, reached there as `postgres`."""
+        container = self._container("postgres", POSTGRES_IMAGE, "postgres", network)
+        cluster = "/var/lib/postgresql/data"
+        container.with_volume_mapping(self.volume("postgres-data"), cluster, "rw")
+        self.containers["postgres"] = container
+        container.start()
+
+    def start_directory_replica(self, name: str, db_network: Network) -> None:
+        """Starts directory replica `name` on PostgreSQL (start_postgres on `db_network`), with
+        the data volumes every replica shares (one CA), then puts it on the deployment's network
+        as `directory` too: the name the agents dial resolves to every replica."""
+        container = (
+            self._container(name, DIRECTORY_IMAGE, name, db_network)
+            .with_command(["--tls-name", "directory"])
+            .with_env("P2PCHAT_USERS_DB", REPLICA_DB_URL)
+            .with_env("P2PCHAT_CONTACTS_DB", REPLICA_DB_URL)
+            .with_volume_mapping(self.volume("directory-data"), "/data", "rw")
+            .with_volume_mapping(self.volume("directory-ca"), "/ca", "rw")
+        )
+        self.containers[name] = container
+        container.start()
+        aliases = ["--alias", "directory", "--alias", name]
+        docker("network", "connect", *aliases, self.network.name, self.name_of(name))
+
+    def kill(self, service: str) -> None:
+        """SIGKILL (`docker kill`): the container gets no chance to close anything."""
+        docker("kill", self.name_of(service))
 
     def start_agent(
         self,
