@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGE_BUILD_TIMEOUT = 1500
 
 
-def _unavailable(reason: str) -> None:
+def unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"container tests cannot run in CI: {reason}", pytrace=False)
     pytest.skip(reason)
@@ -41,13 +41,26 @@ def _unavailable(reason: str) -> None:
 def docker_images() -> None:
     """A usable Docker engine and current p2pchat images, or skip (fail in CI)."""
     if importlib.util.find_spec("testcontainers") is None:
-        _unavailable("the testcontainers package is not installed (make install)")
+        unavailable("the testcontainers package is not installed (make install)")
     from tests.containers import harness
 
     problem = harness.docker_problem()
     if problem is not None:
-        _unavailable(problem)
-    env = {**os.environ, "OFFLINE": os.environ.get("P2PCHAT_IMAGES_OFFLINE", "auto")}
+        unavailable(problem)
+    problem = build_images()
+    if problem is not None:
+        unavailable(problem)
+    harness.sweep_stale()
+
+
+def build_images(**extra_env: str) -> str | None:
+    """Runs scripts/images.sh (with `extra_env`, e.g. SCALE="1"); what went wrong, or None."""
+    env = {
+        **os.environ,
+        "OFFLINE": os.environ.get("P2PCHAT_IMAGES_OFFLINE", "auto"),
+        **extra_env,
+    }
+    what = " ".join(["scripts/images.sh", *(f"{k}={v}" for k, v in extra_env.items())])
     try:
         result = subprocess.run(
             [str(ROOT / "scripts" / "images.sh")],
@@ -59,10 +72,8 @@ def docker_images() -> None:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        _unavailable(f"scripts/images.sh took more than {IMAGE_BUILD_TIMEOUT} s")
-    if result.returncode != 0:
-        _unavailable(f"scripts/images.sh failed:\n{result.stderr[-3000:]}")
-    harness.sweep_stale()
+        return f"{what} took more than {IMAGE_BUILD_TIMEOUT} s"
+    return None if result.returncode == 0 else f"{what} failed:\n{result.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,13 @@ wherever it is. Then a replica is killed and the conversation goes on through th
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.containers.conftest import build_images, unavailable
 from tests.containers.harness import PASSWORD, wait_until
 
 if TYPE_CHECKING:
@@ -26,9 +24,6 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.containers, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[2]
-IN_CI = bool(os.environ.get("CI"))
-IMAGE_BUILD_TIMEOUT = 1500
 REGISTERED = re.compile(r"registered user (\S+)")
 # Nothing listens on port 9 in the agents' containers: a dial is refused at once, and what is
 # pending goes through the mailbox (after --dial-timeout at most).
@@ -39,29 +34,9 @@ MAILBOX_ONLY = {"P2PCHAT_DIAL_TIMEOUT": "1", "P2PCHAT_KEEPALIVE": "2"}
 def postgres_image(docker_images: None) -> None:
     """p2pchat-postgres as well: scripts/images.sh with SCALE=1 (only that image is built when
     the others are current; a no-op after .ci/run's `make images OFFLINE=1 SCALE=1`)."""
-    env = {
-        **os.environ,
-        "OFFLINE": os.environ.get("P2PCHAT_IMAGES_OFFLINE", "auto"),
-        "SCALE": "1",
-    }
-    try:
-        result = subprocess.run(
-            [str(ROOT / "scripts" / "images.sh")],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=IMAGE_BUILD_TIMEOUT,
-            check=False,
-        )
-        problem = "" if result.returncode == 0 else f"failed:\n{result.stderr[-3000:]}"
-    except subprocess.TimeoutExpired:
-        problem = f"took more than {IMAGE_BUILD_TIMEOUT} s"
-    if problem:
-        message = f"scripts/images.sh SCALE=1 (the PostgreSQL image) {problem}"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    problem = build_images(SCALE="1")
+    if problem is not None:
+        unavailable(f"the PostgreSQL image: {problem}")
 
 
 @pytest.fixture(scope="module")

@@ -245,3 +245,27 @@ def test_the_hash_queue_is_four_per_hash_worker_unless_given() -> None:
     default = load_settings([], environ={})
     assert default.hash_workers == (os.cpu_count() or 1)
     assert default.hash_queue == 4 * default.hash_workers
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_hashing_threads_run_at_a_lower_priority_than_the_rest_of_the_directory() -> None:
+    import asyncio
+
+    from p2pchat_directory.hashing import HASH_NICE, HashingPool
+
+    pool = HashingPool(2, 0)
+    try:
+        here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        def priority() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        seen = {pool._executor.submit(priority).result(timeout=10) for _ in range(4)}
+        assert seen == {min(here + HASH_NICE, 19)}
+        # The caller's thread (the event loop's, in the directory) keeps its own.
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == here
+        ticket = pool.admit()
+        hashed = asyncio.run(ticket.hash("a password of some length"))
+        assert passwords.verify_password("a password of some length", hashed)
+    finally:
+        pool.shutdown()

@@ -58,6 +58,7 @@ class Dialer:
         self._unreachable = unreachable
         self._skip_offline = skip_offline
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()  # peers asked for while their dialler was running
         self._addresses: dict[str, str] = {}  # last known address per peer
         self._backoff: dict[str, tuple[float, float]] = {}  # peer: (next delay, not before)
         self._online: dict[str, bool] = {}  # peer: online by presence at the last lookup
@@ -66,7 +67,11 @@ class Dialer:
     def ensure(self, peer: str) -> None:
         """Starts dialling `peer` unless a dialler runs already (it ends at once when nothing
         is pending or a link is open)."""
-        if self._closing or peer in self._tasks:
+        if self._closing:
+            return
+        if peer in self._tasks:
+            # It may be between reading "nothing pending" and ending: it looks again first.
+            self._again.add(peer)
             return
         task = asyncio.get_running_loop().create_task(self._loop(peer), name=f"dial-{peer}")
         self._tasks[peer] = task
@@ -112,7 +117,10 @@ class Dialer:
             if not_before > loop.time():
                 await asyncio.sleep(not_before - loop.time())
                 continue
+            self._again.discard(peer)  # what is asked from now on, this read may miss
             if not await self._has_pending(peer):
+                if peer in self._again:
+                    continue
                 return
             self._online.pop(peer, None)
             try:
