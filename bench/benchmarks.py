@@ -25,6 +25,7 @@ import grpc
 from bench.bare import OWN_CONNECTION, BareServer, bare_unary_rate, stream_rate, unary_rate
 from bench.bare import ping_pong as bare_ping_pong
 from bench.cluster import PASSWORD, Agent, World, cpu_seconds, rss_mb, wait_for
+from bench.directory_load import FULL_LOAD, QUICK_LOAD, LoadParams, directory_load
 from bench.mailbox import mailbox_relay
 from bench.peers import PeerLinks, make_identities
 from bench.prefill import Corpus, fill_history, fill_history_v2, fill_outbox, v2_schema_hash
@@ -77,6 +78,7 @@ class Params:
     relay_messages: int = 2_000  # mailbox_relay: the burst, per pair
     relay_latency_count: int = 200  # mailbox_relay: paced messages timed one way, per pair
     relay_seal_count: int = 2_000  # mailbox_relay: messages sealed and opened in-process
+    load: LoadParams = FULL_LOAD  # directory_load
 
 
 FULL = Params()
@@ -102,6 +104,7 @@ QUICK = Params(
     relay_messages=300,
     relay_latency_count=40,
     relay_seal_count=200,
+    load=QUICK_LOAD,
 )
 
 HISTORY_USER = "hist"  # the owner of the history databases
@@ -1468,4 +1471,5 @@ BENCHMARKS: dict[str, Callable[[Context, Lazy], Awaitable[Figures]]] = {
     "store_migration": store_migration,
     "memory": memory,
     "mailbox_relay": mailbox_relay,
+    "directory_load": directory_load,
 }

@@ -41,12 +41,12 @@ T = TypeVar("T")
 BUSY = "the directory is busy hashing passwords: retry in 1 s"
 
 
-# How much nicer than the rest the hashing threads are. On Linux a thread's own: the scheduler gives the event loop
-# and the database threads the CPU first, and hashing what they leave (with the event loop
-# busy, at nice 10 a hashing thread gets about a tenth of a core). Without it a burst of 200
-# logins took both cores of a 2-core machine for 14 s: the other calls' p99 went from 28 ms to
-# 491 ms (bench directory_load). Logins then wait their turn, within the bound, or are told to
-# come back.
+# How much nicer than the rest the hashing threads are (on Linux a thread's own): the
+# scheduler gives the event loop and the database threads the CPU first, and hashing what they
+# leave (with the event loop busy, at nice 10 a hashing thread gets about a tenth of a core).
+# Without it a burst of 200 logins took both cores of a 2-core machine for 14 s: the other
+# calls' p99 went from 28 ms to 491 ms (bench directory_load). Logins then wait their turn,
+# within the bound, or are told to come back.
 HASH_NICE = 10
 
 
