@@ -28,10 +28,10 @@ def plain_queries(postgres: bool) -> list[tuple[str, str, tuple[Any, ...]]]:
     """(what, SQL with ? placeholders, parameters) of the plain-SQL hot reads."""
     now: Any = NOW.replace(tzinfo=None) if postgres else "2026-12-01 00:00:00.000000"
     names: Any = ["alice", "bob"] if postgres else json.dumps(["alice", "bob"])
-    presence = repository._PG_PRESENCE if postgres else repository._SQLITE_PRESENCE
+    presence = repository._PG_PRESENCE if postgres else repository._PRESENCE
     return [
-        ("session owner", repository._PLAIN_SESSION_OWNER, (TOKEN, now)),
-        ("Lookup: owner and user", repository._PLAIN_OWNER_AND_USER, ("bob", TOKEN, now)),
+        ("session owner", repository._SESSION_OWNER, (TOKEN, now)),
+        ("Lookup: owner and user", repository._OWNER_AND_USER, ("bob", TOKEN, now)),
         ("Lookup, Deposit: the pair", consent_store._PLAIN_PAIR, ("a", "b", "b", "a")),
         ("Heartbeat: contacts changed", consent_store._PLAIN_CHANGED_AT, ("alice",)),
         ("ListContacts: rows", consent_store._PLAIN_LISTING, ("alice",) * 3),

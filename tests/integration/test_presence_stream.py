@@ -258,3 +258,22 @@ def test_an_agent_whose_session_the_directory_ended_logs_out_and_forgets_it(
         assert time.monotonic() < wait_for, "still logged in with a session that ended"
         time.sleep(0.05)
     assert not (agent.settings.data_dir / "session.json").exists()
+
+
+def test_a_beat_after_a_long_silence_is_leased_at_once_not_at_the_next_tick(
+    presence_directory: InProcessDirectory,
+) -> None:
+    stub = presence_directory.stub()
+    judy, ken = login(stub, "judy"), login(stub, "ken")
+    add_each_other(stub, ("judy", judy), ("ken", ken))
+    stream = Beating(stub, ken)
+    try:
+        stream.beat()
+        time.sleep(TTL * 0.9)  # silent: the lease of that beat runs out in TTL / 10
+        stream.beat()
+        end = time.monotonic() + TTL / 2  # past the end of the old lease and the next tick
+        while time.monotonic() < end:
+            assert online(stub, judy, "ken"), "offline although it just beat"
+            time.sleep(0.02)
+    finally:
+        stream.close()

@@ -33,6 +33,9 @@ from p2pchat_directory import repository as repo
 from p2pchat_directory.config import Settings
 from p2pchat_directory.consent_store import BLOCK, DECLINED, WANT, Pair, Side
 from p2pchat_directory.db import Databases
+from p2pchat_directory.hot import Plan, run_plan
+from p2pchat_directory.tokens import checked_token_hash
+from p2pchat_directory.tokens import owner as session_owner
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +147,15 @@ class ContactsService:
     def _views(
         self, rows: list[tuple[str, ContactState, Side | None, Side | None]]
     ) -> list[ContactView]:
+        dbs = self._dbs
+        return run_plan(self._views_reads(rows), dbs.users_reader, dbs.contacts_reader)
+
+    def _views_reads(
+        self, rows: list[tuple[str, ContactState, Side | None, Side | None]]
+    ) -> Plan[list[ContactView]]:
         """Views of (name, state, owner's row, other's row): presence only when ACCEPTED."""
         accepted = [name for name, state, _, _ in rows if state is ContactState.ACCEPTED]
-        users = repo.presence_of(self._dbs, accepted)
+        users = yield from repo.presence_reads(accepted)
         now = self._now()
         views = []
         for name, state, mine, theirs in rows:
@@ -314,16 +323,17 @@ class ContactsService:
             store.touch(conn, (owner, name), now)
         log.info("%s removed contact %s", owner, name)
 
-    def list_contacts(self, token: str) -> list[ContactView]:
-        owner = self._authenticate(token)
-        owned, waiting = store.listing(self._dbs, owner)
+    def list_contacts_reads(self, token: str) -> Plan[list[ContactView]]:
+        found = yield from repo.session_owner_reads(checked_token_hash(token), self._now())
+        owner = session_owner(found)
+        owned, waiting = yield from store.listing_reads(owner)
         rows: list[tuple[str, ContactState, Side | None, Side | None]] = []
         for name, mine, back in owned:
             theirs = None if back is None else Side(back, "", "", None)
             rows.append((name, contact_state(mine, theirs), mine, theirs))
         rows.extend((name, ContactState.AWAITING, None, side) for name, side in waiting)
         rows.sort(key=lambda row: row[0])
-        return self._views(rows)
+        return (yield from self._views_reads(rows))
 
     def list_requests(self, token: str) -> list[ContactView]:
         owner = self._authenticate(token)

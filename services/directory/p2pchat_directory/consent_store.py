@@ -1,8 +1,8 @@
 """Queries of contact consent (contacts, contact_requests_made, contact_policies,
 contact_invites, contacts_changed), in SQLAlchemy Core. Each takes the Connection it works in
-and the caller owns the transaction (`write_transaction`, then `lock_users`); the hot read of
-Lookup and Deposit (`pair`) and Heartbeat's (`changed_at`) take the Databases and run in plain
-SQL on a SQLite file."""
+and the caller owns the transaction (`write_transaction`, then `lock_users`); the hot reads of
+Lookup and Deposit (`pair_reads`), ListContacts (`listing_reads`) and Heartbeat (`changed_at`)
+are plain SQL on either backend (hot.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import aliased
 
 from p2pchat_directory.db import Databases
+from p2pchat_directory.hot import Plan, Read, to_time
 from p2pchat_directory.mailbox_store import write_transaction as write_transaction
 from p2pchat_directory.models import (
     Contact,
@@ -85,7 +86,6 @@ _PLAIN_PAIR = (
     "SELECT owner, state, pinned_address, note, requested_at FROM contacts "
     "WHERE (owner = ? AND contact = ?) OR (owner = ? AND contact = ?)"
 )
-_CHANGED_AT = select(_CHANGED.c.changed_at).where(_CHANGED.c.username == bindparam("username"))
 _PLAIN_CHANGED_AT = "SELECT changed_at FROM contacts_changed WHERE username = ?"
 
 
@@ -100,14 +100,10 @@ def _pair_of(owner: str, rows: Iterable[Sequence[object]]) -> Pair:
     return Pair(mine, theirs)
 
 
-def pair_read(dbs: Databases, owner: str, other: str) -> Pair:
+def pair_reads(owner: str, other: str) -> Plan[Pair]:
     """Both rows of (owner, other) in one short read outside any transaction (Lookup, Deposit)."""
-    reader = dbs.contacts_reader
-    if reader is not None:
-        rows = reader.all(_PLAIN_PAIR, (owner, other, other, owner))
-        return _pair_of(owner, ((o, s, p, n, reader.time(r)) for o, s, p, n, r in rows))
-    with dbs.contacts_engine.connect() as conn:
-        return pair(conn, owner, other)
+    rows = yield Read("contacts", _PLAIN_PAIR, (owner, other, other, owner), one=False)
+    return _pair_of(owner, ((o, s, p, n, to_time(r)) for o, s, p, n, r in rows))
 
 
 def pair(conn: Connection, owner: str, other: str) -> Pair:
@@ -116,15 +112,8 @@ def pair(conn: Connection, owner: str, other: str) -> Pair:
 
 def changed_at(dbs: Databases, username: str) -> datetime | None:
     """When `username`'s contacts last changed (None: never)."""
-    reader = dbs.contacts_reader
-    if reader is not None:
-        row = reader.one(_PLAIN_CHANGED_AT, (username,))
-        return None if row is None else reader.time(row[0])
-    with dbs.contacts_engine.connect() as conn:
-        found: datetime | None = conn.execute(
-            _CHANGED_AT, {"username": username}
-        ).scalar_one_or_none()
-        return found
+    row = dbs.contacts_reader.read(Read("contacts", _PLAIN_CHANGED_AT, (username,)))
+    return to_time(row[0][0]) if row else None
 
 
 _LOCK_USERS = text(
@@ -207,18 +196,15 @@ _PLAIN_LISTING = (
 )
 
 
-def listing(
-    dbs: Databases, owner: str
-) -> tuple[list[tuple[str, Side, str | None]], list[tuple[str, Side]]]:
+def listing_reads(
+    owner: str,
+) -> Plan[tuple[list[tuple[str, Side, str | None]], list[tuple[str, Side]]]]:
     """`owned(owner)` and `awaiting(owner)` (in no particular order) in one short read."""
-    reader = dbs.contacts_reader
-    if reader is None:
-        with dbs.contacts_engine.connect() as conn:
-            return owned(conn, owner), awaiting(conn, owner)
     mine: list[tuple[str, Side, str | None]] = []
     waiting: list[tuple[str, Side]] = []
-    for kind, name, state, pinned, note, at, back in reader.all(_PLAIN_LISTING, (owner,) * 3):
-        side = Side(state, pinned, note, reader.time(at))
+    rows = yield Read("contacts", _PLAIN_LISTING, (owner,) * 3, one=False)
+    for kind, name, state, pinned, note, at, back in rows:
+        side = Side(state, pinned, note, to_time(at))
         if kind == 0:
             mine.append((name, side, back))
         else:

@@ -14,6 +14,7 @@ from p2pchat_common.errors import InvalidArgument
 from p2pchat_common.timestamps import to_timestamp
 from p2pchat_directory.consent import ContactsService, ContactState, ContactView, Policy
 from p2pchat_directory.consent_store import Invite
+from p2pchat_directory.hot import Plan
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -79,6 +80,9 @@ class ContactRpcs:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         raise NotImplementedError
 
+    async def _plan(self, plan: Plan[T]) -> T:
+        raise NotImplementedError
+
     def _token(self, context: Context) -> str:
         raise NotImplementedError
 
@@ -117,7 +121,7 @@ class ContactRpcs:
     async def ListContacts(
         self, request: directory_pb2.ListContactsRequest, context: Context
     ) -> directory_pb2.ListContactsResponse:
-        views = await self._run(self._contacts.list_contacts, self._token(context))
+        views = await self._plan(self._contacts.list_contacts_reads(self._token(context)))
         return directory_pb2.ListContactsResponse(contacts=[contact_pb(v) for v in views])
 
     async def ListContactRequests(

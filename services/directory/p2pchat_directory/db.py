@@ -14,7 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from p2pchat_common.errors import StartupError
 from p2pchat_common.files import private_dir, private_file
-from p2pchat_directory.hot import HotReader, hot_reader
+from p2pchat_directory.hot import AsyncReader, HotReader, dsn_of, hot_reader
 from p2pchat_directory.models import Contact, ContactsBase, UsersBase
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,9 @@ class Databases:
     contacts_engine: Engine
     users: sessionmaker[Session]
     contacts: sessionmaker[Session]
-    users_reader: HotReader | None = None
-    contacts_reader: HotReader | None = None
+    users_reader: HotReader
+    contacts_reader: HotReader
+    _async: tuple[AsyncReader, AsyncReader] | None = None
 
     @classmethod
     def open(cls, users_url: str, contacts_url: str) -> Databases:
@@ -130,7 +131,13 @@ class Databases:
             users_engine.url.render_as_string(hide_password=True),
             contacts_engine.url.render_as_string(hide_password=True),
         )
-        users_reader = hot_reader(users_engine)
+        try:
+            users_reader = hot_reader(users_engine)
+            contacts_reader = users_reader if same else hot_reader(contacts_engine)
+        except ValueError as exc:
+            users_engine.dispose()
+            contacts_engine.dispose()
+            raise StartupError(f"cannot serve from these databases: {exc}") from None
         users = sessionmaker(users_engine, expire_on_commit=False)
         return cls(
             users_engine,
@@ -138,8 +145,27 @@ class Databases:
             users,
             users if same else sessionmaker(contacts_engine, expire_on_commit=False),
             users_reader,
-            users_reader if same else hot_reader(contacts_engine),
+            contacts_reader,
         )
+
+    def async_readers(self) -> tuple[AsyncReader, AsyncReader] | None:
+        """On PostgreSQL: the readers of the event loop (users, contacts), made on first use
+        on the running loop; None on SQLite (its reads run inline)."""
+        engines = (self.users_engine, self.contacts_engine)
+        if not all(e.dialect.name == "postgresql" for e in engines):
+            return None
+        if self._async is None:
+            users = AsyncReader(dsn_of(self.users_engine))
+            contacts = users if self.one_database else AsyncReader(dsn_of(self.contacts_engine))
+            self._async = (users, contacts)
+        return self._async
+
+    async def aclose(self) -> None:
+        """Closes the event loop's readers (before `dispose`)."""
+        found, self._async = self._async, None
+        if found is not None:
+            for reader in {id(r): r for r in found}.values():
+                await reader.close()
 
     @property
     def one_database(self) -> bool:
@@ -152,7 +178,7 @@ class Databases:
         return all(e.dialect.name == "sqlite" for e in (self.users_engine, self.contacts_engine))
 
     def dispose(self) -> None:
-        for reader in {id(r): r for r in (self.users_reader, self.contacts_reader) if r}.values():
+        for reader in {id(r): r for r in (self.users_reader, self.contacts_reader)}.values():
             reader.close()
         self.users_engine.dispose()
         if not self.one_database:

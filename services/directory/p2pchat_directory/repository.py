@@ -1,25 +1,24 @@
 """Queries of the users database (consent_store has those of contacts). Most functions take the
 SQLAlchemy session it works in (the caller owns the transaction); the hot reads every
-authenticated call makes take the Databases and run in plain SQL on a SQLite file, through
-SQLAlchemy Core elsewhere."""
+authenticated call makes are plans (hot.py): plain SQL on either backend, run inline, in a
+thread or on the event loop."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from p2pchat_common.errors import AlreadyExists
 from p2pchat_directory.db import Databases
+from p2pchat_directory.hot import Plan, Read, run_plan, to_time
 from p2pchat_directory.models import (
     FailedLogin,
     IssuedCertificateRow,
-    MailboxKey,
     User,
     UserSession,
 )
@@ -37,32 +36,9 @@ class UserSummary:
     mailbox_key_signature: bytes | None = None
 
 
-# Built once: the hot calls only bind values (building expressions cost more than the query).
-_SESSION_OWNER = select(UserSession.username).where(
-    UserSession.token_hash == bindparam("token_hash"), UserSession.expires_at > bindparam("now")
-)
-# A mailbox key counts only while it was verified against the user's current identity key.
-_CURRENT_MAILBOX_KEY = and_(
-    MailboxKey.username == User.username, MailboxKey.public_key_sha256 == User.public_key_sha256
-)
-_USER_SUMMARY = (
-    select(
-        User.address,
-        User.last_seen,
-        User.online_until,
-        User.public_key_sha256,
-        User.certificate_pem,
-        MailboxKey.mailbox_key,
-        MailboxKey.signature,
-    )
-    .outerjoin(MailboxKey, _CURRENT_MAILBOX_KEY)
-    .where(User.username == bindparam("username"))
-)
-
-
-# The same reads in plain SQL for the hot reader (hot.py), on either backend.
-_PLAIN_SESSION_OWNER = "SELECT username FROM sessions WHERE token_hash = ? AND expires_at > ?"
-_PLAIN_OWNER_AND_USER = (
+# The hot reads in plain SQL (hot.py), on either backend, each one statement.
+_SESSION_OWNER = "SELECT username FROM sessions WHERE token_hash = ? AND expires_at > ?"
+_OWNER_AND_USER = (
     "SELECT s.username, u.username, u.address, u.last_seen, u.online_until, "
     "u.public_key_sha256, u.certificate_pem, m.mailbox_key, m.signature FROM sessions AS s "
     "LEFT JOIN users AS u ON u.username = ? "
@@ -70,46 +46,47 @@ _PLAIN_OWNER_AND_USER = (
     "ON m.username = u.username AND m.public_key_sha256 = u.public_key_sha256 "
     "WHERE s.token_hash = ? AND s.expires_at > ?"
 )
+# A list of names, in one prepared statement whatever its length: a JSON array on SQLite, an
+# array on PostgreSQL. The primary key's index finds each.
+_PRESENCE = (
+    "SELECT username, address, online_until, last_seen FROM users "
+    "WHERE username IN (SELECT value FROM json_each(?))"
+)
+_PG_PRESENCE = (
+    "SELECT username, address, online_until, last_seen FROM users WHERE username = ANY(?)"
+)
+
+
+def session_owner_reads(token_hash: str, now: datetime) -> Plan[str | None]:
+    """The user of a live session (None: none)."""
+    rows = yield Read("users", _SESSION_OWNER, (token_hash, now))
+    return str(rows[0][0]) if rows else None
 
 
 def session_owner(dbs: Databases, token_hash: str, now: datetime) -> str | None:
-    """The user of a live session."""
-    reader = dbs.users_reader
-    if reader is not None:
-        row = reader.one(_PLAIN_SESSION_OWNER, (token_hash, reader.param(now)))
-        return None if row is None else str(row[0])
-    with dbs.users_engine.connect() as conn:
-        return _session_owner(conn, token_hash, now)
+    return run_plan(session_owner_reads(token_hash, now), dbs.users_reader, dbs.contacts_reader)
 
 
-def owner_and_user(
-    dbs: Databases, token_hash: str, now: datetime, username: str
-) -> tuple[str | None, UserSummary | None]:
+def owner_and_user_reads(
+    token_hash: str, now: datetime, username: str
+) -> Plan[tuple[str | None, UserSummary | None]]:
     """The user of a live session (None: no such session) and the summary of `username` (None:
     no such user), in one read."""
-    reader = dbs.users_reader
-    if reader is not None:
-        row = reader.one(_PLAIN_OWNER_AND_USER, (username, token_hash, reader.param(now)))
-        if row is None:
-            return None, None
-        owner, found, address, last_seen, online_until, key_sha256, cert, mkey, msig = row
-        if found is None:
-            return owner, None
-        return owner, UserSummary(
-            address,
-            reader.time(last_seen),
-            reader.time(online_until),
-            key_sha256,
-            _bytes(cert),
-            _bytes(mkey),
-            _bytes(msig),
-        )
-    with dbs.users_engine.connect() as conn:
-        owner = _session_owner(conn, token_hash, now)
-        if owner is None:
-            return None, None
-        row = conn.execute(_USER_SUMMARY, {"username": username}).one_or_none()
-        return owner, None if row is None else UserSummary(*row)
+    rows = yield Read("users", _OWNER_AND_USER, (username, token_hash, now))
+    if not rows:
+        return None, None
+    owner, found, address, last_seen, online_until, key_sha256, cert, mkey, msig = rows[0]
+    if found is None:
+        return owner, None
+    return owner, UserSummary(
+        address,
+        to_time(last_seen),
+        to_time(online_until),
+        key_sha256,
+        _bytes(cert),
+        _bytes(mkey),
+        _bytes(msig),
+    )
 
 
 @dataclass(frozen=True)
@@ -119,34 +96,13 @@ class Presence:
     last_seen: datetime | None
 
 
-# One prepared statement whatever the number of names: an array on PostgreSQL, a JSON array
-# on SQLite. The primary key's index finds each.
-_PG_PRESENCE = (
-    "SELECT username, address, online_until, last_seen FROM users WHERE username = ANY(?)"
-)
-_SQLITE_PRESENCE = (
-    "SELECT username, address, online_until, last_seen FROM users "
-    "WHERE username IN (SELECT value FROM json_each(?))"
-)
-
-
-def presence_of(dbs: Databases, usernames: Sequence[str]) -> dict[str, Presence]:
+def presence_reads(usernames: Sequence[str]) -> Plan[dict[str, Presence]]:
     """The address and presence of each of these users (ListContacts): those columns only."""
     if not usernames:
         return {}
-    reader = dbs.users_reader
-    if reader is None:
-        with dbs.users() as s:
-            return {
-                u.username: Presence(u.address, u.online_until, u.last_seen)
-                for u in users_by_name(s, usernames)
-            }
-    if reader.postgres:
-        rows = reader.all(_PG_PRESENCE, (list(usernames),))
-    else:
-        rows = reader.all(_SQLITE_PRESENCE, (json.dumps(list(usernames)),))
+    rows = yield Read("users", _PRESENCE, (list(usernames),), one=False, pg_sql=_PG_PRESENCE)
     return {
-        name: Presence(address, reader.time(online_until), reader.time(last_seen))
+        name: Presence(address, to_time(online_until), to_time(last_seen))
         for name, address, online_until, last_seen in rows
     }
 
@@ -154,10 +110,6 @@ def presence_of(dbs: Databases, usernames: Sequence[str]) -> dict[str, Presence]
 def _bytes(value: object) -> bytes | None:
     """A BLOB/bytea as bytes (psycopg may hand out a memoryview)."""
     return None if value is None else bytes(value)  # type: ignore[call-overload]
-
-
-def _session_owner(conn: Connection, token_hash: str, now: datetime) -> str | None:
-    return conn.execute(_SESSION_OWNER, {"token_hash": token_hash, "now": now}).scalar_one_or_none()
 
 
 def add_user(s: Session, user: User) -> None:
@@ -175,11 +127,6 @@ def get_user(s: Session, username: str) -> User | None:
 def existing_usernames(s: Session, usernames: Iterable[str]) -> set[str]:
     names = list(usernames)
     return set(s.scalars(select(User.username).where(User.username.in_(names)))) if names else set()
-
-
-def users_by_name(s: Session, usernames: Iterable[str]) -> list[User]:
-    names = list(usernames)
-    return list(s.scalars(select(User).where(User.username.in_(names)))) if names else []
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ errors of p2pchat_common.errors; nothing here knows about gRPC.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import secrets
@@ -34,13 +33,15 @@ from p2pchat_directory.certificates import (
 from p2pchat_directory.config import Settings
 from p2pchat_directory.consent import ContactsService, ContactView, contact_view, require_accepted
 from p2pchat_directory.db import Databases
+from p2pchat_directory.hot import Plan, run_plan
 from p2pchat_directory.models import User, UserSession
 from p2pchat_directory.passwords import DUMMY_HASH
 from p2pchat_directory.throttle import login_refusal
+from p2pchat_directory.tokens import checked_token_hash, token_hash
+from p2pchat_directory.tokens import owner as session_owner
 
 log = logging.getLogger(__name__)
 
-TOKEN_MAX = 256
 MAX_STATUS_QUERIES = 256
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _BAD_LOGIN = "wrong username or password"
@@ -48,25 +49,6 @@ _BAD_LOGIN = "wrong username or password"
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def checked_token_hash(token: str) -> str:
-    """The hash of a bearer token to look up; Unauthenticated when it is missing or malformed."""
-    if not token:
-        raise Unauthenticated("missing session token: log in first")
-    if len(token) > TOKEN_MAX:
-        raise Unauthenticated("malformed session token")
-    return _token_hash(token)
-
-
-def _owner(found: str | None) -> str:
-    if found is None:
-        raise Unauthenticated("session expired or revoked: log in again")
-    return found
 
 
 @dataclass(frozen=True)
@@ -208,16 +190,14 @@ class DirectoryService:
             self._ca.sign_agent_csr(csr_pem, name, settings.certificate_ttl) if csr_pem else None
         )
         token = secrets.token_urlsafe(32)
-        token_hash = _token_hash(token)
+        hashed = token_hash(token)
         expires = now + settings.session_ttl
         with self._dbs.users() as s, s.begin():
             repo.clear_failures(s, name, source)
             repo.delete_expired_sessions(s, name, now)
             repo.add_session(
                 s,
-                UserSession(
-                    token_hash=token_hash, username=name, created_at=now, expires_at=expires
-                ),
+                UserSession(token_hash=hashed, username=name, created_at=now, expires_at=expires),
             )
             user = repo.get_user(s, name)
             if user is None:  # deleted between the two transactions
@@ -227,7 +207,7 @@ class DirectoryService:
             user.last_seen = now
             user.online_until = now + settings.presence_ttl
             if issued is not None:
-                record_certificate(s, user, issued, token_hash, now)
+                record_certificate(s, user, issued, hashed, now)
         log.info("user %s logged in", name)
         return LoginResult(
             name,
@@ -241,14 +221,14 @@ class DirectoryService:
 
     def authenticate(self, token: str) -> str:
         """The username a bearer token belongs to; Unauthenticated when missing/expired/revoked."""
-        return _owner(repo.session_owner(self._dbs, checked_token_hash(token), self._now()))
+        return session_owner(repo.session_owner(self._dbs, checked_token_hash(token), self._now()))
 
     def logout(self, token: str) -> None:
         name = self.authenticate(token)
         now = self._now()
         with self._dbs.users() as s, s.begin():
-            repo.delete_session(s, _token_hash(token))
-            repo.revoke_certificates(s, now, session_hash=_token_hash(token))
+            repo.delete_session(s, token_hash(token))
+            repo.revoke_certificates(s, now, session_hash=token_hash(token))
             if repo.count_live_sessions(s, name, now) == 0:
                 user = repo.get_user(s, name)
                 if user is not None:
@@ -261,7 +241,7 @@ class DirectoryService:
         now = self._now()
         expires, online_until = now + self._settings.session_ttl, now + self._settings.presence_ttl
         with self._dbs.users() as s, s.begin():  # two UPDATEs, no row loaded
-            if not repo.beat(s, _token_hash(token), name, expires, online_until, now):
+            if not repo.beat(s, token_hash(token), name, expires, online_until, now):
                 raise Unauthenticated("session expired or revoked: log in again")
         # Apart from the users transaction: the contacts may live in another database, and
         # this time is written with the change it reports. One primary-key read.
@@ -277,7 +257,7 @@ class DirectoryService:
             user = repo.get_user(s, name)
             if user is None:
                 raise Unauthenticated("user no longer exists")
-            record_certificate(s, user, issued, _token_hash(token), self._now())
+            record_certificate(s, user, issued, token_hash(token), self._now())
         return issued
 
     def certificate_status(self, token: str, sha256s: Sequence[str]) -> list[CertificateState]:
@@ -314,23 +294,30 @@ class DirectoryService:
 
     # -- contacts (consent.py has the use cases) -------------------------------------------------
 
-    def caller_and_contact(
+    def caller_and_contact_reads(
         self, token: str, username: str, now: datetime
-    ) -> tuple[str, str, repo.UserSummary, str]:
+    ) -> Plan[tuple[str, str, repo.UserSummary, str]]:
         """(caller, contact's canonical name, their summary, pinned address) in two short reads;
         Unauthenticated, NotFound, or FailedPrecondition unless they are ACCEPTED contacts."""
         name = normalize_username(username)
-        owner, user = repo.owner_and_user(self._dbs, checked_token_hash(token), now, name)
-        owner = _owner(owner)
+        owner, user = yield from repo.owner_and_user_reads(checked_token_hash(token), now, name)
+        owner = session_owner(owner)
         if user is None:
             raise NotFound(f"no such user: {name!r}")
-        pinned = require_accepted(name, consent_store.pair_read(self._dbs, owner, name))
+        pinned = require_accepted(name, (yield from consent_store.pair_reads(owner, name)))
         return owner, name, user, pinned
 
-    def lookup(self, token: str, username: str) -> LookupView:
+    def caller_and_contact(
+        self, token: str, username: str, now: datetime
+    ) -> tuple[str, str, repo.UserSummary, str]:
+        """`caller_and_contact_reads`, blocking (Deposit)."""
+        plan = self.caller_and_contact_reads(token, username, now)
+        return run_plan(plan, self._dbs.users_reader, self._dbs.contacts_reader)
+
+    def lookup_reads(self, token: str, username: str) -> Plan[LookupView]:
         """Where a contact's agent is. The hottest call: two short reads, no ORM objects."""
         now = self._now()
-        _, name, user, pinned = self.caller_and_contact(token, username, now)
+        _, name, user, pinned = yield from self.caller_and_contact_reads(token, username, now)
         return LookupView(
             contact=contact_view(
                 name, pinned, user.address, user.online_until, user.last_seen, now

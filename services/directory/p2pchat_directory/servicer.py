@@ -23,8 +23,11 @@ from p2pchat_common.validation import normalize_username
 from p2pchat_directory.accounts import Accounts
 from p2pchat_directory.certificates import CertificateState
 from p2pchat_directory.contacts_servicer import ContactRpcs, contact_pb
+from p2pchat_directory.db import Databases
+from p2pchat_directory.hot import Plan, run_plan, run_plan_async
 from p2pchat_directory.presence import PresenceHub
-from p2pchat_directory.service import DirectoryService, HeartbeatResult, checked_token_hash
+from p2pchat_directory.service import DirectoryService, HeartbeatResult
+from p2pchat_directory.tokens import checked_token_hash
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -63,7 +66,7 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
         self,
         service: DirectoryService,
         executor: ThreadPoolExecutor,
-        inline_reads: bool,
+        databases: Databases,
         presence: PresenceHub,
         accounts: Accounts,
     ) -> None:
@@ -71,7 +74,8 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
         self._accounts = accounts
         self._contacts = service.contacts
         self._executor = executor
-        self._inline_reads = inline_reads
+        self._dbs = databases
+        self._inline_reads = databases.local_only
         self._presence = presence
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -94,6 +98,17 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
         if self._inline_reads:
             return fn(*args)
         return await self._run(fn, *args)
+
+    async def _plan(self, plan: Plan[T]) -> T:
+        """A hot read-only use case (hot.py): on PostgreSQL on the event loop, on SQLite inline
+        (see `_read`)."""
+        found = self._dbs.async_readers()
+        if found is not None:
+            return await run_plan_async(plan, *found)
+        dbs = self._dbs
+        if self._inline_reads:
+            return run_plan(plan, dbs.users_reader, dbs.contacts_reader)
+        return await self._run(run_plan, plan, dbs.users_reader, dbs.contacts_reader)
 
     async def Register(
         self, request: directory_pb2.RegisterRequest, context: Context
@@ -159,7 +174,7 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
     async def Lookup(
         self, request: directory_pb2.LookupRequest, context: Context
     ) -> directory_pb2.LookupResponse:
-        view = await self._read(self._svc.lookup, bearer_token(context), request.username)
+        view = await self._plan(self._svc.lookup_reads(bearer_token(context), request.username))
         return directory_pb2.LookupResponse(
             contact=contact_pb(view.contact),
             public_key_sha256=view.public_key_sha256,
