@@ -37,7 +37,7 @@ class LoadParams:
     presence_ttl: float = 30.0  # the directory's --presence-ttl
     procs: int = 3  # load generator processes
     agents_per_channel: int = 1  # 1: every agent its own connection, as real agents
-    knee_steps: tuple[int, ...] = (1_000, 2_000, 5_000, 10_000)
+    knee_steps: tuple[int, ...] = (1_000, 2_000, 5_000, 7_500, 10_000)
     knee_seconds: float = 10.0
     knee_p99_ms: float = 50.0
     burst_logins: int = 200
