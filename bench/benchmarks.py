@@ -355,6 +355,12 @@ async def directory_lookup(ctx: Context, lazy: Lazy) -> Figures:
         ).session_token
         auth = (("authorization", f"Bearer {token}"),)
         stub.AddContact(dpb.AddContactRequest(username="lookee"), metadata=auth, timeout=30)
+        # Contact consent: Lookup answers only between accepted contacts; lookee asks back.
+        lookee = stub.Login(
+            dpb.LoginRequest(username="lookee", password=PASSWORD), timeout=30
+        ).session_token
+        back = (("authorization", f"Bearer {lookee}"),)
+        stub.AddContact(dpb.AddContactRequest(username="looker"), metadata=back, timeout=30)
     finally:
         ch.close()
     before = await unary_baseline(ctx, lazy)
