@@ -70,6 +70,14 @@ def online(stub: Stub, token: str, name: str) -> bool:
     return found
 
 
+def judy_watching_ken(directory: InProcessDirectory) -> tuple[Stub, str, Beating]:
+    """Accepted contacts judy and ken; judy's token, and ken's Presence stream (not beaten yet)."""
+    stub = directory.stub()
+    judy, ken = login(stub, "judy"), login(stub, "ken")
+    add_each_other(stub, ("judy", judy), ("ken", ken))
+    return stub, judy, Beating(stub, ken)
+
+
 def count_user_writes(directory: InProcessDirectory) -> list[str]:
     """Every UPDATE of the users table the directory runs from now on."""
     seen: list[str] = []
@@ -85,11 +93,8 @@ def count_user_writes(directory: InProcessDirectory) -> list[str]:
 def test_a_presence_stream_keeps_its_user_online_with_no_write_per_beat(
     presence_directory: InProcessDirectory,
 ) -> None:
-    stub = presence_directory.stub()
-    judy, ken = login(stub, "judy"), login(stub, "ken")
-    add_each_other(stub, ("judy", judy), ("ken", ken))
+    stub, judy, stream = judy_watching_ken(presence_directory)  # no beat sent yet
     writes = count_user_writes(presence_directory)
-    stream = Beating(stub, ken)
     try:
         first = stream.beat()
         assert first.online_until.ToDatetime() > first.server_time.ToDatetime()
@@ -115,10 +120,7 @@ def test_a_presence_stream_keeps_its_user_online_with_no_write_per_beat(
 def test_a_stream_that_stops_leaves_its_user_offline_within_the_ttl_of_its_last_beat(
     presence_directory: InProcessDirectory,
 ) -> None:
-    stub = presence_directory.stub()
-    judy, ken = login(stub, "judy"), login(stub, "ken")
-    add_each_other(stub, ("judy", judy), ("ken", ken))
-    stream = Beating(stub, ken)
+    stub, judy, stream = judy_watching_ken(presence_directory)
     for _ in range(4):  # past a tick, so that a lease of its own was written
         stream.beat()
         time.sleep(TTL / 4)
@@ -263,10 +265,7 @@ def test_an_agent_whose_session_the_directory_ended_logs_out_and_forgets_it(
 def test_a_beat_after_a_long_silence_is_leased_at_once_not_at_the_next_tick(
     presence_directory: InProcessDirectory,
 ) -> None:
-    stub = presence_directory.stub()
-    judy, ken = login(stub, "judy"), login(stub, "ken")
-    add_each_other(stub, ("judy", judy), ("ken", ken))
-    stream = Beating(stub, ken)
+    stub, judy, stream = judy_watching_ken(presence_directory)
     try:
         stream.beat()
         time.sleep(TTL * 0.9)  # silent: the lease of that beat runs out in TTL / 10
