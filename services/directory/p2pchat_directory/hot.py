@@ -133,9 +133,16 @@ class HotReader:
 
 
 class AsyncReader:
-    """PostgreSQL reads on the event loop: up to `size` kept connections, opened on demand."""
+    """PostgreSQL reads on the event loop: up to `size` kept connections, opened on demand.
 
-    def __init__(self, dsn: str, size: int = 4) -> None:
+    Eight, not four: when PostgreSQL answers slowly (a burst of 200 logins competing for the
+    CPU), four connections could not keep up with 2,000 agents' Lookups (two reads each) and
+    they queued for seconds; with eight, their p99 during the burst went from ~0.5-2 s to
+    ~0.1-0.2 s (bench directory_load's burst alone). A replica then holds up to 8 of these, one
+    per worker thread, its SQLAlchemy pool (10 + 10) and one LISTEN: mind max_connections
+    (100 by default) with several replicas."""
+
+    def __init__(self, dsn: str, size: int = 8) -> None:
         self._dsn = dsn
         self._size = size
         self._idle: list[psycopg.AsyncConnection[Row]] = []
