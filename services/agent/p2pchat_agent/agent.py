@@ -180,30 +180,24 @@ class Agent:
         while True:
             try:
                 if streaming:
-                    await self._beat_on_stream()
+                    await self._beat_on_stream()  # returns only by raising
                 else:
                     await self._beat_once()
-                    await asyncio.sleep(self.settings.heartbeat_interval)
-            except Unavailable as exc:
-                log.info("heartbeat failed: %s", exc)
-                await asyncio.sleep(self.settings.heartbeat_interval)
             except DomainError as exc:
                 if exc.code == grpc.StatusCode.UNIMPLEMENTED and streaming:
                     log.info("the directory has no Presence stream: heartbeats one by one")
                     streaming = False
                     continue
-                if exc.code != grpc.StatusCode.UNAUTHENTICATED:
-                    log.warning("heartbeat failed: %s", exc)
-                    await asyncio.sleep(self.settings.heartbeat_interval)
-                    continue
-                log.warning("session ended by the directory (%s): log in again", exc)
-                async with self._lock:
-                    await self._deactivate()
-                    await self.blocking(StoredSession.clear, self.settings.data_dir)
-                return
+                if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                    log.warning("session ended by the directory (%s): log in again", exc)
+                    async with self._lock:
+                        await self._deactivate()
+                        await self.blocking(StoredSession.clear, self.settings.data_dir)
+                    return
+                log.info("heartbeat failed: %s", exc)
             except Exception:  # a bug must not end presence: logged, tried again
                 log.exception("heartbeat failed")
-                await asyncio.sleep(self.settings.heartbeat_interval)
+            await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def _beat_on_stream(self) -> None:
         """One Presence stream, until it fails (raised as a domain error)."""

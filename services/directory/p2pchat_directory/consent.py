@@ -9,8 +9,6 @@ address, presence or key. Every write runs in one transaction that holds both us
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -31,10 +29,17 @@ from p2pchat_common.validation import normalize_address, normalize_username, sho
 from p2pchat_directory import consent_store as store
 from p2pchat_directory import repository as repo
 from p2pchat_directory.config import Settings
+from p2pchat_directory.consent_state import (
+    ContactState,
+    ContactView,
+    Policy,
+    contact_state,
+    contact_view,
+)
 from p2pchat_directory.consent_store import BLOCK, DECLINED, WANT, Pair, Side
 from p2pchat_directory.db import Databases
 from p2pchat_directory.hot import Plan, run_plan
-from p2pchat_directory.tokens import checked_token_hash
+from p2pchat_directory.tokens import checked_token_hash, token_hash
 from p2pchat_directory.tokens import owner as session_owner
 
 log = logging.getLogger(__name__)
@@ -46,81 +51,6 @@ INVITE_CODE_MAX = 128  # longer is no code of ours (not even hashed)
 RATE_WINDOW = timedelta(hours=1)
 # The same answer for a block and a policy that refuses: a block is not disclosed.
 _REFUSED = "{name!r} does not accept contact requests from you"
-
-
-class ContactState(enum.Enum):
-    NONE = "none"
-    ACCEPTED = "accepted"
-    REQUESTED = "requested"
-    AWAITING = "awaiting"
-    BLOCKED = "blocked"
-
-
-class Policy(enum.Enum):
-    ANYONE = "anyone"
-    INVITE = "invite"
-    NOBODY = "nobody"
-
-
-def contact_state(mine: Side | None, theirs: Side | None) -> ContactState:
-    """Where a pair stands for the owner of `mine` (either row may be missing)."""
-    if mine is not None and mine.state == BLOCK:
-        return ContactState.BLOCKED
-    if mine is not None and mine.state == WANT and theirs is not None and theirs.state == WANT:
-        return ContactState.ACCEPTED
-    if mine is not None:
-        return ContactState.REQUESTED
-    if theirs is not None and theirs.state == WANT:
-        return ContactState.AWAITING
-    return ContactState.NONE
-
-
-@dataclass(frozen=True)
-class ContactView:
-    username: str
-    address: str
-    pinned_address: str
-    online: bool
-    last_seen: datetime | None
-    state: ContactState = ContactState.ACCEPTED
-    note: str = ""
-    requested_at: datetime | None = None
-
-
-def contact_view(
-    username: str,
-    pinned_address: str,
-    registered_address: str,
-    online_until: datetime | None,
-    last_seen: datetime | None,
-    now: datetime,
-) -> ContactView:
-    """How an ACCEPTED contact looks to its owner: the pinned address wins over the registered
-    one, and online means a heartbeat within the presence TTL (online_until still ahead)."""
-    return ContactView(
-        username=username,
-        address=pinned_address or registered_address,
-        pinned_address=pinned_address,
-        online=online_until is not None and online_until > now,
-        last_seen=last_seen,
-    )
-
-
-def require_accepted(name: str, found: Pair) -> str:
-    """The owner's pinned address toward `name` when the pair is ACCEPTED; FailedPrecondition
-    otherwise (a user who blocked the owner looks like one who has not accepted yet)."""
-    state = contact_state(found.mine, found.theirs)
-    if state is ContactState.ACCEPTED and found.mine is not None:
-        return found.mine.pinned_address
-    if state is ContactState.REQUESTED:
-        raise FailedPrecondition(f"{name!r} has not accepted your contact request yet")
-    if state is ContactState.BLOCKED:
-        raise FailedPrecondition(f"you blocked {name!r}: unblock them first")
-    raise FailedPrecondition(f"{name!r} is not in your contacts: add them first")
-
-
-def _code_hash(code: str) -> str:
-    return hashlib.sha256(code.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -232,7 +162,7 @@ class ContactsService:
             # Nobody means nobody, a code of theirs included; under INVITE a code is needed.
             policy = store.policy(conn, name) or Policy.ANYONE.value
             invited = policy != Policy.NOBODY.value and 0 < len(invite_code) <= INVITE_CODE_MAX
-            invited = invited and store.use_invite(conn, name, _code_hash(invite_code), now)
+            invited = invited and store.use_invite(conn, name, token_hash(invite_code), now)
             if not invited and policy != Policy.ANYONE.value:
                 raise PermissionDenied(_REFUSED.format(name=name))
             forget = now - RATE_WINDOW
@@ -376,7 +306,7 @@ class ContactsService:
                     f"you have {MAX_LIVE_INVITES} live invite codes: revoke one first"
                 )
             store.forget_dead_invites(conn, owner, now, KEPT_DEAD_INVITES)
-            store.add_invite(conn, owner, _code_hash(code), invite)
+            store.add_invite(conn, owner, token_hash(code), invite)
         log.info("%s created invite code %s", owner, invite.id)
         return NewInvite(invite, code)
 

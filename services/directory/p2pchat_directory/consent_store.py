@@ -199,7 +199,8 @@ _PLAIN_LISTING = (
 def listing_reads(
     owner: str,
 ) -> Plan[tuple[list[tuple[str, Side, str | None]], list[tuple[str, Side]]]]:
-    """`owned(owner)` and `awaiting(owner)` (in no particular order) in one short read."""
+    """(contact, the owner's row, the contact's state toward the owner or None) of every row
+    the owner has, and `awaiting(owner)` (in no particular order), in one short read."""
     mine: list[tuple[str, Side, str | None]] = []
     waiting: list[tuple[str, Side]] = []
     rows = yield Read("contacts", _PLAIN_LISTING, (owner,) * 3, one=False)
@@ -210,18 +211,6 @@ def listing_reads(
         else:
             waiting.append((name, side))
     return mine, waiting
-
-
-def owned(conn: Connection, owner: str) -> list[tuple[str, Side, str | None]]:
-    """(contact, the owner's row, the contact's state toward the owner or None) of every row
-    the owner has."""
-    back = aliased(_CONTACTS)
-    rows = conn.execute(
-        select(_C.contact, _C.state, _C.pinned_address, _C.note, _C.requested_at, back.c.state)
-        .outerjoin(back, and_(back.c.owner == _C.contact, back.c.contact == _C.owner))
-        .where(_C.owner == owner)
-    )
-    return [(c, Side(s, p, n, r), b) for c, s, p, n, r, b in rows]
 
 
 # -- the per-requester rate ----------------------------------------------------------------------

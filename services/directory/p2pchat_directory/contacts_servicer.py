@@ -12,7 +12,8 @@ import grpc
 from p2pchat.v1 import common_pb2, directory_pb2
 from p2pchat_common.errors import InvalidArgument
 from p2pchat_common.timestamps import to_timestamp
-from p2pchat_directory.consent import ContactsService, ContactState, ContactView, Policy
+from p2pchat_directory.consent import ContactsService
+from p2pchat_directory.consent_state import ContactState, ContactView, Policy
 from p2pchat_directory.consent_store import Invite
 from p2pchat_directory.hot import Plan
 

@@ -151,10 +151,10 @@ class Databases:
     def async_readers(self) -> tuple[AsyncReader, AsyncReader] | None:
         """On PostgreSQL: the readers of the event loop (users, contacts), made on first use
         on the running loop; None on SQLite (its reads run inline)."""
-        engines = (self.users_engine, self.contacts_engine)
-        if not all(e.dialect.name == "postgresql" for e in engines):
-            return None
         if self._async is None:
+            engines = (self.users_engine, self.contacts_engine)
+            if not all(e.dialect.name == "postgresql" for e in engines):
+                return None
             users = AsyncReader(dsn_of(self.users_engine))
             contacts = users if self.one_database else AsyncReader(dsn_of(self.contacts_engine))
             self._async = (users, contacts)

@@ -34,7 +34,7 @@ from p2pchat_common.errors import DomainError, Unauthenticated, Unavailable
 from p2pchat_directory import presence_store as store
 from p2pchat_directory.db import Databases
 from p2pchat_directory.service import HeartbeatResult
-from p2pchat_directory.tokens import checked_token_hash
+from p2pchat_directory.tokens import SESSION_ENDED, checked_token_hash
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ SLOW_TICK = 0.05  # s: a tick that takes longer is logged
 # 5,000 streams in one set, ~60 ms of CPU: every call waited behind it, p99 ~250 ms), and the
 # loop serves calls in between.
 TICK_SLICE = 500
-_REVOKED = Unauthenticated("session expired or revoked: log in again")
+_REVOKED = Unauthenticated(SESSION_ENDED)
 _STOPPING = Unavailable("the directory is shutting down: open the presence stream again")
 
 
@@ -239,11 +239,9 @@ class PresenceHub:
         due = [a for a in streams if a.session_expires_at - now < self._session_ttl / 2]
         if due:
             expires = now + self._session_ttl
-            await self._run(
+            await self._run(  # the poll below reads the new expiry
                 store.extend_sessions, self._dbs, [a.token_hash for a in due], expires, now
             )
-            for attendance in due:
-                attendance.session_expires_at = expires
         polled = await self._run(
             store.poll,
             self._dbs,

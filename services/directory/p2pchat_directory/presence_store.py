@@ -9,25 +9,25 @@ few for every stream of the replica at once, whatever their number (blocking; ru
   plus the TTL, so presence ends within the TTL of the last beat, as with unary heartbeats; a
   lease is written only while its session lives (checked in the same statement, so a logout
   that commits first is never undone).
-- `sessions_due`: sessions past half their lifetime, extended in one statement.
+- `extend_sessions`: sessions past half their lifetime, extended in one statement.
 - `poll`: which sessions still live (and until when) and when each user's contacts changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, Engine, bindparam, select, text, update
+from sqlalchemy import Connection, bindparam, select, text, update
 
 from p2pchat_common.errors import Unauthenticated
 from p2pchat_common.timestamps import sqlite_text
+from p2pchat_directory import consent_store
 from p2pchat_directory.db import Databases
-from p2pchat_directory.models import ContactsChanged, User, UserSession
-
-# Rows per statement on SQLite (its default limit is 32,766 bound variables).
-_SQLITE_CHUNK = 5_000
+from p2pchat_directory.hot import Plan, Read, run_plan, to_time
+from p2pchat_directory.models import User, UserSession
+from p2pchat_directory.tokens import SESSION_ENDED
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,6 @@ class Polled:
 
 _SESSION = select(UserSession.username, UserSession.expires_at).where(
     UserSession.token_hash == bindparam("token_hash"), UserSession.expires_at > bindparam("now")
-)
-_CHANGED = select(ContactsChanged.changed_at).where(
-    ContactsChanged.username == bindparam("username")
 )
 _ONLINE = (
     update(User)
@@ -94,27 +91,16 @@ def _utc_naive(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), _SQLITE_CHUNK):
-        yield items[start : start + _SQLITE_CHUNK]
-
-
 def open_stream(dbs: Databases, token_hash: str, now: datetime, online_until: datetime) -> Opened:
     """Authenticates the stream's session and marks its user online until `online_until`;
     Unauthenticated when the session is missing or expired."""
     with dbs.users_engine.begin() as conn:
         row = conn.execute(_SESSION, {"token_hash": token_hash, "now": now}).one_or_none()
         if row is None:
-            raise Unauthenticated("session expired or revoked: log in again")
+            raise Unauthenticated(SESSION_ENDED)
         username, expires_at = row
         conn.execute(_ONLINE, {"name": username, "until": online_until, "seen": now})
-    with dbs.contacts_engine.connect() as conn:
-        changed = conn.execute(_CHANGED, {"username": username}).scalar_one_or_none()
-    return Opened(username, expires_at, changed)
+    return Opened(username, expires_at, consent_store.changed_at(dbs, username))
 
 
 def renew(dbs: Databases, leases: Sequence[Lease], ttl: timedelta, now: datetime) -> None:
@@ -123,7 +109,7 @@ def renew(dbs: Databases, leases: Sequence[Lease], ttl: timedelta, now: datetime
     if not leases:
         return
     with dbs.users_engine.begin() as conn:
-        if _is_postgres(dbs.users_engine):
+        if dbs.users_engine.dialect.name == "postgresql":
             conn.execute(
                 _PG_RENEW,
                 {
@@ -167,51 +153,39 @@ def extend_sessions(
         )
 
 
+# Which of a slice's sessions live, and when its users' contacts changed: one statement each
+# whatever the slice's size (a JSON array on SQLite, an array on PostgreSQL; see hot.py).
+_LIVE = (
+    "SELECT token_hash, expires_at FROM sessions "
+    "WHERE token_hash IN (SELECT value FROM json_each(?)) AND expires_at > ?"
+)
+_PG_LIVE = (
+    "SELECT token_hash, expires_at FROM sessions WHERE token_hash = ANY(?) AND expires_at > ?"
+)
+_CHANGED_OF = (
+    "SELECT username, changed_at FROM contacts_changed "
+    "WHERE username IN (SELECT value FROM json_each(?))"
+)
+_PG_CHANGED_OF = "SELECT username, changed_at FROM contacts_changed WHERE username = ANY(?)"
+
+
+def poll_reads(
+    token_hashes: Sequence[str], usernames: Sequence[str], now: datetime
+) -> Plan[Polled]:
+    live = yield Read("users", _LIVE, (list(token_hashes), now), one=False, pg_sql=_PG_LIVE)
+    changed = yield Read(
+        "contacts", _CHANGED_OF, (list(usernames),), one=False, pg_sql=_PG_CHANGED_OF
+    )
+    return Polled(
+        {str(t): e for t, e in ((t, to_time(e)) for t, e in live) if e is not None},
+        {str(n): c for n, c in ((n, to_time(c)) for n, c in changed) if c is not None},
+    )
+
+
 def poll(
     dbs: Databases, token_hashes: Sequence[str], usernames: Sequence[str], now: datetime
 ) -> Polled:
     """Which of these sessions live (with their expiry) and when these users' contacts last
-    changed: one statement each on PostgreSQL, one per 5,000 on SQLite."""
-    sessions: dict[str, datetime] = {}
-    changed: dict[str, datetime] = {}
-    if token_hashes:
-        with dbs.users_engine.connect() as conn:
-            if _is_postgres(dbs.users_engine):
-                rows = conn.execute(
-                    _PG_SESSIONS, {"tokens": list(token_hashes), "now": _utc_naive(now)}
-                )
-                sessions.update((t, _aware(e)) for t, e in rows)
-            else:
-                for chunk in _chunks(token_hashes):
-                    sessions.update(_sqlite_sessions(conn, chunk, now))
-    if usernames:
-        with dbs.contacts_engine.connect() as conn:
-            if _is_postgres(dbs.contacts_engine):
-                rows = conn.execute(_PG_CHANGED, {"names": list(usernames)})
-                changed.update((n, _aware(c)) for n, c in rows)
-            else:
-                for chunk in _chunks(usernames):
-                    changed.update(_sqlite_changed(conn, chunk))
-    return Polled(sessions, changed)
-
-
-def _sqlite_sessions(
-    conn: Connection, token_hashes: Sequence[str], now: datetime
-) -> Iterator[tuple[str, datetime]]:
-    stmt = select(UserSession.token_hash, UserSession.expires_at).where(
-        UserSession.token_hash.in_(list(token_hashes)), UserSession.expires_at > now
-    )
-    for token, expires in conn.execute(stmt):
-        yield str(token), expires
-
-
-def _sqlite_changed(conn: Connection, usernames: Sequence[str]) -> Iterator[tuple[str, datetime]]:
-    stmt = select(ContactsChanged.username, ContactsChanged.changed_at).where(
-        ContactsChanged.username.in_(list(usernames))
-    )
-    for name, at in conn.execute(stmt):
-        yield str(name), at
-
-
-def _is_postgres(engine: Engine) -> bool:
-    return engine.dialect.name == "postgresql"
+    changed."""
+    plan = poll_reads(token_hashes, usernames, now)
+    return run_plan(plan, dbs.users_reader, dbs.contacts_reader)

@@ -31,13 +31,14 @@ from p2pchat_directory.certificates import (
     reserved_usernames,
 )
 from p2pchat_directory.config import Settings
-from p2pchat_directory.consent import ContactsService, ContactView, contact_view, require_accepted
+from p2pchat_directory.consent import ContactsService
+from p2pchat_directory.consent_state import ContactView, contact_view, require_accepted
 from p2pchat_directory.db import Databases
 from p2pchat_directory.hot import Plan, run_plan
 from p2pchat_directory.models import User, UserSession
 from p2pchat_directory.passwords import DUMMY_HASH
 from p2pchat_directory.throttle import login_refusal
-from p2pchat_directory.tokens import checked_token_hash, token_hash
+from p2pchat_directory.tokens import SESSION_ENDED, checked_token_hash, token_hash
 from p2pchat_directory.tokens import owner as session_owner
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ class DirectoryService:
         expires, online_until = now + self._settings.session_ttl, now + self._settings.presence_ttl
         with self._dbs.users() as s, s.begin():  # two UPDATEs, no row loaded
             if not repo.beat(s, token_hash(token), name, expires, online_until, now):
-                raise Unauthenticated("session expired or revoked: log in again")
+                raise Unauthenticated(SESSION_ENDED)
         # Apart from the users transaction: the contacts may live in another database, and
         # this time is written with the change it reports. One primary-key read.
         changed = consent_store.changed_at(self._dbs, name)

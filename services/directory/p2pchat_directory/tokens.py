@@ -11,6 +11,7 @@ SESSION_ENDED = "session expired or revoked: log in again"
 
 
 def token_hash(token: str) -> str:
+    """The SHA-256 (hex) a bearer secret is kept as: a session token, an invite code."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
