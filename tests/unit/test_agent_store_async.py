@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from p2pchat_agent.agent_store import AgentStore, StoreTiming
+from p2pchat_agent.agent_store import AgentStore, StoreClosed, StoreTiming
 from p2pchat_agent.ids import new_message_id
 from p2pchat_agent.messages import IncomingMessage, OutgoingMessage, StoredMessage
 from p2pchat_agent.store import MessageStore
+from p2pchat_common.errors import FailedPrecondition
 
 T = TypeVar("T")
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -266,6 +267,41 @@ def test_indexing_waits_for_a_lull_but_falls_at_most_the_max_lag_behind(tmp_path
             assert found  # the lull after the flow: indexed without waiting for the max lag
         finally:
             await store.close()
+
+    run(main())
+
+
+def test_a_read_queued_when_the_store_closes_fails_as_not_logged_in(tmp_path: Path) -> None:
+    """A Status or history call racing a logout: it gets FAILED_PRECONDITION ("not logged
+    in"), not the INTERNAL error of a bare RuntimeError."""
+
+    async def main() -> None:
+        store = await open_store(tmp_path / "alice.db", readers=1)
+        busy, release, shut = threading.Event(), threading.Event(), threading.Event()
+        close_connections = store.sync.close
+
+        def close_and_tell() -> None:
+            close_connections()
+            shut.set()
+
+        setattr(store.sync, "close", close_and_tell)  # noqa: B010 (mypy: no method assignment)
+
+        def occupy() -> None:  # holds the one reader thread, touching no connection
+            busy.set()
+            release.wait(5)
+
+        holding = asyncio.ensure_future(store.read(occupy))
+        await asyncio.to_thread(busy.wait, 5)
+        queued = asyncio.ensure_future(store.count_pending())  # waits for the reader thread
+        closing = asyncio.ensure_future(store.close())
+        await asyncio.to_thread(shut.wait, 5)  # the connections are closed, the read still queued
+        release.set()
+        await closing
+        await holding
+        with pytest.raises(StoreClosed) as caught:
+            await queued
+        assert isinstance(caught.value, FailedPrecondition)
+        assert "not logged in" in str(caught.value)
 
     run(main())
 

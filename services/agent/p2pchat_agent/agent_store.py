@@ -23,6 +23,8 @@ from typing import TypeVar, TypeVarTuple
 from p2pchat_agent import store_deliveries
 from p2pchat_agent.messages import IncomingMessage, OutgoingMessage, PeerKey, StoredMessage
 from p2pchat_agent.store import MessageStore, fts_query
+from p2pchat_common.errors import FailedPrecondition
+from p2pchat_common.sqlite import ConnectionsClosed
 from p2pchat_common.timestamps import sqlite_text, sqlite_time
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,14 @@ INDEX_BATCH = 256
 # the writer idle there is nothing to wait behind, and the order of writes is kept: one runs
 # inline only when none is queued.
 INLINE_ROWS = 8
+
+
+class StoreClosed(FailedPrecondition, RuntimeError):
+    """The store was closed (its user logged out) before or while a call ran: the caller sees
+    FAILED_PRECONDITION "not logged in", never an INTERNAL error."""
+
+    def __init__(self) -> None:
+        super().__init__("not logged in: the session ended and its message store is closed")
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,7 @@ class AgentStore:
 
     async def close(self) -> None:
         """Stops the background loops, lets the writes already queued finish, closes every
-        connection and the threads. Any use after raises RuntimeError; closing twice is fine."""
+        connection and the threads. Any use after raises StoreClosed; closing twice is fine."""
         if self._closed:
             return
         self._closed = True
@@ -129,16 +139,22 @@ class AgentStore:
 
     # -- running blocking calls -------------------------------------------------------------
 
-    def _reading(self, fn: Callable[[*Ts], T], *args: *Ts) -> asyncio.Future[T]:
+    async def _reading(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         if self._closed:
-            raise RuntimeError("the message store is closed")
-        return self._loop.run_in_executor(self._readers, fn, *args)
+            raise StoreClosed()
+        try:
+            return await self._loop.run_in_executor(self._readers, fn, *args)
+        except ConnectionsClosed as exc:  # closed while it was queued
+            raise StoreClosed() from exc
 
-    def _writing(self, fn: Callable[[*Ts], T], *args: *Ts) -> asyncio.Future[T]:
+    async def _writing(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         if self._closed:
-            raise RuntimeError("the message store is closed")
+            raise StoreClosed()
         self._last_write = self._loop.time()
-        return self._on_writer(fn, *args)
+        try:
+            return await self._on_writer(fn, *args)
+        except ConnectionsClosed as exc:
+            raise StoreClosed() from exc
 
     def _on_writer(self, fn: Callable[[*Ts], T], *args: *Ts) -> asyncio.Future[T]:
         self._queued += 1
@@ -303,7 +319,7 @@ class AgentStore:
         loop, batch = self._loop, self._timing.index_batch
         while True:
             if self._closed:
-                raise RuntimeError("the message store is closed")
+                raise StoreClosed()
             done = await self._on_writer(self._sync.index_pending, batch)
             if done:
                 self._last_index = loop.time()

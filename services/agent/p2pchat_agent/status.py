@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from p2pchat_agent.agent import Agent
+from p2pchat_agent.agent_store import StoreClosed
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ async def status(agent: Agent) -> AgentStatus:
         reachable = await agent.directory.probe()
     warning = agent.clock.warning
     active = agent.active
-    pending, relayed, delivered = (0, 0, 0) if active is None else await active.store.counts()
+    try:
+        pending, relayed, delivered = (0, 0, 0) if active is None else await active.store.counts()
+    except StoreClosed:  # logged out while this ran (e.g. the directory ended the session)
+        active, (pending, relayed, delivered) = None, (0, 0, 0)
     inbox = None if active is None else active.inbox
     return AgentStatus(
         directory=agent.directory.address,

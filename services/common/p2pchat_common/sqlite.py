@@ -18,6 +18,10 @@ class _Closable(Protocol):
 C = TypeVar("C", bound=_Closable)
 
 
+class ConnectionsClosed(RuntimeError):
+    """`use()` after `close()`: the database was closed under a caller (e.g. at logout)."""
+
+
 @dataclass
 class _Slot(Generic[C]):
     conn: C
@@ -28,7 +32,7 @@ class ThreadConnections(Generic[C]):
     """One connection per thread to one database, opened by `connect` on first use and kept
     open. `use()` holds the connection's lock while the caller works with it and `close()`
     takes each lock before closing, so no connection is ever closed under a running statement,
-    another thread's included; after `close()`, `use()` raises RuntimeError."""
+    another thread's included; after `close()`, `use()` raises ConnectionsClosed."""
 
     def __init__(self, connect: Callable[[], C], what: str) -> None:
         self._connect = connect
@@ -75,4 +79,4 @@ class ThreadConnections(Generic[C]):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"{self._what} is closed")
+            raise ConnectionsClosed(f"{self._what} is closed")
