@@ -31,11 +31,19 @@ def plain_queries(postgres: bool) -> list[tuple[str, str, tuple[Any, ...]]]:
     presence = repository._PG_PRESENCE if postgres else repository._PRESENCE
     live = presence_store._PG_LIVE if postgres else presence_store._LIVE
     changed = presence_store._PG_CHANGED_OF if postgres else presence_store._CHANGED_OF
+    a, src = "alice", "10.0.0.1"
+    login_checks = (a, a, src, a, src, src, src, a, a, now, src, a)
     return [
         ("session owner", repository._SESSION_OWNER, (TOKEN, now)),
         ("Lookup: owner and user", repository._OWNER_AND_USER, ("bob", TOKEN, now)),
         ("Lookup, Deposit: the pair", consent_store._PLAIN_PAIR, ("a", "b", "b", "a")),
+        (
+            "Lookup, Deposit in one database: owner, user and pair",
+            consent_store._OWNER_USER_AND_PAIR,
+            ("bob", "bob", "bob", TOKEN, now),
+        ),
         ("Heartbeat: contacts changed", consent_store._PLAIN_CHANGED_AT, ("alice",)),
+        ("Login: stored hash and failures", repository._LOGIN_CHECKS, login_checks),
         ("ListContacts: rows", consent_store._PLAIN_LISTING, ("alice",) * 3),
         ("ListContacts: presence", presence, (names,)),
         ("presence: live sessions", live, (names, now)),
@@ -117,4 +125,4 @@ def test_every_hot_query_finds_its_rows_through_an_index(db_urls: tuple[str, str
             if line.startswith("SCAN ") and not line.startswith("SCAN json_each")
         ]
     assert not scans, scans
-    assert len(found) == 8 + len(presence_queries(postgres)) + 5
+    assert len(found) == 10 + len(presence_queries(postgres)) + 5

@@ -5,7 +5,9 @@ so "while the logins are in flight" is an ordering, not a timing."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,7 +24,6 @@ from p2pchat.v1 import directory_pb2 as pb
 from p2pchat.v1 import directory_pb2_grpc
 from p2pchat_directory import passwords
 from p2pchat_directory.config import load_settings
-from p2pchat_directory.hashing import BUSY
 from p2pchat_directory.models import FailedLogin, UserSession
 from tests.support.directory import (
     PASSWORD,
@@ -139,8 +140,8 @@ def test_logins_past_the_hashing_bound_are_refused_at_once_and_write_nothing(
     for name in refused:
         error = calls[name].exception()
         assert isinstance(error, grpc.RpcError)
-        assert (error.code(), error.details()) == (Code.RESOURCE_EXHAUSTED, BUSY)
-    assert "retry in 1 s" in BUSY
+        assert error.code() == Code.RESOURCE_EXHAUSTED
+        assert RETRY.fullmatch(error.details() or ""), error.details()
     assert directory.server.hashing.taken == 3
     assert written(directory) == ([], [])  # nothing written while the others hash
     gate.open()
@@ -190,7 +191,7 @@ def test_other_calls_complete_while_every_hashing_thread_and_place_is_taken(
         pb.RegisterRequest(username="dave", password=PASSWORD),
         timeout=RPC_TIMEOUT,
     )
-    assert refusal == BUSY
+    assert RETRY.fullmatch(refusal), refusal
     assert not any(call.done() for call in logins)  # all of that while the logins waited
     gate.open()
     assert all(call.result().session_token for call in logins)
@@ -205,10 +206,27 @@ def test_other_calls_complete_while_every_hashing_thread_and_place_is_taken(
         (["--hash-queue", "-1"], {}, "argument --hash-queue: must be 0 or more: '-1'"),
         ([], {"P2PCHAT_HASH_WORKERS": "-3"}, "argument --hash-workers: must be positive: '-3'"),
         ([], {"P2PCHAT_HASH_QUEUE": "lots"}, "argument --hash-queue: not a whole number: 'lots'"),
+        (["--hash-share", "0"], {}, "argument --hash-share: must be positive: '0'"),
+        ([], {"P2PCHAT_HASH_SHARE": "half"}, "argument --hash-share: not a number: 'half'"),
+        (
+            ["--hash-workers", "1", "--hash-share", "1.5"],
+            {},
+            "--hash-share 1.5 is more than --hash-workers 1 can use (one thread hashes on one "
+            "core at most)",
+        ),
     ],
-    ids=["workers-zero", "workers-word", "queue-negative", "env-workers", "env-queue"],
+    ids=[
+        "workers-zero",
+        "workers-word",
+        "queue-negative",
+        "env-workers",
+        "env-queue",
+        "share-zero",
+        "env-share",
+        "share-over-workers",
+    ],
 )
-def test_a_bad_hash_workers_or_queue_value_is_a_usage_error_naming_it(
+def test_a_bad_hash_workers_queue_or_share_value_is_a_usage_error_naming_it(
     argv: list[str], environ: dict[str, str], fragment: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as caught:
@@ -238,13 +256,110 @@ def test_the_directory_command_refuses_a_bad_hash_worker_count_without_traceback
     assert not data.exists()
 
 
-def test_the_hash_queue_is_four_per_hash_worker_unless_given() -> None:
-    assert load_settings(["--hash-workers", "3"], environ={}).hash_queue == 12
+def test_the_hash_queue_is_thirty_two_per_hash_worker_unless_given() -> None:
+    assert load_settings(["--hash-workers", "3"], environ={}).hash_queue == 96
     given = load_settings([], environ={"P2PCHAT_HASH_WORKERS": "2", "P2PCHAT_HASH_QUEUE": "0"})
     assert (given.hash_workers, given.hash_queue) == (2, 0)
     default = load_settings([], environ={})
-    assert default.hash_workers == (os.cpu_count() or 1)
-    assert default.hash_queue == 4 * default.hash_workers
+    assert default.hash_queue == 32 * default.hash_workers
+
+
+def test_hashing_defaults_to_a_quarter_of_the_cores_and_at_least_half_a_core() -> None:
+    cores = os.cpu_count() or 1
+    default = load_settings([], environ={})
+    assert default.hash_share == max(0.5, cores / 4)
+    assert default.hash_workers == math.ceil(default.hash_share)  # as many as the share needs
+    fewer = load_settings(["--hash-workers", "1"], environ={})  # a share one thread can use
+    assert fewer.hash_share == min(max(0.5, cores / 4), 1)
+    given = load_settings([], environ={"P2PCHAT_HASH_WORKERS": "2", "P2PCHAT_HASH_SHARE": "1.5"})
+    assert (given.hash_workers, given.hash_share) == (2, 1.5)
+
+
+RETRY = re.compile(r"the directory is busy hashing passwords: retry in [1-9][0-9]* s")
+
+
+def test_a_refused_caller_is_told_to_wait_until_the_hashes_out_have_run() -> None:
+    """The hint grows with what is waiting and with the pacing, so that a burst of refused
+    logins does not come back every second."""
+    from p2pchat_common.errors import RateLimited
+    from p2pchat_directory.hashing import HashingPool
+
+    pool = HashingPool(1, 9, share=0.25)  # 10 hashes out at most, each 4x its CPU apart
+    try:
+        pool._hash_cpu = 0.1  # as if measured: 0.4 s per hash with its pause
+        tickets = [pool.admit() for _ in range(10)]
+        with pytest.raises(RateLimited) as refused:
+            pool.admit()
+        assert str(refused.value) == "the directory is busy hashing passwords: retry in 4 s"
+        for ticket in tickets[:8]:
+            ticket.__exit__(None, None, None)  # given back unused
+        assert pool.retry_after() == 1  # two out: 0.8 s, said as at least 1 s
+    finally:
+        pool.shutdown()
+
+
+def _burn(seconds: float) -> float:
+    """Spends `seconds` of this thread's CPU; returns when it started (monotonic)."""
+    started, cpu = time.monotonic(), time.thread_time()
+    while time.thread_time() - cpu < seconds:
+        pass
+    return started
+
+
+def test_a_hashing_thread_pauses_after_each_hash_to_keep_to_its_share() -> None:
+    """At a quarter of one core, while other hashes wait, a hash that took c of CPU is followed
+    by at least 3c of rest before the thread's next one: a burst of logins is spread out, not
+    piled on the cores. The first runs at once."""
+    import asyncio
+
+    from p2pchat_directory.hashing import HashingPool
+
+    cpu = 0.05
+    pool = HashingPool(1, 4, share=0.25)
+    try:
+
+        async def burst() -> list[float]:
+            tickets = [pool.admit() for _ in range(4)]
+            submitted = time.monotonic()
+            starts = await asyncio.gather(*(t._run(_burn, cpu) for t in tickets))
+            return [submitted, *sorted(starts)]
+
+        submitted, *starts = asyncio.run(burst())
+        assert starts[0] - submitted < 1.0  # the first runs at once (loose: a busy machine)
+        # The second and third start with others still waiting behind them: paced.
+        gaps = [starts[1] - starts[0], starts[2] - starts[1]]
+        assert all(gap >= cpu * (1 + 3) * 0.95 for gap in gaps), gaps  # its CPU, then 3x rest
+    finally:
+        pool.shutdown()
+
+
+def test_a_hash_with_none_waiting_behind_it_is_not_paced() -> None:
+    """Logins one at a time (a user, a test) never wait for a pause."""
+    import asyncio
+
+    from p2pchat_directory.hashing import HashingPool
+
+    cpu = 0.05
+    pool = HashingPool(1, 4, share=0.05)  # a pause would be 19 x 0.05 s: ~0.95 s
+
+    async def one() -> float:
+        with pool.admit() as ticket:
+            return await ticket._run(_burn, cpu)
+
+    try:
+        asyncio.run(one())
+        ended = time.monotonic()
+        started = asyncio.run(one())
+        assert started - ended < 0.5  # far less than the pause it would have waited
+    finally:
+        pool.shutdown()
+
+
+def test_a_hashing_share_over_the_workers_is_refused() -> None:
+    from p2pchat_directory.hashing import HashingPool
+
+    with pytest.raises(ValueError, match="hashing share"):
+        HashingPool(1, 0, share=1.5)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")

@@ -4,8 +4,10 @@ thread ever hashes, nor waits for a hash, and a burst of logins leaves those thr
 heartbeats and lookups.
 
 Login: a hashing ticket first (refused at once when the pool is full: nothing read, nothing
-written), then on a shared thread the checks, the failed-login throttles and the stored hash
-(DirectoryService.begin_login: a throttled login is refused before any hashing), then scrypt
+written), then the checks, the failed-login throttles and the stored hash in one hot read
+(DirectoryService.begin_login_reads, on the loop like a Lookup: a burst of 200 logins once put
+200 ORM transactions on the shared threads at once, and the lookups meanwhile waited up to
+1.2 s; a throttled login is refused before any hashing), then scrypt
 against that hash (the dummy one for an unknown name, at the same cost), then on a shared
 thread the failure recorded or the session made (finish_login).
 
@@ -14,38 +16,29 @@ Register: the checks (on the loop: no I/O), a ticket, scrypt, then the insert on
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from collections.abc import Callable
-from concurrent.futures import Executor
-from typing import Any, TypeVar
-
 from p2pchat_directory.hashing import HashingPool
 from p2pchat_directory.service import DirectoryService, LoginResult
-
-T = TypeVar("T")
+from p2pchat_directory.workers import Workers
 
 
 class Accounts:
-    def __init__(self, service: DirectoryService, executor: Executor, hashing: HashingPool) -> None:
+    def __init__(self, service: DirectoryService, workers: Workers, hashing: HashingPool) -> None:
         self._svc = service
-        self._executor = executor
+        self._workers = workers
         self._hashing = hashing
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def register(self, username: str, password: str, address: str) -> str:
         account = self._svc.check_registration(username, password, address)
         with self._hashing.admit() as ticket:
             password_hash = await ticket.hash(password)
-        return await self._run(self._svc.add_account, account, password_hash)
+        return await self._workers.run(self._svc.add_account, account, password_hash)
 
     async def login(
         self, username: str, password: str, address: str, csr_pem: bytes, source: str
     ) -> LoginResult:
         with self._hashing.admit() as ticket:
-            attempt = await self._run(self._svc.begin_login, username, password, address, source)
+            attempt = await self._workers.plan(
+                self._svc.begin_login_reads(username, password, address, source)
+            )
             verified = await ticket.verify(password, attempt.stored_hash)
-        return await self._run(self._svc.finish_login, attempt, verified, csr_pem)
+        return await self._workers.run(self._svc.finish_login, attempt, verified, csr_pem)

@@ -6,6 +6,7 @@ This is the only module of the directory that reads the environment.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,8 +26,11 @@ from p2pchat_common.flags import (
 from p2pchat_common.tls import is_reserved_name
 
 DEFAULT_LISTEN = "0.0.0.0:50051"
-# hashlib.scrypt releases the GIL: one hashing thread per core keeps every core busy (hashing.py).
-DEFAULT_HASH_WORKERS = os.cpu_count() or 1
+# Password hashing may use a quarter of the machine, at least half a core (hashing.py: paced,
+# because scrypt slows every process on the machine whatever its priority), on as many threads
+# as that share needs.
+DEFAULT_HASH_SHARE = max(0.5, (os.cpu_count() or 1) / 4)
+DEFAULT_HASH_WORKERS = math.ceil(DEFAULT_HASH_SHARE)
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,11 @@ class Settings:
     grace_period: float = 5.0
     workers: int = 8
     # Password hashing (scrypt, ~80 ms of CPU each) has threads of its own, and room for
-    # hash_queue more hashes to wait; past that Register and Login are refused (hashing.py).
+    # hash_queue more hashes to wait (a waiting login costs nothing, a refused one comes back);
+    # past that Register and Login are refused with the seconds to wait (hashing.py).
     hash_workers: int = DEFAULT_HASH_WORKERS
-    hash_queue: int = 4 * DEFAULT_HASH_WORKERS
+    hash_queue: int = 32 * DEFAULT_HASH_WORKERS
+    hash_share: float = DEFAULT_HASH_SHARE  # of one core, on average, for all hash_workers
     log_level: str = "INFO"
 
     @property
@@ -248,7 +254,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         type=positive_int,
         default=env(environ, "HASH_WORKERS", str(d.hash_workers)),
         help="threads that hash passwords (scrypt, ~80 ms each) for Register and Login "
-        "[P2PCHAT_HASH_WORKERS] (default %(default)s: the number of cores)",
+        "[P2PCHAT_HASH_WORKERS] (default %(default)s: enough for --hash-share)",
+    )
+    p.add_argument(
+        "--hash-share",
+        type=positive_float,
+        default=env(environ, "HASH_SHARE", "") or None,
+        help="how much of one core password hashing may use on average, all --hash-workers "
+        "together (0.5: half a core); a burst of logins is spread out rather than slowing "
+        "every other call, and at most --hash-workers [P2PCHAT_HASH_SHARE] "
+        f"(default {d.hash_share:g}: a quarter of the cores, at least 0.5; at most "
+        "--hash-workers)",
     )
     p.add_argument(
         "--hash-queue",
@@ -256,7 +272,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env(environ, "HASH_QUEUE", "") or None,
         help="password hashes that may wait for a hashing thread; past that, Register and "
         "Login get RESOURCE_EXHAUSTED at once, with a hint to retry [P2PCHAT_HASH_QUEUE] "
-        "(default 4 x --hash-workers)",
+        "(default 32 x --hash-workers: at half a core, about 5 s of hashing, within the "
+        "agents' 10 s deadline)",
     )
     add_lifecycle_flags(p, environ, d.grace_period, d.log_level)
     return p
@@ -272,6 +289,16 @@ def load_settings(
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     tls_names = tuple(ns.tls_name) if ns.tls_name is not None else env_names
+    hash_workers = int(ns.hash_workers)
+    if ns.hash_share is None:
+        hash_share = min(DEFAULT_HASH_SHARE, hash_workers)
+    else:
+        hash_share = float(ns.hash_share)
+        if hash_share > hash_workers:
+            parser.error(
+                f"--hash-share {hash_share:g} is more than --hash-workers {hash_workers} can "
+                "use (one thread hashes on one core at most)"
+            )
     for name in tls_names:
         if is_reserved_name(name):
             parser.error(f"--tls-name {name}: names under .invalid are where users are named")
@@ -299,7 +326,8 @@ def load_settings(
         contact_request_cap=int(ns.contact_request_cap),
         grace_period=float(ns.grace_period),
         workers=int(ns.workers),
-        hash_workers=int(ns.hash_workers),
-        hash_queue=4 * int(ns.hash_workers) if ns.hash_queue is None else int(ns.hash_queue),
+        hash_workers=hash_workers,
+        hash_queue=32 * hash_workers if ns.hash_queue is None else int(ns.hash_queue),
+        hash_share=hash_share,
         log_level=ns.log_level,
     )

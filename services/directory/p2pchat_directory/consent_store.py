@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import aliased
 
+from p2pchat_directory import repository
 from p2pchat_directory.db import Databases
 from p2pchat_directory.hot import Plan, Read, to_time
 from p2pchat_directory.mailbox_store import write_transaction as write_transaction
@@ -37,6 +38,7 @@ from p2pchat_directory.models import (
     ContactsChanged,
     InviteRow,
 )
+from p2pchat_directory.repository import UserSummary
 
 WANT, DECLINED, BLOCK = "want", "declined", "block"
 _LOCK_NAMESPACE = 0x7032  # advisory locks (namespace, hashtext(username)) on PostgreSQL
@@ -98,6 +100,31 @@ def _pair_of(owner: str, rows: Iterable[Sequence[object]]) -> Pair:
         else:
             theirs = side
     return Pair(mine, theirs)
+
+
+# Lookup and Deposit in one statement when the users and contacts tables are in one database:
+# the caller's session, the looked-up user's summary and both contact rows of the pair (none,
+# one or two rows joined; no row: no live session).
+_OWNER_USER_AND_PAIR = (
+    f"SELECT {repository.OWNER_AND_USER_COLUMNS}, "
+    "c.owner, c.state, c.pinned_address, c.note, c.requested_at "
+    f"{repository.OWNER_AND_USER_JOINS}"
+    "LEFT JOIN contacts AS c ON (c.owner = s.username AND c.contact = ?) "
+    "OR (c.owner = ? AND c.contact = s.username) "
+    f"{repository.LIVE_SESSION}"
+)
+
+
+def owner_user_and_pair_reads(
+    token_hash: str, now: datetime, name: str
+) -> Plan[tuple[str | None, UserSummary | None, Pair]]:
+    """What `owner_and_user_reads` then `pair_reads` find, in one read (one database only)."""
+    rows = yield Read("users", _OWNER_USER_AND_PAIR, (name, name, name, token_hash, now), one=False)
+    if not rows:
+        return None, None, Pair(None, None)
+    owner, user = repository.owner_and_user(rows[0])
+    sides = ((o, s, p, n, to_time(r)) for *_, o, s, p, n, r in rows if o is not None)
+    return owner, user, _pair_of(owner, sides)
 
 
 def pair_reads(owner: str, other: str) -> Plan[Pair]:

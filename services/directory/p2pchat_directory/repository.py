@@ -9,13 +9,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from p2pchat_common.errors import AlreadyExists
 from p2pchat_directory.db import Databases
-from p2pchat_directory.hot import Plan, Read, run_plan, to_time
+from p2pchat_directory.hot import Plan, Read, Row, run_plan, to_time
 from p2pchat_directory.models import (
     FailedLogin,
     IssuedCertificateRow,
@@ -38,14 +38,20 @@ class UserSummary:
 
 # The hot reads in plain SQL (hot.py), on either backend, each one statement.
 _SESSION_OWNER = "SELECT username FROM sessions WHERE token_hash = ? AND expires_at > ?"
-_OWNER_AND_USER = (
-    "SELECT s.username, u.username, u.address, u.last_seen, u.online_until, "
-    "u.public_key_sha256, u.certificate_pem, m.mailbox_key, m.signature FROM sessions AS s "
-    "LEFT JOIN users AS u ON u.username = ? "
+# A live session's owner (s) and one user's summary (u, m): OWNER_AND_USER_COLUMNS, then
+# OWNER_AND_USER_JOINS (the user's name), then LIVE_SESSION (the token hash and now). Also the
+# first part of consent_store's Lookup in one statement.
+OWNER_AND_USER_COLUMNS = (
+    "s.username, u.username, u.address, u.last_seen, u.online_until, "
+    "u.public_key_sha256, u.certificate_pem, m.mailbox_key, m.signature"
+)
+OWNER_AND_USER_JOINS = (
+    "FROM sessions AS s LEFT JOIN users AS u ON u.username = ? "
     "LEFT JOIN mailbox_keys AS m "
     "ON m.username = u.username AND m.public_key_sha256 = u.public_key_sha256 "
-    "WHERE s.token_hash = ? AND s.expires_at > ?"
 )
+LIVE_SESSION = "WHERE s.token_hash = ? AND s.expires_at > ?"
+_OWNER_AND_USER = f"SELECT {OWNER_AND_USER_COLUMNS} {OWNER_AND_USER_JOINS}{LIVE_SESSION}"
 # A list of names, in one prepared statement whatever its length: a JSON array on SQLite, an
 # array on PostgreSQL. The primary key's index finds each.
 _PRESENCE = (
@@ -73,12 +79,16 @@ def owner_and_user_reads(
     """The user of a live session (None: no such session) and the summary of `username` (None:
     no such user), in one read."""
     rows = yield Read("users", _OWNER_AND_USER, (username, token_hash, now))
-    if not rows:
-        return None, None
-    owner, found, address, last_seen, online_until, key_sha256, cert, mkey, msig = rows[0]
+    return owner_and_user(rows[0]) if rows else (None, None)
+
+
+def owner_and_user(row: Row) -> tuple[str, UserSummary | None]:
+    """The first OWNER_AND_USER_COLUMNS of a row: the owner, the user's summary (None: no such
+    user)."""
+    owner, found, address, last_seen, online_until, key_sha256, cert, mkey, msig = row[:9]
     if found is None:
-        return owner, None
-    return owner, UserSummary(
+        return str(owner), None
+    return str(owner), UserSummary(
         address,
         to_time(last_seen),
         to_time(online_until),
@@ -144,26 +154,34 @@ class RecentFailures:
     account: Failures  # this username, from any source
 
 
-def recent_failures(s: Session, username: str, source: str, since: datetime) -> RecentFailures:
-    """The failed logins since `since` of `username` from `source`, of `source` and of
-    `username`, in one SELECT (conditional aggregates over the rows of either)."""
-    by_both = and_(FailedLogin.username == username, FailedLogin.source == source)
-    by_source = FailedLogin.source == source
-    by_name = FailedLogin.username == username
-    latest = func.max(FailedLogin.at)
-    row = s.execute(
-        select(
-            func.count().filter(by_both),
-            latest.filter(by_both),
-            func.count().filter(by_source),
-            latest.filter(by_source),
-            func.count().filter(by_name),
-            latest.filter(by_name),
-        ).where(FailedLogin.at > since, or_(by_source, by_name))
-    ).one()
-    return RecentFailures(
-        Failures(int(row[0]), row[1]), Failures(int(row[2]), row[3]), Failures(int(row[4]), row[5])
+# A login's checks in one hot read: the stored hash of `username` (NULL: no such user) and
+# the failed logins since a time, counted and the latest, by (username, source), by source and
+# by username (conditional aggregates over the rows of either).
+_LOGIN_CHECKS = (
+    "SELECT (SELECT password_hash FROM users WHERE username = ?), "
+    "count(*) FILTER (WHERE username = ? AND source = ?), "
+    "max(at) FILTER (WHERE username = ? AND source = ?), "
+    "count(*) FILTER (WHERE source = ?), max(at) FILTER (WHERE source = ?), "
+    "count(*) FILTER (WHERE username = ?), max(at) FILTER (WHERE username = ?) "
+    "FROM failed_logins WHERE at > ? AND (source = ? OR username = ?)"
+)
+
+
+def login_checks_reads(
+    username: str, source: str, since: datetime
+) -> Plan[tuple[str | None, RecentFailures]]:
+    """The stored password hash of `username` (None: no such user) and the failed logins since
+    `since` of `username` from `source`, of `source` and of `username`, in one read."""
+    name, src = username, source
+    params = (name, name, src, name, src, src, src, name, name, since, src, name)
+    rows = yield Read("users", _LOGIN_CHECKS, params)
+    stored, both, both_at, by_source, source_at, by_name, name_at = rows[0]
+    recent = RecentFailures(
+        Failures(int(both), to_time(both_at)),
+        Failures(int(by_source), to_time(source_at)),
+        Failures(int(by_name), to_time(name_at)),
     )
+    return (None if stored is None else str(stored)), recent
 
 
 def record_failure(s: Session, username: str, source: str, at: datetime, forget: datetime) -> None:

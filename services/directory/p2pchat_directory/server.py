@@ -37,6 +37,7 @@ from p2pchat_directory.mailbox_servicer import MailboxServicer
 from p2pchat_directory.presence import PresenceHub
 from p2pchat_directory.service import DirectoryService, utcnow
 from p2pchat_directory.servicer import DirectoryServicer
+from p2pchat_directory.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,11 @@ async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryS
     ca = await asyncio.to_thread(CertificateAuthority.load_or_create, settings.data_dir, clock)
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="directory")
     # scrypt apart from the shared threads, bounded, so that logins never starve the rest.
-    hashing = HashingPool(settings.hash_workers, settings.hash_queue)
+    # Settings built in code may give fewer workers than the default share needs.
+    share = min(settings.hash_share, settings.hash_workers)
+    hashing = HashingPool(settings.hash_workers, settings.hash_queue, share)
     service = DirectoryService(settings, databases, ca, clock)
+    workers = Workers(executor, databases)
     if ca.upgraded:
         await asyncio.to_thread(service.warn_of_lookalikes)
 
@@ -118,13 +122,7 @@ async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryS
     add_service(
         server,
         directory_pb2_grpc.add_DirectoryServiceServicer_to_server,
-        DirectoryServicer(
-            service,
-            executor,
-            databases,
-            presence,
-            Accounts(service, executor, hashing),
-        ),
+        DirectoryServicer(service, workers, presence, Accounts(service, workers, hashing)),
     )
     mailbox = MailboxRelay.for_engine(
         MailboxService(settings, databases, service, clock),

@@ -71,7 +71,7 @@ class NewAccount:
 
 @dataclass(frozen=True)
 class LoginAttempt:
-    """What `begin_login` found, for `finish_login` once the password has been checked."""
+    """What `begin_login_reads` found, for `finish_login` once the password has been checked."""
 
     username: str
     address: str
@@ -156,21 +156,20 @@ class DirectoryService:
         log.info("registered user %s", account.username)
         return account.username
 
-    def begin_login(self, username: str, password: str, address: str, source: str) -> LoginAttempt:
+    def begin_login_reads(
+        self, username: str, password: str, address: str, source: str
+    ) -> Plan[LoginAttempt]:
         """The checks of a login before its password is: the failed-login throttles (RateLimited,
         nothing recorded) and the stored hash to verify against. `source` is where the client
         connects from (servicer.client_source): failed logins are throttled per (username,
-        source), per source and per username (throttle.py). One read, no write."""
+        source), per source and per username (throttle.py). One hot read, no write."""
         name = normalize_username(username)
         if not password:
             raise InvalidArgument("password is required")
         addr = normalize_address(address)
         now = self._now()
         forget = now - self._settings.login_failure_window
-        with self._dbs.users() as s, s.begin():
-            recent = repo.recent_failures(s, name, source, forget)
-            user = repo.get_user(s, name)
-            stored = user.password_hash if user is not None else None
+        stored, recent = yield from repo.login_checks_reads(name, source, forget)
         refusal = login_refusal(self._settings, name, recent, now)
         if refusal is not None:
             log.warning("login for %s from %s refused: %s", name, source, refusal)
@@ -298,15 +297,22 @@ class DirectoryService:
     def caller_and_contact_reads(
         self, token: str, username: str, now: datetime
     ) -> Plan[tuple[str, str, repo.UserSummary, str]]:
-        """(caller, contact's canonical name, their summary, pinned address) in two short reads;
+        """(caller, contact's canonical name, their summary, pinned address) in one short read
+        (two when users and contacts are apart);
         Unauthenticated, NotFound, or FailedPrecondition unless they are ACCEPTED contacts."""
-        name = normalize_username(username)
-        owner, user = yield from repo.owner_and_user_reads(checked_token_hash(token), now, name)
-        owner = session_owner(owner)
-        if user is None:
+        name, hashed = normalize_username(username), checked_token_hash(token)
+        pair: consent_store.Pair | None
+        if self._dbs.one_database:  # one statement, one round trip
+            joined = consent_store.owner_user_and_pair_reads(hashed, now, name)
+            found, user, pair = yield from joined
+            owner = session_owner(found)
+        else:
+            found, user = yield from repo.owner_and_user_reads(hashed, now, name)
+            owner = session_owner(found)
+            pair = None if user is None else (yield from consent_store.pair_reads(owner, name))
+        if user is None or pair is None:
             raise NotFound(f"no such user: {name!r}")
-        pinned = require_accepted(name, (yield from consent_store.pair_reads(owner, name)))
-        return owner, name, user, pinned
+        return owner, name, user, require_accepted(name, pair)
 
     def caller_and_contact(
         self, token: str, username: str, now: datetime
@@ -316,7 +322,7 @@ class DirectoryService:
         return run_plan(plan, self._dbs.users_reader, self._dbs.contacts_reader)
 
     def lookup_reads(self, token: str, username: str) -> Plan[LookupView]:
-        """Where a contact's agent is. The hottest call: two short reads, no ORM objects."""
+        """Where a contact's agent is. The hottest call: one short read, no ORM objects."""
         now = self._now()
         _, name, user, pinned = yield from self.caller_and_contact_reads(token, username, now)
         return LookupView(

@@ -7,11 +7,8 @@ phases. Domain errors are mapped to status codes by p2pchat_common.errors.add_se
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import ipaddress
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -23,11 +20,11 @@ from p2pchat_common.validation import normalize_username
 from p2pchat_directory.accounts import Accounts
 from p2pchat_directory.certificates import CertificateState
 from p2pchat_directory.contacts_servicer import ContactRpcs, contact_pb
-from p2pchat_directory.db import Databases
-from p2pchat_directory.hot import Plan, run_plan, run_plan_async
+from p2pchat_directory.hot import Plan
 from p2pchat_directory.presence import PresenceHub
 from p2pchat_directory.service import DirectoryService, HeartbeatResult
 from p2pchat_directory.tokens import checked_token_hash
+from p2pchat_directory.workers import Workers
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -65,22 +62,24 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
     def __init__(
         self,
         service: DirectoryService,
-        executor: ThreadPoolExecutor,
-        databases: Databases,
+        workers: Workers,
         presence: PresenceHub,
         accounts: Accounts,
     ) -> None:
         self._svc = service
         self._accounts = accounts
         self._contacts = service.contacts
-        self._executor = executor
-        self._dbs = databases
-        self._inline_reads = databases.local_only
+        self._workers = workers
         self._presence = presence
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return await self._workers.run(fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._workers.read(fn, *args)
+
+    async def _plan(self, plan: Plan[T]) -> T:
+        return await self._workers.plan(plan)
 
     def _token(self, context: Context) -> str:
         return bearer_token(context)
@@ -90,25 +89,6 @@ class DirectoryServicer(ContactRpcs, directory_pb2_grpc.DirectoryServiceServicer
         self._presence.contacts_changed(
             checked_token_hash(bearer_token(context)), normalize_username(username)
         )
-
-    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        """A read-only use case. On SQLite in WAL mode a read never waits for a writer and takes
-        a fraction of a millisecond, less than handing it to a thread (the GIL serialises both
-        anyway), so it runs inline; on a database server it goes to a thread."""
-        if self._inline_reads:
-            return fn(*args)
-        return await self._run(fn, *args)
-
-    async def _plan(self, plan: Plan[T]) -> T:
-        """A hot read-only use case (hot.py): on PostgreSQL on the event loop, on SQLite inline
-        (see `_read`)."""
-        found = self._dbs.async_readers()
-        if found is not None:
-            return await run_plan_async(plan, *found)
-        dbs = self._dbs
-        if self._inline_reads:
-            return run_plan(plan, dbs.users_reader, dbs.contacts_reader)
-        return await self._run(run_plan, plan, dbs.users_reader, dbs.contacts_reader)
 
     async def Register(
         self, request: directory_pb2.RegisterRequest, context: Context

@@ -1,5 +1,5 @@
 """How long failed logins hold further logins back: pure policy, no database (the counts come
-from repository.recent_failures in one SELECT).
+from repository.login_checks_reads in one SELECT).
 
 Three throttles, each over the failures of the window (`--login-failure-window`; older ones are
 forgotten). Past its threshold, a throttle refuses logins, without checking the password or

@@ -148,7 +148,8 @@ class DirectoryServiceServicer:
     def Register(self, request, context):
         """Creates a user. ALREADY_EXISTS for a taken name (case-insensitive);
         INVALID_ARGUMENT for a bad username, password or address. RESOURCE_EXHAUSTED "busy
-        hashing passwords: retry in 1 s" when the replica's password hashing is full (Login too).
+        hashing passwords: retry in N s" when the replica's password hashing is full (Login too);
+        N is when the hashes already waiting will have run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,8 @@ class DirectoryServiceStub:
     Register: _grpc.UnaryUnaryMultiCallable[_directory_pb2.RegisterRequest, _directory_pb2.RegisterResponse]
     """Creates a user. ALREADY_EXISTS for a taken name (case-insensitive);
     INVALID_ARGUMENT for a bad username, password or address. RESOURCE_EXHAUSTED "busy
-    hashing passwords: retry in 1 s" when the replica's password hashing is full (Login too).
+    hashing passwords: retry in N s" when the replica's password hashing is full (Login too);
+    N is when the hashes already waiting will have run.
     """
     Login: _grpc.UnaryUnaryMultiCallable[_directory_pb2.LoginRequest, _directory_pb2.LoginResponse]
     """Checks the password and opens a session. Wrong password and unknown user give the same
@@ -130,7 +131,8 @@ class DirectoryServiceAsyncStub(DirectoryServiceStub):
     Register: _aio.UnaryUnaryMultiCallable[_directory_pb2.RegisterRequest, _directory_pb2.RegisterResponse]  # type: ignore[assignment]
     """Creates a user. ALREADY_EXISTS for a taken name (case-insensitive);
     INVALID_ARGUMENT for a bad username, password or address. RESOURCE_EXHAUSTED "busy
-    hashing passwords: retry in 1 s" when the replica's password hashing is full (Login too).
+    hashing passwords: retry in N s" when the replica's password hashing is full (Login too);
+    N is when the hashes already waiting will have run.
     """
     Login: _aio.UnaryUnaryMultiCallable[_directory_pb2.LoginRequest, _directory_pb2.LoginResponse]  # type: ignore[assignment]
     """Checks the password and opens a session. Wrong password and unknown user give the same
@@ -218,7 +220,8 @@ class DirectoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_directory_pb2.RegisterResponse, _abc.Awaitable[_directory_pb2.RegisterResponse]]:
         """Creates a user. ALREADY_EXISTS for a taken name (case-insensitive);
         INVALID_ARGUMENT for a bad username, password or address. RESOURCE_EXHAUSTED "busy
-        hashing passwords: retry in 1 s" when the replica's password hashing is full (Login too).
+        hashing passwords: retry in N s" when the replica's password hashing is full (Login too);
+        N is when the hashes already waiting will have run.
         """
 
     @_abc_1.abstractmethod
