@@ -275,25 +275,32 @@ def test_hashing_defaults_to_a_quarter_of_the_cores_and_at_least_half_a_core() -
     assert (given.hash_workers, given.hash_share) == (2, 1.5)
 
 
-RETRY = re.compile(r"the directory is busy hashing passwords: retry in [1-9][0-9]* s")
+RETRY = re.compile(r"the directory is busy hashing passwords: retry in ([1-9][0-9]*) s")
 
 
-def test_a_refused_caller_is_told_to_wait_until_the_hashes_out_have_run() -> None:
-    """The hint grows with what is waiting and with the pacing, so that a burst of refused
-    logins does not come back every second."""
+def test_refused_callers_are_told_to_come_back_one_hash_apart_once_the_queue_drains() -> None:
+    """The hint grows with what is waiting and with the pacing, and each refused caller gets
+    a later time than the last: a burst of refused logins comes back spread out at the pace
+    the pool hashes, not every second nor all at once."""
     from p2pchat_common.errors import RateLimited
     from p2pchat_directory.hashing import HashingPool
 
     pool = HashingPool(1, 9, share=0.25)  # 10 hashes out at most, each 4x its CPU apart
     try:
         pool._hash_cpu = 0.1  # as if measured: 0.4 s per hash with its pause
-        tickets = [pool.admit() for _ in range(10)]
-        with pytest.raises(RateLimited) as refused:
-            pool.admit()
-        assert str(refused.value) == "the directory is busy hashing passwords: retry in 4 s"
-        for ticket in tickets[:8]:
+        tickets = [pool.admit() for _ in range(10)]  # 4 s of hashing out
+        said = []
+        for _ in range(6):
+            with pytest.raises(RateLimited) as refused:
+                pool.admit()
+            found = RETRY.fullmatch(str(refused.value))
+            assert found, str(refused.value)
+            said.append(int(found.group(1)))
+        # 4.0, 4.4, 4.8, 5.2, 5.6, 6.0 s (rounded up): later and later, 2 s apart in all
+        assert said[0] == 4 and said == sorted(said), said
+        assert said[-1] - said[0] >= 2, said
+        for ticket in tickets:
             ticket.__exit__(None, None, None)  # given back unused
-        assert pool.retry_after() == 1  # two out: 0.8 s, said as at least 1 s
     finally:
         pool.shutdown()
 

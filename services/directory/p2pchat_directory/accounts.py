@@ -16,9 +16,16 @@ Register: the checks (on the loop: no I/O), a ticket, scrypt, then the insert on
 
 from __future__ import annotations
 
+import asyncio
+
 from p2pchat_directory.hashing import HashingPool
 from p2pchat_directory.service import DirectoryService, LoginResult
 from p2pchat_directory.workers import Workers
+
+# Logins whose checks are read at once: the rest wait their turn (they wait for their hash
+# anyway), and the hot readers' connections stay free for the lookups. 200 logins arriving at
+# once otherwise queued 200 reads ahead of every lookup (p99 400 ms for a second or two).
+CHECKS_AT_ONCE = 2
 
 
 class Accounts:
@@ -26,6 +33,7 @@ class Accounts:
         self._svc = service
         self._workers = workers
         self._hashing = hashing
+        self._checks = asyncio.Semaphore(CHECKS_AT_ONCE)
 
     async def register(self, username: str, password: str, address: str) -> str:
         account = self._svc.check_registration(username, password, address)
@@ -37,8 +45,9 @@ class Accounts:
         self, username: str, password: str, address: str, csr_pem: bytes, source: str
     ) -> LoginResult:
         with self._hashing.admit() as ticket:
-            attempt = await self._workers.plan(
-                self._svc.begin_login_reads(username, password, address, source)
-            )
+            async with self._checks:
+                attempt = await self._workers.plan(
+                    self._svc.begin_login_reads(username, password, address, source)
+                )
             verified = await ticket.verify(password, attempt.stored_hash)
         return await self._workers.run(self._svc.finish_login, attempt, verified, csr_pem)

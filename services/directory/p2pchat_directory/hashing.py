@@ -5,8 +5,8 @@ worker pool (server.py `executor`) a burst of logins took every thread and queue
 limit, and each heartbeat and lookup waited behind them: 200 logins at one replica running
 1,000 agents took its heartbeat p99 from 7 ms to 708 ms. Here hashes run on their own threads
 (`--hash-workers`), and at most `--hash-queue` more may wait: past that bound Register and Login
-are refused at once with RateLimited (RESOURCE_EXHAUSTED; BUSY says when to retry: when the
-hashes already out will have run) rather than queued.
+are refused at once with RateLimited (RESOURCE_EXHAUSTED; BUSY says when to retry: when a
+place will be free, each refused caller a later one) rather than queued.
 
 Threads, not processes, because hashlib.scrypt (OpenSSL's EVP_PBE_scrypt) releases the GIL
 while it hashes: 16 hashes took 1.04 s on one thread and 0.54 s on two, and a pure-Python loop
@@ -87,6 +87,7 @@ class HashingPool:
         self._workers = workers
         self._duty = 1.0 if share is None else share / workers  # of each thread's time
         self._hash_cpu = FIRST_GUESS  # a moving average of the CPU seconds of one hash
+        self._next_free = 0.0  # monotonic time of the next place promised to a refused caller
         self._paced = threading.local()  # per hashing thread: when its next hash may start
         self._executor = ThreadPoolExecutor(
             workers, thread_name_prefix="scrypt", initializer=_lower_priority
@@ -116,13 +117,18 @@ class HashingPool:
         raise RateLimited(BUSY.format(seconds=self.retry_after()))
 
     def retry_after(self) -> int:
-        """Whole seconds in which the hashes now out will have run (at least 1): what a refused
-        caller is told to wait, so that a burst of refused logins does not come back every
-        second (each try is a call the replica serves: 5,000 of them in a minute slowed every
-        other call)."""
+        """Whole seconds (at least 1) a refused caller is told to wait: when a place will be
+        free for it, each refused caller given a later one, one hash apart. So a burst of
+        refused logins comes back spread out, at the pace the pool hashes, rather than every
+        second or all at once (each try is a call the replica serves: 5,000 of them in a
+        minute slowed every other call)."""
         with self._lock:
-            per_hash = self._hash_cpu / self._duty  # the CPU and the pause after it
-            return max(1, math.ceil(self._taken * per_hash / self._workers))
+            per_place = self._hash_cpu / self._duty / self._workers  # CPU and pause, per thread
+            now = time.monotonic()
+            drained = now + self._taken * per_place  # when the hashes now out will have run
+            slot = max(self._next_free, drained)
+            self._next_free = slot + per_place
+            return max(1, math.ceil(slot - now))
 
     def _give_back(self) -> None:
         with self._lock:
