@@ -156,7 +156,8 @@ class HashingPool:
         return future
 
     def shutdown(self) -> None:
-        """Cancels the hashes still waiting and waits for the running ones (80 ms at most)."""
+        """Cancels the hashes still waiting and waits for the running ones (a hash and the pause
+        before it, at most)."""
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
