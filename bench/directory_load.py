@@ -284,9 +284,14 @@ async def directory_load(ctx: Context, lazy: Lazy) -> Figures:
         )
         assert bare_tls.root_pem is not None
         bare.ca_path.write_bytes(bare_tls.root_pem)
-        nobody = [SimUser(username(i), "-", (username(0),)) for i in range(lp.agents)]
+        most = max(lp.agents, *lp.knee_steps)
+        nobody = [SimUser(username(i), "-", (username(0),)) for i in range(most)]
         paced = phase_figures(
             await run_phase(root, bare, nobody, lp.agents, lp.bare_seconds, lp, "bare"), lp
+        )
+        # The machine's own ceiling: the bare server (no work at all) through the same steps.
+        figures["knee_agents_bare"], figures["knee_steps_bare"] = await _knee(
+            root, bare, nobody, lp, paced
         )
         figures["baseline_server_cpu_us_per_call"] = paced["server_cpu_us_per_call"]
         figures.update(_prefixed("baseline_", {k: paced[k] for k in ("p50_ms", "p99_ms")}))
