@@ -80,7 +80,7 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP) ## Benchmarks (real processes, about 5 min): table + bench/results/; QUICK=1 smoke run
+bench: $(BENCH_STAMP) ## Benchmarks (real processes, about 10-15 min): table + bench/results/; QUICK=1 smoke run
 	$(BIN)/python -m bench $(if $(filter 1,$(QUICK)),--quick) $(BENCH_ARGS)
 
 clean: ## Remove the venv, caches and coverage data
