@@ -161,6 +161,14 @@ class Agent:
         if active is not None:
             await active.close()
 
+    async def _end_session(self) -> None:
+        """Forgets the stored session, then closes the active one: once `status` says logged
+        out, session.json is gone too (a restart then cannot resume a session that ended)."""
+        try:
+            await self.blocking(StoredSession.clear, self.settings.data_dir)
+        finally:
+            await self._deactivate()
+
     async def logout(self) -> None:
         async with self._lock:
             active = self._require_active()
@@ -168,8 +176,7 @@ class Agent:
                 await self.directory.logout()
             except (Unavailable, Unauthenticated) as exc:
                 log.warning("directory logout failed (%s); logging out locally", exc)
-            await self._deactivate()
-            await self.blocking(StoredSession.clear, self.settings.data_dir)
+            await self._end_session()
             log.info("logged out %s", active.username)
 
     async def _heartbeats(self) -> None:
@@ -191,8 +198,7 @@ class Agent:
                 if exc.code == grpc.StatusCode.UNAUTHENTICATED:
                     log.warning("session ended by the directory (%s): log in again", exc)
                     async with self._lock:
-                        await self._deactivate()
-                        await self.blocking(StoredSession.clear, self.settings.data_dir)
+                        await self._end_session()
                     return
                 log.info("heartbeat failed: %s", exc)
             except Exception:  # a bug must not end presence: logged, tried again
