@@ -182,10 +182,14 @@ def test_a_writer_faster_than_its_reader_is_held_back_not_dropped(
             inputs.put(apb.ChatInput(texts=apb.ChatTexts(texts=texts)))
         # While nobody reads, the agent holds the input back: what it took stops growing well
         # short of everything written (20 MB of texts; flow-control windows hold a few MB).
-        time.sleep(3)
-        held_at = taken[0]
-        time.sleep(1)
-        assert taken[0] == held_at < total // per_input, (held_at, taken[0])
+        # Waits until it has stopped for a second (a slow machine takes longer to fill the
+        # windows: 3 s once was not enough), at most 30 s.
+        deadline, held_at = time.monotonic() + 30, -1
+        while taken[0] != held_at:
+            assert time.monotonic() < deadline, f"input never held back: {taken[0]} taken"
+            held_at = taken[0]
+            time.sleep(1)
+        assert held_at < total // per_input, held_at
         assert alice.status().pending_messages < total
 
         chat.reading.set()
