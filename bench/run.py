@@ -153,6 +153,8 @@ COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
         ),
         ("pg_postgres_cpu_us_per_call", "PostgreSQL server CPU us/call", None),
         ("burst_p99_ms", "p99 ms during the login burst", "pg_p99_ms"),
+        ("burst_s", "login burst: s until the last session", None),
+        ("storm_p99_ms", "p99 ms during 200 new connections", "pg_p99_ms"),
         ("knee_agents_sqlite", "knee (agents) SQLite", None),
         ("knee_agents_pg", "knee (agents) PostgreSQL", None),
         ("knee_agents_bare", "knee (agents) bare server: the machine's", None),
@@ -164,6 +166,7 @@ RATIO_OF: dict[tuple[str, str], str] = {
     ("directory_load", "sqlite_server_cpu_us_per_call"): "sqlite_cpu_ratio",
     ("directory_load", "pg_server_cpu_us_per_call"): "pg_cpu_ratio",
     ("directory_load", "burst_p99_ms"): "burst_p99_ratio",
+    ("directory_load", "storm_p99_ms"): "storm_p99_ratio",
 }
 
 
