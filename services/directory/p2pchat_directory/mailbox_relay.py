@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -23,6 +21,7 @@ from sqlalchemy import Engine
 from p2pchat_common.errors import Unavailable
 from p2pchat_directory.mailbox import Deposited, HeldEnvelope, MailboxService
 from p2pchat_directory.notify import PostgresListener, Wakeups, conninfo
+from p2pchat_directory.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +36,11 @@ class MailboxRelay:
     def __init__(
         self,
         service: MailboxService,
-        executor: ThreadPoolExecutor,
-        inline_reads: bool,
+        workers: Workers,
         listener_dsn: str | None,
     ) -> None:
         self._svc = service
-        self._executor = executor
-        self._inline_reads = inline_reads
+        self._workers = workers
         self.wakeups = Wakeups()
         self.listener: PostgresListener | None = None
         self._listener_dsn = listener_dsn
@@ -53,13 +50,12 @@ class MailboxRelay:
     def for_engine(
         cls,
         service: MailboxService,
-        executor: ThreadPoolExecutor,
-        inline_reads: bool,
+        workers: Workers,
         engine: Engine,
     ) -> MailboxRelay:
         """A relay that listens on PostgreSQL when `engine` is PostgreSQL."""
         dsn = conninfo(engine) if engine.dialect.name == "postgresql" else None
-        return cls(service, executor, inline_reads, dsn)
+        return cls(service, workers, dsn)
 
     async def start(self) -> None:
         """Starts the sweeper and, on PostgreSQL, the listener (waiting for it to listen)."""
@@ -92,14 +88,11 @@ class MailboxRelay:
             self.listener = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return await self._workers.run(fn, *args)
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        """A short read: inline on SQLite files (see DirectoryServicer._read), else a thread."""
-        if self._inline_reads:
-            return fn(*args)
-        return await self._run(fn, *args)
+        """A short read: inline on SQLite files, else a thread (Workers.read)."""
+        return await self._workers.read(fn, *args)
 
     async def publish_key(self, token: str, key: bytes, signature: bytes) -> None:
         await self._run(self._svc.publish_key, token, key, signature)

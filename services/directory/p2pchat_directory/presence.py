@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -38,6 +36,7 @@ from p2pchat_directory import presence_store as store
 from p2pchat_directory.db import Databases
 from p2pchat_directory.service import HeartbeatResult
 from p2pchat_directory.tokens import SESSION_ENDED, checked_token_hash
+from p2pchat_directory.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +76,13 @@ class PresenceHub:
     def __init__(
         self,
         dbs: Databases,
-        executor: ThreadPoolExecutor,
+        workers: Workers,
         presence_ttl: timedelta,
         session_ttl: timedelta,
         clock: Callable[[], datetime],
     ) -> None:
         self._dbs = dbs
-        self._executor = executor
+        self._workers = workers
         self._ttl = presence_ttl
         self._session_ttl = session_ttl
         self._now = clock
@@ -112,8 +111,7 @@ class PresenceHub:
             self._ticker = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        return await self._workers.run(fn, *args)
 
     # -- one stream ------------------------------------------------------------------------
 

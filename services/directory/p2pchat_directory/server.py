@@ -117,7 +117,7 @@ async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryS
     if ca.upgraded:
         await asyncio.to_thread(service.warn_of_lookalikes)
 
-    presence = PresenceHub(databases, executor, settings.presence_ttl, settings.session_ttl, clock)
+    presence = PresenceHub(databases, workers, settings.presence_ttl, settings.session_ttl, clock)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_service(
         server,
@@ -126,8 +126,7 @@ async def create_server(settings: Settings, clock: Clock = utcnow) -> DirectoryS
     )
     mailbox = MailboxRelay.for_engine(
         MailboxService(settings, databases, service, clock),
-        executor,
-        databases.local_only,
+        workers,
         databases.users_engine,
     )
     add_service(
