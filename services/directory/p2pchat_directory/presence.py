@@ -88,6 +88,7 @@ class PresenceHub:
         self._now = clock
         self.interval = presence_ttl.total_seconds() / 3
         self._streams: dict[str, Attendance] = {}  # by token hash
+        self._of_user: dict[str, set[Attendance]] = {}  # the same streams, by username
         self._ticker: asyncio.Task[None] | None = None
         self.closed = False
         self.ticks = 0
@@ -144,6 +145,7 @@ class PresenceHub:
                 if replaced is not None:  # the same session opened a second stream: keep one
                     replaced.end(Unavailable("another presence stream of this session opened"))
                 self._streams[token_hash] = attendance
+                self._of_user.setdefault(attendance.username, set()).add(attendance)
                 yield self._answer(attendance, now)
                 break
             else:
@@ -165,8 +167,18 @@ class PresenceHub:
         finally:
             if reader is not None:
                 reader.cancel()
-            if attendance is not None and self._streams.get(token_hash) is attendance:
-                del self._streams[token_hash]
+            if attendance is not None:
+                self._forget(attendance)
+
+    def _forget(self, attendance: Attendance) -> None:
+        """A stream that ended: no longer renewed nor told of changes."""
+        if self._streams.get(attendance.token_hash) is attendance:
+            del self._streams[attendance.token_hash]
+        mine = self._of_user.get(attendance.username)
+        if mine is not None:
+            mine.discard(attendance)
+            if not mine:
+                del self._of_user[attendance.username]
 
     async def _lease_now(self, attendance: Attendance, now: datetime) -> None:
         lease = store.Lease(attendance.username, attendance.token_hash, now)
@@ -204,9 +216,10 @@ class PresenceHub:
         differ from the last one (agents refresh when it moves), so it is this replica's now."""
         now = self._now()
         caller = self._streams.get(token_hash)
-        for attendance in self._streams.values():
-            if attendance is caller or attendance.username == other:
-                attendance.contacts_changed_at = now
+        if caller is not None:
+            caller.contacts_changed_at = now
+        for attendance in self._of_user.get(other, ()):
+            attendance.contacts_changed_at = now
 
     # -- every interval ------------------------------------------------------------------------
 
