@@ -4,10 +4,11 @@ last beat, ended by a revoked session (through this replica or another one)."""
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -18,6 +19,8 @@ from sqlalchemy import event
 
 from p2pchat.v1 import directory_pb2 as pb
 from p2pchat.v1 import directory_pb2_grpc
+from p2pchat_common.errors import Unauthenticated
+from p2pchat_directory.service import HeartbeatResult
 from tests.support.directory import PASSWORD, InProcessDirectory, add_each_other, auth
 
 Stub = directory_pb2_grpc.DirectoryServiceStub
@@ -167,6 +170,85 @@ def test_a_session_revoked_through_another_replica_ends_the_stream_within_an_int
     err = ended[0]
     assert err is not None and err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert time.monotonic() - started < TTL / 3 + 1.0
+
+
+def sessions_of_four_users(stub: Stub) -> tuple[list[str], str]:
+    """Three live sessions each of four users, and one session logged out."""
+    live: list[str] = []
+    for name in ("amy", "bob", "cyd", "dee"):
+        stub.Register(pb.RegisterRequest(username=name, password=PASSWORD))
+        for _ in range(3):
+            request = pb.LoginRequest(username=name, password=PASSWORD)
+            live.append(stub.Login(request).session_token)
+    gone = stub.Login(pb.LoginRequest(username="amy", password=PASSWORD)).session_token
+    stub.Logout(pb.LogoutRequest(), metadata=auth(gone))
+    return live, gone
+
+
+def test_streams_that_open_together_are_opened_by_one_write_not_one_each(
+    presence_directory: InProcessDirectory,
+) -> None:
+    stub = presence_directory.stub()
+    live, gone = sessions_of_four_users(stub)
+    hub = presence_directory.server.presence
+    writes = count_user_writes(presence_directory)
+
+    async def open_all() -> list[HeartbeatResult | Exception]:
+        """Every stream's first beat in the same turn of the loop, as after a restart."""
+        release = asyncio.Event()
+
+        async def beats() -> AsyncIterator[pb.HeartbeatRequest]:
+            yield pb.HeartbeatRequest()
+            await release.wait()
+
+        streams = [hub.attend(token, beats()) for token in [*live, gone]]
+
+        async def first(stream: AsyncIterator[HeartbeatResult]) -> HeartbeatResult | Exception:
+            try:
+                return await anext(stream)
+            except Unauthenticated as exc:
+                return exc
+
+        try:
+            return await asyncio.gather(*(first(stream) for stream in streams))
+        finally:
+            release.set()
+            for stream in streams:
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    answers = presence_directory.loop.run(open_all())
+    assert all(isinstance(a, HeartbeatResult) for a in answers[:-1]), answers
+    assert isinstance(answers[-1], Unauthenticated)  # the logged-out one, in the same batch
+    assert len(writes) == 1, writes  # one UPDATE of the users for the twelve
+    assert len(hub) == 0  # all closed
+
+    # And through gRPC, all at once from threads: each its own answer, the dead one refused.
+    barrier = threading.Barrier(len(live) + 1)
+    streams = [Beating(stub, token) for token in [*live, gone]]
+    results: list[object] = [None] * len(streams)
+
+    def beat(i: int) -> None:
+        barrier.wait(timeout=10)
+        try:
+            results[i] = streams[i].beat()
+        except grpc.RpcError as err:
+            results[i] = err.code()
+
+    threads = [threading.Thread(target=beat, args=(i,)) for i in range(len(streams))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        now = time.time()
+        for answer in results[:-1]:
+            assert isinstance(answer, pb.HeartbeatResponse), results
+            assert answer.online_until.seconds >= now and answer.session_expires_at.seconds > now
+        assert results[-1] == grpc.StatusCode.UNAUTHENTICATED
+        assert len(hub) == len(live)
+    finally:
+        for stream in streams:
+            stream.close()
 
 
 def test_a_stream_without_a_session_is_refused(presence_directory: InProcessDirectory) -> None:

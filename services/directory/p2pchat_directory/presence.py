@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +47,7 @@ SLOW_TICK = 0.05  # s: a tick that takes longer is logged
 # 5,000 streams in one set, ~60 ms of CPU: every call waited behind it, p99 ~250 ms), and the
 # loop serves calls in between; the sets of a round are spread over its interval.
 TICK_SLICE = 250
+OPEN_BATCH = 500  # streams opened by one set of statements at most
 _REVOKED = Unauthenticated(SESSION_ENDED)
 _STOPPING = Unavailable("the directory is shutting down: open the presence stream again")
 
@@ -90,6 +92,9 @@ class PresenceHub:
         self._streams: dict[str, Attendance] = {}  # by token hash
         self._of_user: dict[str, set[Attendance]] = {}  # the same streams, by username
         self._ticker: asyncio.Task[None] | None = None
+        # Streams waiting to be opened (by token hash), and the task that opens them together.
+        self._opening: dict[str, list[asyncio.Future[store.Opened]]] = {}
+        self._opener: asyncio.Task[None] | None = None
         self.closed = False
         self.ticks = 0
 
@@ -105,6 +110,13 @@ class PresenceHub:
         self.closed = True
         for attendance in list(self._streams.values()):
             attendance.end(_STOPPING)
+        if self._opener is not None:
+            self._opener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._opener
+            self._opener = None
+        self._settle(dict(self._opening), {}, _STOPPING)
+        self._opening.clear()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -129,9 +141,7 @@ class PresenceHub:
         try:
             async for _ in beats:  # the first beat opens the stream
                 now = self._now()
-                opened = await self._run(
-                    store.open_stream, self._dbs, token_hash, now, now + self._ttl
-                )
+                opened = await self._open(token_hash)
                 attendance = Attendance(
                     opened.username,
                     token_hash,
@@ -169,6 +179,50 @@ class PresenceHub:
                 reader.cancel()
             if attendance is not None:
                 self._forget(attendance)
+
+    async def _open(self, token_hash: str) -> store.Opened:
+        """Opens one stream together with every other one waiting: a replica restarting, or a
+        network coming back, has thousands of agents open their streams at once, and one
+        transaction each (~4 ms of CPU under load) held the event loop up for seconds."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[store.Opened] = loop.create_future()
+        self._opening.setdefault(token_hash, []).append(waiter)
+        if self._opener is None or self._opener.done():
+            self._opener = loop.create_task(self._open_waiting(), name="presence-open")
+        return await waiter
+
+    async def _open_waiting(self) -> None:
+        """Opens the waiting streams, OPEN_BATCH at a time, until none waits; the streams that
+        ask meanwhile join the next batch."""
+        while self._opening:
+            await asyncio.sleep(0)  # the calls already woken join this batch
+            batch = dict(itertools.islice(self._opening.items(), OPEN_BATCH))
+            for token_hash in batch:
+                del self._opening[token_hash]
+            try:
+                opened = await self._run(
+                    store.open_streams, self._dbs, list(batch), self._now(), self._ttl
+                )
+            except Exception as exc:  # each waiting call fails with it, as alone it would
+                self._settle(batch, {}, exc)
+                continue
+            self._settle(batch, opened, _REVOKED)
+
+    @staticmethod
+    def _settle(
+        batch: dict[str, list[asyncio.Future[store.Opened]]],
+        opened: dict[str, store.Opened],
+        missing: BaseException,
+    ) -> None:
+        for token_hash, waiters in batch.items():
+            found = opened.get(token_hash)
+            for waiter in waiters:
+                if waiter.done():  # its call was cancelled meanwhile
+                    continue
+                if found is None:
+                    waiter.set_exception(missing)
+                else:
+                    waiter.set_result(found)
 
     def _forget(self, attendance: Attendance) -> None:
         """A stream that ended: no longer renewed nor told of changes."""

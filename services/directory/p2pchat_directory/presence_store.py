@@ -1,8 +1,10 @@
-"""The statements of presence streams (presence.py): one to open a stream, and per interval a
-few for every stream of the replica at once, whatever their number (blocking; run in threads).
+"""The statements of presence streams (presence.py): a few for all the streams that open
+together, and per interval a few for every stream of the replica at once, whatever their
+number (blocking; run in threads).
 
-- `open_stream`: the session's owner and expiry, the user online now, when their contacts last
-  changed: the only write a stream costs until its next interval.
+- `open_streams`: for every stream opened together, the session's owner and expiry, the user
+  online now, when their contacts last changed: the only write a stream costs until its next
+  interval.
 - `renew`: the leases of the streams that beat since the last interval, in one statement
   (PostgreSQL: an UPDATE over `unnest` of arrays; SQLite: one prepared UPDATE run for each
   row in one transaction, all on this machine). Each row's `online_until` is its own last beat
@@ -19,15 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy import Connection, bindparam, text, update
 
-from p2pchat_common.errors import Unauthenticated
 from p2pchat_common.timestamps import sqlite_text
-from p2pchat_directory import consent_store
 from p2pchat_directory.db import Databases
 from p2pchat_directory.hot import Plan, Read, run_plan, to_time
-from p2pchat_directory.models import User, UserSession
-from p2pchat_directory.tokens import SESSION_ENDED
+from p2pchat_directory.models import UserSession
 
 
 @dataclass(frozen=True)
@@ -50,14 +49,6 @@ class Polled:
     contacts_changed: dict[str, datetime]  # username -> changed_at, for those that ever did
 
 
-_SESSION = select(UserSession.username, UserSession.expires_at).where(
-    UserSession.token_hash == bindparam("token_hash"), UserSession.expires_at > bindparam("now")
-)
-_ONLINE = (
-    update(User)
-    .where(User.username == bindparam("name"))
-    .values(online_until=bindparam("until"), last_seen=bindparam("seen"))
-)
 _EXTEND = (
     update(UserSession)
     .where(UserSession.token_hash == bindparam("token"), UserSession.expires_at > bindparam("now"))
@@ -91,16 +82,44 @@ def _utc_naive(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
-def open_stream(dbs: Databases, token_hash: str, now: datetime, online_until: datetime) -> Opened:
-    """Authenticates the stream's session and marks its user online until `online_until`;
-    Unauthenticated when the session is missing or expired."""
-    with dbs.users_engine.begin() as conn:
-        row = conn.execute(_SESSION, {"token_hash": token_hash, "now": now}).one_or_none()
-        if row is None:
-            raise Unauthenticated(SESSION_ENDED)
-        username, expires_at = row
-        conn.execute(_ONLINE, {"name": username, "until": online_until, "seen": now})
-    return Opened(username, expires_at, consent_store.changed_at(dbs, username))
+# The owners of many sessions at once (the streams opened together).
+_OWNERS = (
+    "SELECT token_hash, username, expires_at FROM sessions "
+    "WHERE token_hash IN (SELECT value FROM json_each(?)) AND expires_at > ?"
+)
+_PG_OWNERS = (
+    "SELECT token_hash, username, expires_at FROM sessions "
+    "WHERE token_hash = ANY(?) AND expires_at > ?"
+)
+
+
+def open_streams(
+    dbs: Databases, token_hashes: Sequence[str], now: datetime, ttl: timedelta
+) -> dict[str, Opened]:
+    """Opens many streams at once, whatever their number in three statements: the
+    sessions' owners and expiries, their users online until `now` + `ttl` (where the session
+    still lives, as `renew`), when their contacts last changed. A token without a live session
+    is missing from the answer."""
+    owners = dbs.users_reader.read(
+        Read("users", _OWNERS, (list(token_hashes), now), one=False, pg_sql=_PG_OWNERS)
+    )
+    found: dict[str, tuple[str, datetime]] = {}
+    for token, name, expires in owners:
+        expires_at = to_time(expires)
+        if expires_at is not None:
+            found[str(token)] = (str(name), expires_at)
+    if not found:
+        return {}
+    renew(dbs, [Lease(name, token, now) for token, (name, _) in found.items()], ttl, now)
+    names = sorted({name for name, _ in found.values()})
+    rows = dbs.contacts_reader.read(
+        Read("contacts", _CHANGED_OF, (names,), one=False, pg_sql=_PG_CHANGED_OF)
+    )
+    changed = {str(n): to_time(c) for n, c in rows}
+    return {
+        token: Opened(name, expires_at, changed.get(name))
+        for token, (name, expires_at) in found.items()
+    }
 
 
 def renew(dbs: Databases, leases: Sequence[Lease], ttl: timedelta, now: datetime) -> None:
