@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # `make up`: start docker-compose.yml (images already built) and wait until every container is
 # healthy, at most TIMEOUT seconds (first argument, default 180); then say how to attach.
-# COMPOSE: the compose command ("docker compose" or "docker-compose").
+# COMPOSE: the compose command ("docker compose" or "docker-compose"). The images' tag:
+# P2PCHAT_TAG, or else IMAGE_TAG (as scripts/images.sh built them), default latest.
 # SCALE=1: the `scale` profile's services only (PostgreSQL, directory-a and directory-b behind
 # the name `directory`, the agents dave and erin), not the default ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TIMEOUT=${1:-180}
+export P2PCHAT_TAG=${P2PCHAT_TAG:-${IMAGE_TAG:-latest}}
 read -r -a compose <<<"${COMPOSE:-docker compose}"
 services=()
 if [ "${SCALE:-}" = 1 ]; then

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the p2pchat container images: p2pchat-directory and p2pchat-agent (tag $IMAGE_TAG).
+# Build the p2pchat container images: p2pchat-directory and p2pchat-agent (tag $IMAGE_TAG, or
+# else $P2PCHAT_TAG, the tag docker-compose.yml runs; default latest).
 #
 #   scripts/images.sh            online if the public base image is here or can be pulled, else
 #                                offline (also when the local base image exists already)
@@ -22,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OFFLINE=${OFFLINE:-auto}
-IMAGE_TAG=${IMAGE_TAG:-latest}
+IMAGE_TAG=${IMAGE_TAG:-${P2PCHAT_TAG:-latest}}
 ONLINE_BASE=${BASE_IMAGE:-python:3.11-slim}
 OFFLINE_BASE=${OFFLINE_BASE_IMAGE:-p2pchat-base:bookworm}
 SUITE=${DEBIAN_SUITE:-bookworm}
