@@ -19,7 +19,7 @@ from sqlalchemy import event
 
 from p2pchat.v1 import directory_pb2 as pb
 from p2pchat.v1 import directory_pb2_grpc
-from p2pchat_common.errors import Unauthenticated
+from p2pchat_common.errors import Unauthenticated, Unavailable
 from p2pchat_directory.service import HeartbeatResult
 from tests.support.directory import PASSWORD, InProcessDirectory, add_each_other, auth
 
@@ -249,6 +249,43 @@ def test_streams_that_open_together_are_opened_by_one_write_not_one_each(
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_a_stream_still_opening_when_the_replica_stops_ends_with_unavailable(
+    presence_directory: InProcessDirectory,
+) -> None:
+    stub = presence_directory.stub()
+    ken = login(stub, "ken")
+    server = presence_directory.server
+    gate = threading.Event()  # every worker thread busy: the open's batch waits for one
+    for _ in range(presence_directory.settings.workers):
+        server.executor.submit(gate.wait, 30)
+
+    async def open_then_stop() -> BaseException | None:
+        async def beats() -> AsyncIterator[pb.HeartbeatRequest]:
+            yield pb.HeartbeatRequest()
+            await asyncio.Event().wait()
+
+        stream = server.presence.attend(ken, beats())
+        opening = asyncio.ensure_future(anext(stream))
+        try:
+            await asyncio.sleep(0.2)
+            assert not opening.done()
+            await server.presence.close()  # as the replica stops
+            gate.set()
+            await asyncio.wait_for(opening, 5)
+        except (Unavailable, TimeoutError) as exc:
+            return exc
+        finally:
+            gate.set()
+            await stream.aclose()  # type: ignore[attr-defined]
+        return None
+
+    try:
+        ended = presence_directory.loop.run(open_then_stop())
+    finally:
+        gate.set()
+    assert isinstance(ended, Unavailable), ended  # not left waiting for ever
 
 
 def test_a_stream_without_a_session_is_refused(presence_directory: InProcessDirectory) -> None:

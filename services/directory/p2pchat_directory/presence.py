@@ -203,6 +203,9 @@ class PresenceHub:
                 opened = await self._run(
                     store.open_streams, self._dbs, list(batch), self._now(), self._ttl
                 )
+            except asyncio.CancelledError:  # the replica is stopping (close)
+                self._settle(batch, {}, _STOPPING)
+                raise
             except Exception as exc:  # each waiting call fails with it, as alone it would
                 self._settle(batch, {}, exc)
                 continue
