@@ -273,16 +273,19 @@ def test_a_replica_killed_under_the_agents_leaves_their_sessions_and_mailbox_str
         replicas.register_through(alice, 3)
         assert len(replicas.registered(survivor)) == before + 3  # it took every call
 
-        # The dead replica comes back on its address: calls reach it again (the next loop
-        # kills the other one).
+        # The dead replica comes back on its address: each agent's calls reach it again (its
+        # reconnect backoff, up to 10 s, has passed) before the next loop kills the other one.
         replicas.start(dead)
-        count = len(replicas.registered(dead))
+        for client in (alice, bob):
+            count = len(replicas.registered(dead))
 
-        def reached_again(replica: str = dead, count: int = count) -> bool:
-            replicas.register_through(alice, 1)
-            return len(replicas.registered(replica)) > count
+            def reached_again(
+                replica: str = dead, count: int = count, client: AgentClient = client
+            ) -> bool:
+                replicas.register_through(client, 1)
+                return len(replicas.registered(replica)) > count
 
-        wait_until(reached_again, TIMEOUT, 0.5)
+            wait_until(reached_again, TIMEOUT, 0.5)
 
     for client in (alice, bob):
         assert client.status().envelopes_refused == 0
