@@ -112,10 +112,7 @@ def open_streams(
         return {}
     renew(dbs, [Lease(name, token, now) for token, (name, _) in found.items()], ttl, now)
     names = sorted({name for name, _ in found.values()})
-    rows = dbs.contacts_reader.read(
-        Read("contacts", _CHANGED_OF, (names,), one=False, pg_sql=_PG_CHANGED_OF)
-    )
-    changed = {str(n): to_time(c) for n, c in rows}
+    changed = _changed_times(dbs.contacts_reader.read(_changed_of(names)))
     return {
         token: Opened(name, expires_at, changed.get(name))
         for token, (name, expires_at) in found.items()
@@ -188,16 +185,23 @@ _CHANGED_OF = (
 _PG_CHANGED_OF = "SELECT username, changed_at FROM contacts_changed WHERE username = ANY(?)"
 
 
+def _changed_of(usernames: Sequence[str]) -> Read:
+    """When each of these users' contacts last changed (rows for those that ever did)."""
+    return Read("contacts", _CHANGED_OF, (list(usernames),), one=False, pg_sql=_PG_CHANGED_OF)
+
+
+def _changed_times(rows: Sequence[tuple[object, ...]]) -> dict[str, datetime]:
+    return {str(n): c for n, c in ((n, to_time(c)) for n, c in rows) if c is not None}
+
+
 def poll_reads(
     token_hashes: Sequence[str], usernames: Sequence[str], now: datetime
 ) -> Plan[Polled]:
     live = yield Read("users", _LIVE, (list(token_hashes), now), one=False, pg_sql=_PG_LIVE)
-    changed = yield Read(
-        "contacts", _CHANGED_OF, (list(usernames),), one=False, pg_sql=_PG_CHANGED_OF
-    )
+    changed = yield _changed_of(usernames)
     return Polled(
         {str(t): e for t, e in ((t, to_time(e)) for t, e in live) if e is not None},
-        {str(n): c for n, c in ((n, to_time(c)) for n, c in changed) if c is not None},
+        _changed_times(changed),
     )
 
 
