@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Sequence
 
 from sqlalchemy import Engine
 
@@ -25,7 +24,6 @@ from p2pchat_directory.workers import Workers
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 SAFETY_NET = 30.0  # seconds a stream waits at most without a wake-up before reading anyway
 LISTEN_TIMEOUT = 10.0  # seconds start() waits for the PostgreSQL listener
 
@@ -87,33 +85,26 @@ class MailboxRelay:
             await asyncio.to_thread(self.listener.stop)
             self.listener = None
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._workers.run(fn, *args)
-
-    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        """A short read: inline on SQLite files, else a thread (Workers.read)."""
-        return await self._workers.read(fn, *args)
-
     async def publish_key(self, token: str, key: bytes, signature: bytes) -> None:
-        await self._run(self._svc.publish_key, token, key, signature)
+        await self._workers.run(self._svc.publish_key, token, key, signature)
 
     async def deposit(self, token: str, recipient: str, envelopes: Sequence[bytes]) -> Deposited:
-        deposited = await self._run(self._svc.deposit, token, recipient, envelopes)
+        deposited = await self._workers.run(self._svc.deposit, token, recipient, envelopes)
         self.wakeups.wake(deposited.recipient)  # this replica's streams; others by NOTIFY
         return deposited
 
     async def acknowledge(self, token: str, ids: Sequence[int]) -> int:
-        return await self._run(self._svc.acknowledge, token, ids)
+        return await self._workers.run(self._svc.acknowledge, token, ids)
 
     async def collect(self, token: str) -> AsyncIterator[Batch]:
         """The backlog in pages (the last with True, also when empty), then new envelopes."""
         self._check_open()
-        name = await self._read(self._svc.authenticate, token)
+        name = await self._workers.read(self._svc.authenticate, token)
         # Subscribed before the first read: nothing committed after it goes unnoticed.
         with self.wakeups.subscribe(name) as woken:
             after = 0
             while True:
-                page = await self._run(self._svc.page, name, after)
+                page = await self._workers.run(self._svc.page, name, after)
                 after = page.last_id
                 if not page.more:
                     yield page.envelopes, True
@@ -125,10 +116,10 @@ class MailboxRelay:
                     await asyncio.wait_for(woken.wait(), SAFETY_NET)
                 self._check_open()
                 woken.clear()  # before reading: a deposit committed from now on sets it again
-                await self._read(self._svc.authenticate, token)  # the session still lives
+                await self._workers.read(self._svc.authenticate, token)  # the session still lives
                 more = True
                 while more:
-                    page = await self._run(self._svc.page, name, after)
+                    page = await self._workers.run(self._svc.page, name, after)
                     after, more = page.last_id, page.more
                     if page.envelopes:
                         yield page.envelopes, False
@@ -142,7 +133,7 @@ class MailboxRelay:
         while True:
             await asyncio.sleep(every)
             try:
-                swept = await self._run(self._svc.sweep)
+                swept = await self._workers.run(self._svc.sweep)
             except Exception as exc:
                 log.warning("mailbox sweep failed (will retry): %s", exc)
                 continue

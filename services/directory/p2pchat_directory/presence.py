@@ -30,7 +30,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
 
 from p2pchat_common.errors import DomainError, Unauthenticated, Unavailable
 from p2pchat_directory import presence_store as store
@@ -41,7 +40,6 @@ from p2pchat_directory.workers import Workers
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 SLOW_TICK = 0.05  # s: a tick that takes longer is logged
 # Streams per set of statements: each set holds the GIL for a few ms of its arrays and rows (at
 # 5,000 streams in one set, ~60 ms of CPU: every call waited behind it, p99 ~250 ms), and the
@@ -115,16 +113,13 @@ class PresenceHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._opener
             self._opener = None
-        self._settle(dict(self._opening), {}, _STOPPING)
+        self._settle(self._opening, {}, _STOPPING)
         self._opening.clear()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
             self._ticker = None
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._workers.run(fn, *args)
 
     # -- one stream ------------------------------------------------------------------------
 
@@ -200,7 +195,7 @@ class PresenceHub:
             for token_hash in batch:
                 del self._opening[token_hash]
             try:
-                opened = await self._run(
+                opened = await self._workers.run(
                     store.open_streams, self._dbs, list(batch), self._now(), self._ttl
                 )
             except asyncio.CancelledError:  # the replica is stopping (close)
@@ -239,7 +234,7 @@ class PresenceHub:
 
     async def _lease_now(self, attendance: Attendance, now: datetime) -> None:
         lease = store.Lease(attendance.username, attendance.token_hash, now)
-        await self._run(store.renew, self._dbs, [lease], self._ttl, now)
+        await self._workers.run(store.renew, self._dbs, [lease], self._ttl, now)
         attendance.leased_beat = max(attendance.leased_beat, now)
 
     @staticmethod
@@ -318,16 +313,16 @@ class PresenceHub:
         now = self._now()
         fresh = [a for a in streams if a.last_beat > a.leased_beat]
         leases = [store.Lease(a.username, a.token_hash, a.last_beat) for a in fresh]
-        await self._run(store.renew, self._dbs, leases, self._ttl, now)
+        await self._workers.run(store.renew, self._dbs, leases, self._ttl, now)
         for attendance, lease in zip(fresh, leases, strict=True):
             attendance.leased_beat = lease.beat
         due = [a for a in streams if a.session_expires_at - now < self._session_ttl / 2]
         if due:
             expires = now + self._session_ttl
-            await self._run(  # the poll below reads the new expiry
+            await self._workers.run(  # the poll below reads the new expiry
                 store.extend_sessions, self._dbs, [a.token_hash for a in due], expires, now
             )
-        polled = await self._run(
+        polled = await self._workers.run(
             store.poll,
             self._dbs,
             [a.token_hash for a in streams],
