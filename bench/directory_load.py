@@ -40,6 +40,7 @@ from bench.load_phase import (
     latency,
     phase_figures,
     run_phase,
+    until,
 )
 from p2pchat.v1 import common_pb2, directory_pb2_grpc
 from p2pchat.v1 import directory_pb2 as dpb
@@ -158,9 +159,7 @@ async def _login_burst(
     RESOURCE_EXHAUSTED (the directory's bound on waiting hashes) is tried again after the N s
     its message asks for ("retry in N s", plus up to half that again of jitter), as a user
     would, until LOGIN_GIVE_UP s after the burst."""
-    delay = t0 + at - time.monotonic()
-    if delay > 0:
-        await asyncio.sleep(delay)
+    await until(t0 + at)
     began = time.monotonic()
     codes: Counter[str] = Counter()  # every answer that was not a session
     rng = random.Random(15)
@@ -200,9 +199,7 @@ async def _login_burst(
 async def _connection_storm(server: Server, count: int, t0: float, at: float) -> Figures:
     """`count` new TLS connections opened at once at t0 + `at` (each handshake, no call),
     kept open to the window's end: what a storm of new clients costs everyone else."""
-    delay = t0 + at - time.monotonic()
-    if delay > 0:
-        await asyncio.sleep(delay)
+    await until(t0 + at)
     began = time.monotonic()
     cpu = time.process_time()
     channels = await _connections(server, count)

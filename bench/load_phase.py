@@ -135,7 +135,8 @@ class Phase:
         return over
 
 
-async def _until(t: float) -> None:
+async def until(t: float) -> None:
+    """Sleeps until time.monotonic() is `t` (at once if it has passed)."""
     delay = t - time.monotonic()
     if delay > 0:
         await asyncio.sleep(delay)
@@ -198,11 +199,11 @@ async def run_phase(
         for work in dirs:
             write_json(work / "go.json", {"t0": t0, "seconds": seconds})
         pg = server.postmaster
-        await _until(t0)
+        await until(t0)
         cpu0 = [cpu_seconds(server.pid), *(cpu_seconds(c.pid) for c in children)]
         pg0 = postgres_cpu(pg) if pg is not None else 0.0
         task = asyncio.create_task(during(t0)) if during is not None else None
-        await _until(t0 + seconds)
+        await until(t0 + seconds)
         cpu1 = [cpu_seconds(server.pid), *(cpu_seconds(c.pid) for c in children)]
         pg1 = postgres_cpu(pg) if pg is not None else 0.0
         server_rss = rss_mb(server.pid)
