@@ -172,6 +172,13 @@ def test_a_session_revoked_through_another_replica_ends_the_stream_within_an_int
     assert time.monotonic() - started < TTL / 3 + 1.0
 
 
+async def one_beat_then(end: asyncio.Event) -> AsyncIterator[pb.HeartbeatRequest]:
+    """A client's side of a stream, for PresenceHub.attend: one beat, then none until `end`
+    (then the client's end)."""
+    yield pb.HeartbeatRequest()
+    await end.wait()
+
+
 def sessions_of_four_users(stub: Stub) -> tuple[list[str], str]:
     """Three live sessions each of four users, and one session logged out."""
     live: list[str] = []
@@ -196,12 +203,7 @@ def test_streams_that_open_together_are_opened_by_one_write_not_one_each(
     async def open_all() -> list[HeartbeatResult | Exception]:
         """Every stream's first beat in the same turn of the loop, as after a restart."""
         release = asyncio.Event()
-
-        async def beats() -> AsyncIterator[pb.HeartbeatRequest]:
-            yield pb.HeartbeatRequest()
-            await release.wait()
-
-        streams = [hub.attend(token, beats()) for token in [*live, gone]]
+        streams = [hub.attend(token, one_beat_then(release)) for token in [*live, gone]]
 
         async def first(stream: AsyncIterator[HeartbeatResult]) -> HeartbeatResult | Exception:
             try:
@@ -262,11 +264,7 @@ def test_a_stream_still_opening_when_the_replica_stops_ends_with_unavailable(
         server.executor.submit(gate.wait, 30)
 
     async def open_then_stop() -> BaseException | None:
-        async def beats() -> AsyncIterator[pb.HeartbeatRequest]:
-            yield pb.HeartbeatRequest()
-            await asyncio.Event().wait()
-
-        stream = server.presence.attend(ken, beats())
+        stream = server.presence.attend(ken, one_beat_then(asyncio.Event()))
         opening = asyncio.ensure_future(anext(stream))
         try:
             await asyncio.sleep(0.2)
