@@ -26,6 +26,10 @@ from p2pchat_common.validation import shown
 log = logging.getLogger(__name__)
 
 FIRST_DELAY = 0.5
+# How long close() waits for the cancelled diallers. A dialler running a link has once been
+# seen not to end on cancellation (CI: an agent's stop waited 60 s in `dial-bob`, its link's
+# delivery tasks never cancelled); shutdown then goes on without it rather than hang.
+CLOSE_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,21 @@ class Dialer:
 
     async def close(self) -> None:
         self._closing = True
-        for task in list(self._tasks.values()):
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if not tasks:
+            return
+        done, stuck = await asyncio.wait(tasks, timeout=CLOSE_WAIT)
+        for task in done:
+            if not task.cancelled():
+                task.exception()  # retrieved: it ended the way it ended
+        for task in stuck:
+            log.warning(
+                "%s did not end within %.0f s of its cancellation; shutting down without it",
+                task.get_name(),
+                CLOSE_WAIT,
+            )
 
     async def _target_of(self, peer: str) -> Target:
         try:
